@@ -1,0 +1,176 @@
+"""The one configuration object of train.py, built from environment variables and `--flags`, validated here.
+
+Every field can be set as an environment variable named like the field in upper case (`BATCH_SIZE=8`), as the
+course assignment does with `DEBUG`, `MIX_PREC_TRAIN` and `DDP`, or as a flag (`--batch_size 8`, `--batch-size 8`).
+A flag wins over the environment, the environment over the default. A bad value stops the program with one line
+that names the variable.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import typing
+from dataclasses import dataclass, field
+
+from alpaca_data import ALPACA_URL, DEBUG_SAMPLE
+
+TRUE_WORDS = ("1", "true", "yes")
+FALSE_WORDS = ("0", "false", "no")
+PRECISIONS = ("fp32", "bf16", "fp16")
+DEFAULT_MODEL = "bigscience/bloom-1b7"
+
+
+class ConfigError(ValueError):
+    """A bad setting; its message is one line naming the variable."""
+
+
+@dataclass
+class TrainConfig:
+    """Settings of a fine-tuning run. Defaults reproduce the assignment's BLOOM-1.7B Alpaca LoRA run."""
+
+    debug: bool = field(default=False, metadata={"help": "sample run: shipped 2,000-record Alpaca sample, 1 epoch"})
+    mix_prec_train: bool = field(default=False, metadata={"help": "mixed precision: bf16 where supported, else fp16"})
+    precision: str = field(default="", metadata={"help": "force fp32|bf16|fp16 (overrides MIX_PREC_TRAIN)"})
+    ddp: bool = field(default=False, metadata={"help": "distributed data parallel; launch with torchrun"})
+    model_path: str = field(default=DEFAULT_MODEL, metadata={"help": "hub id or local folder of the base model"})
+    data_path: str = field(default="", metadata={"help": "Alpaca-format .json/.jsonl, URL, Drive link or hub "
+                                                          "dataset id (default: full Alpaca; DEBUG: the sample)"})
+    output_dir: str = field(default="outputs/lora-alpaca", metadata={"help": "adapter, checkpoints, metrics"})
+    num_epochs: int = field(default=3, metadata={"help": "passes over the training data"})
+    max_steps: int = field(default=-1, metadata={"help": "stop after this many optimizer steps (-1: no limit)"})
+    max_length: int = field(default=512, metadata={"help": "tokens per example (longer ones are truncated)"})
+    batch_size: int = field(default=4, metadata={"help": "examples per micro-batch per device"})
+    grad_accum_steps: int = field(default=8, metadata={"help": "micro-batches per optimizer step"})
+    learning_rate: float = field(default=3e-4, metadata={"help": "peak AdamW learning rate"})
+    weight_decay: float = field(default=0.01, metadata={"help": "AdamW weight decay on the LoRA matrices"})
+    warmup_steps: int = field(default=100, metadata={"help": "linear warm-up steps before the cosine decay"})
+    max_grad_norm: float = field(default=1.0, metadata={"help": "gradient clipping norm (0: off)"})
+    lora_r: int = field(default=8, metadata={"help": "LoRA rank"})
+    lora_alpha: float = field(default=16, metadata={"help": "LoRA alpha (scaling = alpha / r)"})
+    lora_dropout: float = field(default=0.05, metadata={"help": "dropout on the LoRA input"})
+    target_modules: str = field(default="query_key_value", metadata={"help": "comma-separated module names, or "
+                                                                              "all-linear"})
+    size_valid_set: float = field(default=2000, metadata={"help": "validation records (count, or fraction < 1)"})
+    seed: int = field(default=42, metadata={"help": "seed for data order, LoRA init and dropout"})
+    eval_freq: int = field(default=200, metadata={"help": "evaluate every N optimizer steps (0: only per epoch)"})
+    save_steps: int = field(default=0, metadata={"help": "checkpoint every N optimizer steps (0: only per epoch)"})
+    train_on_inputs: bool = field(default=True, metadata={"help": "false: prompt tokens carry no label"})
+    group_by_length: bool = field(default=False, metadata={"help": "batch similar lengths together (less padding)"})
+    resume_from: str = field(default="", metadata={"help": "checkpoint folder to continue from"})
+    cache_dir: str = field(default=".cache", metadata={"help": "downloads and tokenized data"})
+    num_workers: int = field(default=0, metadata={"help": "data-loader worker processes"})
+
+    def __post_init__(self) -> None:
+        self._apply_debug_defaults()
+        self._validate()
+
+    def _apply_debug_defaults(self) -> None:
+        if not self.data_path:
+            self.data_path = str(DEBUG_SAMPLE) if self.debug else ALPACA_URL
+
+    def _validate(self) -> None:
+        positive = ("max_length", "batch_size", "grad_accum_steps", "num_epochs", "lora_r")
+        for name in positive:
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"{name.upper()} must be > 0, got {getattr(self, name)}")
+        non_negative = ("warmup_steps", "eval_freq", "save_steps", "num_workers", "weight_decay",
+                        "max_grad_norm", "size_valid_set")
+        for name in non_negative:
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{name.upper()} must be >= 0, got {getattr(self, name)}")
+        if self.max_steps == 0 or self.max_steps < -1:
+            raise ConfigError(f"MAX_STEPS must be a positive step count or -1 (no limit), got {self.max_steps}")
+        if not self.learning_rate > 0:
+            raise ConfigError(f"LEARNING_RATE must be > 0, got {self.learning_rate}")
+        if not self.lora_alpha > 0:
+            raise ConfigError(f"LORA_ALPHA must be > 0, got {self.lora_alpha}")
+        if not 0 <= self.lora_dropout < 1:
+            raise ConfigError(f"LORA_DROPOUT must be in [0, 1), got {self.lora_dropout}")
+        if self.precision and self.precision not in PRECISIONS:
+            raise ConfigError(f"PRECISION must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
+        if not self.target_module_list:
+            raise ConfigError("TARGET_MODULES must name at least one module")
+        if 0 < self.size_valid_set < 1 or self.size_valid_set == int(self.size_valid_set):
+            return
+        raise ConfigError(f"SIZE_VALID_SET must be a whole count or a fraction in (0, 1), got {self.size_valid_set}")
+
+    @property
+    def target_module_list(self) -> list[str] | str:
+        names = [name.strip() for name in self.target_modules.split(",") if name.strip()]
+        return "all-linear" if names == ["all-linear"] else names
+
+    @property
+    def valid_size(self) -> int | float:
+        """SIZE_VALID_SET as the splitter wants it: an int count or a float fraction."""
+        return self.size_valid_set if self.size_valid_set < 1 else int(self.size_valid_set)
+
+
+def _field_type(f: dataclasses.Field) -> type:
+    return typing.get_type_hints(TrainConfig)[f.name]
+
+
+def parse_value(name: str, raw: str, kind: type):
+    """Turn one env/flag string into the field's type; ConfigError names the variable on failure."""
+    text = raw.strip()
+    if kind is bool:
+        if text.lower() in TRUE_WORDS:
+            return True
+        if text.lower() in FALSE_WORDS:
+            return False
+        raise ConfigError(f"{name} must be one of 1/0/true/false/yes/no, got {raw!r}")
+    if kind is int:
+        try:
+            return int(text)
+        except ValueError:
+            raise ConfigError(f"{name} must be an integer, got {raw!r}") from None
+    if kind is float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise ConfigError(f"{name} must be a number, got {raw!r}") from None
+        if value != value or value in (float("inf"), float("-inf")):
+            raise ConfigError(f"{name} must be a finite number, got {raw!r}")
+        return value
+    return raw
+
+
+# What DEBUG=true changes, unless the variable is set explicitly: a short run that shows every stage of training
+# (evaluation, checkpoints, the loss falling) within minutes.
+DEBUG_DEFAULTS = {"num_epochs": 1, "size_valid_set": 100, "eval_freq": 20, "warmup_steps": 10,
+                  "output_dir": "outputs/debug"}
+
+
+def build_arg_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="train.py",
+        description="Fine-tune a causal LM with hand-written LoRA on Alpaca. Every option can also be set as an "
+                    "environment variable of the upper-case name, e.g. DEBUG=true or BATCH_SIZE=8; a flag wins "
+                    f"over the environment. DEBUG=true changes these defaults: {DEBUG_DEFAULTS}.",
+    )
+    for f in dataclasses.fields(TrainConfig):
+        flags = [f"--{f.name}"] + ([f"--{f.name.replace('_', '-')}"] if "_" in f.name else [])
+        parser.add_argument(*flags, dest=f.name, metavar=f.name.upper(), default=argparse.SUPPRESS,
+                            help=f"{f.metadata['help']} (env {f.name.upper()}, default {f.default!r})")
+    return parser
+
+
+def load_config(argv: list[str] | None = None, environ: typing.Mapping[str, str] | None = None) -> TrainConfig:
+    """Build the run's TrainConfig from flags (argv), then environment variables, then defaults.
+
+    Raises:
+        ConfigError: a value of the wrong type or out of range, naming the variable.
+    """
+    environ = os.environ if environ is None else environ
+    flags = vars(build_arg_parser().parse_args(argv))
+    values = {}
+    for f in dataclasses.fields(TrainConfig):
+        name = f.name.upper()
+        if f.name in flags:
+            values[f.name] = parse_value(f"--{f.name}", flags[f.name], _field_type(f))
+        elif name in environ:
+            values[f.name] = parse_value(name, environ[name], _field_type(f))
+    if values.get("debug"):
+        values = {**DEBUG_DEFAULTS, **values}
+    return TrainConfig(**values)

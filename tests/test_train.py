@@ -1,0 +1,291 @@
+"""train.py end to end on the shipped tiny BLOOM: configuration, bad input, gradient accumulation, determinism,
+checkpoints and the offline quick start.
+
+Numeric claims are checked against independent computations: the accumulated gradient against one plain
+full-batch backward written out here, and the saved adapter against PEFT's loader.
+"""
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import train
+from alpaca_data import IGNORE_INDEX, PadCollator
+from config import ConfigError, TrainConfig, load_config
+
+REPO = Path(__file__).resolve().parents[1]
+TINY_BLOOM = REPO / "models" / "tiny-bloom"
+SAMPLE = REPO / "data" / "alpaca_sample.json"
+
+
+@pytest.fixture(scope="module")
+def records():
+    return json.loads(SAMPLE.read_text(encoding="utf-8"))
+
+
+@pytest.fixture
+def small_data(tmp_path, records) -> Path:
+    path = tmp_path / "small.json"
+    path.write_text(json.dumps(records[:48]), encoding="utf-8")
+    return path
+
+
+def tiny_config(tmp_path: Path, data: Path, **overrides) -> TrainConfig:
+    """A run small enough for a unit test: float32, no dropout, no warm-up (warm-up's first lr is 0)."""
+    settings = dict(model_path=str(TINY_BLOOM), data_path=str(data), output_dir=str(tmp_path / "out"),
+                    cache_dir=str(tmp_path / "cache"), max_length=128, batch_size=4, grad_accum_steps=1,
+                    lora_dropout=0.0, warmup_steps=0, size_valid_set=8, eval_freq=0, num_epochs=1, max_steps=3)
+    settings.update(overrides)
+    return TrainConfig(**settings)
+
+
+def adapter_tensors(output_dir: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(output_dir / "adapter_model.safetensors"))
+
+
+def max_rel_diff(a: dict, b: dict) -> float:
+    assert a.keys() == b.keys()
+    return max(((a[k] - b[k]).abs().max() / b[k].abs().max().clamp_min(1e-12)).item() for k in a)
+
+
+# --- configuration ------------------------------------------------------------------------------------------------
+
+def test_env_and_flags_build_one_validated_config():
+    cfg = load_config(["--batch-size", "2"], {"BATCH_SIZE": "16", "DEBUG": "yes", "LORA_R": "4",
+                                             "MIX_PREC_TRAIN": "0", "TARGET_MODULES": "query_key_value,dense"})
+    assert cfg.batch_size == 2  # the flag wins over the environment
+    assert cfg.debug and not cfg.mix_prec_train and cfg.lora_r == 4
+    assert cfg.target_module_list == ["query_key_value", "dense"]
+    assert cfg.data_path.endswith("alpaca_sample.json") and cfg.num_epochs == 1  # DEBUG's defaults
+    assert load_config([], {"DEBUG": "true", "NUM_EPOCHS": "2"}).num_epochs == 2  # explicit beats DEBUG
+
+
+def test_seed_hyper_parameters_are_the_defaults():
+    cfg = load_config([], {})
+    assert (cfg.learning_rate, cfg.warmup_steps, cfg.max_length, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout) == (
+        3e-4, 100, 512, 8, 16, 0.05)
+    assert cfg.model_path == "bigscience/bloom-1b7" and cfg.weight_decay > 0
+
+
+@pytest.mark.parametrize("env, message", [
+    ({"BATCH_SIZE": "abc"}, "BATCH_SIZE must be an integer, got 'abc'"),
+    ({"DEBUG": "maybe"}, "DEBUG must be one of 1/0/true/false/yes/no, got 'maybe'"),
+    ({"LEARNING_RATE": "fast"}, "LEARNING_RATE must be a number"),
+    ({"LEARNING_RATE": "nan"}, "LEARNING_RATE must be a finite number"),
+    ({"BATCH_SIZE": "0"}, "BATCH_SIZE must be > 0"),
+    ({"LORA_DROPOUT": "1.5"}, "LORA_DROPOUT must be in [0, 1)"),
+    ({"PRECISION": "fp8"}, "PRECISION must be one of fp32, bf16, fp16"),
+    ({"MAX_STEPS": "0"}, "MAX_STEPS must be a positive step count or -1"),
+    ({"SIZE_VALID_SET": "2.5"}, "SIZE_VALID_SET must be a whole count or a fraction"),
+])
+def test_bad_setting_names_the_variable(env, message):
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        load_config([], env)
+
+
+def test_help_lists_every_option_with_its_default(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        load_config(["--help"], {})
+    assert exit_info.value.code == 0
+    help_text = " ".join(capsys.readouterr().out.split())
+    for name in ("DEBUG", "MIX_PREC_TRAIN", "DDP", "BATCH_SIZE", "TRAIN_ON_INPUTS", "GROUP_BY_LENGTH", "RESUME_FROM"):
+        assert name in help_text
+    assert "LEARNING_RATE, default 0.0003)" in help_text
+
+
+# --- bad input: one line, exit 1, nothing written -----------------------------------------------------------------
+
+BAD_FILES = {
+    "truncated.json": b'[{"instruction": "a", "input": "", "output": "b"}',
+    "not_list.json": b'{"instruction": "a"}',
+    "missing_output.json": b'[{"instruction": "a", "input": ""}]',
+    "int_output.json": b'[{"instruction": "a", "input": "", "output": 3}]',
+    "empty.json": b"[]",
+    "latin1.json": '[{"instruction": "caf\u00e9", "input": "", "output": "b"}]'.encode("latin-1"),
+}
+
+
+@pytest.mark.parametrize("env", [
+    *({"DATA_PATH": name} for name in BAD_FILES),
+    {"DATA_PATH": "does_not_exist.json"},
+    {"MODEL_PATH": "./no/such/model"},
+    {"BATCH_SIZE": "abc"},
+    {"GROUP_BY_LENGTH": "sometimes"},
+    {"DDP": "true"},
+], ids=lambda env: "-".join(f"{k}={v}" for k, v in env.items()))
+def test_bad_input_is_one_line_exit_1_and_writes_nothing(tmp_path, monkeypatch, capsys, env):
+    for name, content in BAD_FILES.items():
+        (tmp_path / name).write_bytes(content)
+    monkeypatch.chdir(tmp_path)
+    for var in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("MODEL_PATH", str(TINY_BLOOM))
+    monkeypatch.setenv("OUTPUT_DIR", str(tmp_path / "out"))
+    monkeypatch.setenv("CACHE_DIR", str(tmp_path / "cache"))
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+
+    assert train.main([]) == 1
+    err_lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert len(err_lines) == 1, err_lines
+    assert next(iter(env)) in err_lines[0] or Path(next(iter(env.values()))).name in err_lines[0]
+    assert not (tmp_path / "out").exists()
+
+
+def test_cli_error_has_no_traceback(tmp_path):
+    env = {**os.environ, "BATCH_SIZE": "abc", "OUTPUT_DIR": str(tmp_path / "out")}
+    result = subprocess.run([sys.executable, "train.py"], cwd=REPO, env=env, capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 1
+    assert result.stderr.strip() == "error: BATCH_SIZE must be an integer, got 'abc'"
+    assert not (tmp_path / "out").exists()
+
+
+# --- the numbers ----------------------------------------------------------------------------------------------------
+
+def captured_step_gradients(cfg: TrainConfig) -> tuple:
+    """Run one optimizer step through the Trainer and return the gradients the optimizer was given."""
+    dist = train.DistEnv()
+    train.seed_everything(cfg.seed)
+    tokenizer = train.load_tokenizer(cfg.model_path)
+    train_set, valid_set, _ = train.prepare_datasets(cfg, tokenizer)
+    model = train.build_lora_model(train.load_pretrained_model(cfg.model_path, dist.device, torch.float32), cfg,
+                                   cfg.model_path)
+    with torch.no_grad():  # B away from zero, so that A's gradient is not trivially zero
+        generator = torch.Generator().manual_seed(0)
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.copy_(torch.randn(param.shape, generator=generator) * 0.05)
+    initial_adapter = {k: v.clone() for k, v in model.adapter_state_dict().items()}
+    trainer = train.Trainer(cfg, dist, model, tokenizer, train_set, valid_set, "fp32")
+    grads = []
+    real_step = trainer.optimizer.step
+
+    def recording_step(*args, **kwargs):
+        grads.extend(p.grad.detach().clone() for p in trainer.trainable_parameters())
+        return real_step(*args, **kwargs)
+
+    trainer.optimizer.step = recording_step
+    trainer.train_loader.sampler.set_epoch(0)
+    micro_batches = [b for _, b in zip(range(cfg.grad_accum_steps), trainer.train_loader)]
+    trainer.optimizer_step(micro_batches)
+    model.load_adapter_weights(initial_adapter)  # back to the weights the gradients were taken at
+    return grads, trainer, model, tokenizer, micro_batches
+
+
+def test_gradient_accumulation_equals_one_big_batch_and_a_plain_reference(tmp_path, small_data):
+    accumulated, *_ = captured_step_gradients(
+        tiny_config(tmp_path / "a", small_data, batch_size=2, grad_accum_steps=4, max_grad_norm=0))
+    big, trainer, model, tokenizer, batches = captured_step_gradients(
+        tiny_config(tmp_path / "b", small_data, batch_size=8, grad_accum_steps=1, max_grad_norm=0))
+    assert len(accumulated) == len(big) > 0
+    for a, b in zip(accumulated, big):
+        assert (a - b).abs().max() <= 1e-5 * b.abs().max()
+
+    # Independent reference, with nothing from train.py: each example alone (no padding at all), its summed
+    # next-token loss; the sum over the 8 examples divided by their label-token count, one backward.
+    model.zero_grad(set_to_none=True)
+    batch = batches[0]
+    total, tokens = 0.0, 0
+    for ids, mask, labels in zip(batch["input_ids"], batch["attention_mask"], batch["labels"]):
+        ids, labels = ids[mask == 1][None], labels[mask == 1][None]
+        logits = model(input_ids=ids).logits
+        total = total + torch.nn.functional.cross_entropy(logits[0, :-1], labels[0, 1:], ignore_index=IGNORE_INDEX,
+                                                          reduction="sum")
+        tokens += int((labels[0, 1:] != IGNORE_INDEX).sum())
+    (total / tokens).backward()
+    for reference, b in zip((p.grad for p in trainer.trainable_parameters()), big):
+        assert (reference - b).abs().max() <= 1e-5 * b.abs().max()
+
+
+def test_a_mean_of_micro_batch_means_would_fail_that_check(tmp_path, small_data):
+    """The equivalence above is not vacuous: weighting micro-batches equally gives another gradient."""
+    grads, trainer, model, tokenizer, batches = captured_step_gradients(
+        tiny_config(tmp_path, small_data, batch_size=2, grad_accum_steps=4, max_grad_norm=0))
+    model.zero_grad(set_to_none=True)
+    for batch in batches:
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        mean = train.sum_token_loss(logits, train.next_token_labels(batch)) / train.count_label_tokens(batch)
+        (mean / len(batches)).backward()
+    diffs = [((p.grad - g).abs().max() / g.abs().max()).item() for p, g in zip(trainer.trainable_parameters(), grads)]
+    assert max(diffs) > 1e-3
+
+
+def test_same_seed_gives_the_same_adapter_and_training_changes_it(tmp_path, small_data):
+    first = tiny_config(tmp_path / "1", small_data, lora_dropout=0.05)
+    second = tiny_config(tmp_path / "2", small_data, lora_dropout=0.05)
+    other_seed = tiny_config(tmp_path / "3", small_data, lora_dropout=0.05, seed=7)
+    for cfg in (first, second, other_seed):
+        train.run(cfg, train.DistEnv())
+    a, b, c = (adapter_tensors(Path(cfg.output_dir)) for cfg in (first, second, other_seed))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert any(not torch.equal(a[k], c[k]) for k in a)
+    assert any(k.endswith("lora_B.weight") and a[k].abs().max() > 0 for k in a)  # B left zero-init: it trained
+
+
+def test_resume_from_checkpoint_continues_exactly(tmp_path, small_data):
+    """Stopping after step 2 and resuming from checkpoint-2 ends where the uninterrupted run ends (dropout on, so
+    the RNG state must be restored too)."""
+    straight = tiny_config(tmp_path / "straight", small_data, max_steps=4, save_steps=2, lora_dropout=0.05)
+    train.run(straight, train.DistEnv())
+    checkpoint = Path(straight.output_dir) / "checkpoint-2"
+    assert (checkpoint / "trainer_state.pt").is_file() and (checkpoint / "adapter_model.safetensors").is_file()
+    resumed = tiny_config(tmp_path / "resumed", small_data, max_steps=4, save_steps=2, lora_dropout=0.05,
+                          resume_from=str(checkpoint))
+    train.run(resumed, train.DistEnv())
+    a, b = adapter_tensors(Path(straight.output_dir)), adapter_tensors(Path(resumed.output_dir))
+    assert max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-6
+    steps = [json.loads(line)["step"] for line in (Path(resumed.output_dir) / "metrics.jsonl").open()
+             if '"loss"' in line]
+    assert steps == [3, 4]
+
+
+def test_trains_on_a_file_the_repo_has_never_seen(tmp_path):
+    """DATA_PATH=<any Alpaca-format file> MAX_STEPS=20 python train.py (a .jsonl written here)."""
+    lines = [{"instruction": f"Add {i} and {i + 1}.", "input": "", "output": f"{2 * i + 1}"} for i in range(40)]
+    lines += [{"instruction": "Repeat the word.", "input": f"word{i}", "output": f"word{i} word{i}"} for i in range(40)]
+    data = tmp_path / "mine.jsonl"
+    data.write_text("\n".join(json.dumps(r) for r in lines), encoding="utf-8")
+    cfg = tiny_config(tmp_path, data, max_steps=20, num_epochs=3, batch_size=4, size_valid_set=8, eval_freq=10,
+                      learning_rate=3e-3)
+    metrics = train.run(cfg, train.DistEnv())
+    out = Path(cfg.output_dir)
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").open()]
+    evals = [r["eval_loss"] for r in rows if "eval_loss" in r]
+    assert [r["step"] for r in rows if "loss" in r] == list(range(1, 21))
+    # EVAL_FREQ=10, the end of epoch 1 (18 steps of 4 from 72 examples) and the end of the run.
+    assert [r["step"] for r in rows if "eval_loss" in r] == [10, 18, 20]
+    assert evals[-1] < evals[0] and metrics["eval_loss"] == evals[-1]
+    assert (out / "loss_curve.png").stat().st_size > 1000
+    assert (out / "adapter_config.json").is_file() and (out / "checkpoint-18").is_dir()  # 72 examples / 4
+
+
+@pytest.mark.slow
+def test_offline_quick_start_learns_and_its_adapter_loads_in_peft(tmp_path):
+    """The README's quick start, as a user runs it; PEFT loads the adapter it writes."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    env = {**os.environ, "DEBUG": "true", "MODEL_PATH": "models/tiny-bloom", "OUTPUT_DIR": str(tmp_path / "out"),
+           "CACHE_DIR": str(tmp_path / "cache")}
+    result = subprocess.run([sys.executable, "train.py"], cwd=REPO, env=env, capture_output=True, text=True,
+                            timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    out = tmp_path / "out"
+    evals = [json.loads(line)["eval_loss"] for line in (out / "metrics.jsonl").open() if "eval_loss" in line]
+    assert len(evals) >= 2 and evals[-1] < evals[0]
+
+    ids = torch.tensor([[1, 100, 200, 300, 400]])
+    with torch.no_grad():
+        base_logits = AutoModelForCausalLM.from_pretrained(TINY_BLOOM)(input_ids=ids).logits
+        peft_model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(TINY_BLOOM), out).eval()
+        ours = train.LoraModelForCasualLM.from_pretrained(AutoModelForCausalLM.from_pretrained(TINY_BLOOM), out)
+        assert (peft_model(input_ids=ids).logits - ours(input_ids=ids).logits).abs().max() <= 1e-5
+        assert (peft_model(input_ids=ids).logits - base_logits).abs().max() > 1e-4  # the adapter did something
