@@ -17,7 +17,7 @@ import shutil
 import uuid
 import warnings
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -54,6 +54,11 @@ UNSUPPORTED_PEFT_FIELDS = {
     "alpha_pattern": {},
     "lora_bias": False,
     "exclude_modules": None,
+    "target_parameters": None,
+    "trainable_token_indices": None,
+    "layer_replication": None,
+    "use_qalora": False,
+    "megatron_config": None,
 }
 
 

@@ -1,0 +1,329 @@
+"""Benchmark one training step (forward + backward) of our LoRA against PEFT's LoRA and the frozen base model.
+
+Reproduce (from the repository root)::
+
+    python bench/bench_lora.py                      # CPU, defaults below
+    python bench/bench_lora.py --device cuda        # same script on a GPU
+
+Model: a randomly initialised BLOOM-shaped model (default hidden 1024, 4 layers, 16 heads) with a small vocabulary
+(default 4096). BLOOM's real 250,880-token vocabulary would make the lm_head matmul and the cross-entropy dominate
+the step, hiding the layers where LoRA sits; with 4096 the lm_head costs about a third of one block. Batch 4 x 256
+tokens; LoRA r=8, alpha=16, dropout 0.05 on query_key_value (BLOOM's default target), in float32 and with bf16
+autocast (weights stay float32).
+
+Three variants, built from one set of base weights:
+  ours  - LoraModelForCasualLM from lora_model.py;
+  peft  - peft.get_peft_model with the same LoraConfig;
+  base  - the same model without adapters, every parameter frozen. A frozen model has nothing to differentiate,
+          so for a fair backward the output of the first layer LoRA targets (layer 0's query_key_value) is made
+          to require grad: backward then computes every activation gradient from the loss down to that point, which
+          is exactly the part of the backward LoRA cannot avoid (an adapter in layer 0 needs the gradient at layer
+          0's output, and gradients of the frozen weights are never computed). "LoRA overhead" is therefore the
+          adapter's own cost: its matmuls, dropout, additions and the A/B gradients. Making the input embeddings
+          require grad instead (`--base-grad-from embeddings`, what `enable_input_require_grads` does) also
+          backpropagates through layer 0's qkv and two layer norms, which LoRA never does; it makes the base slower
+          and the overhead look smaller.
+
+Timing: warm-up rounds, then `--repeats` rounds, each timing every variant once in a rotated order (ours, peft, base;
+then peft, base, ours; ...), so that drift in a shared machine's load hits all three alike. Reports medians, the
+ours/PEFT ratio (target <= 1.00) and the overhead of each LoRA over the base (target <= 10%), both as the median over
+rounds of the per-round ratio. Before timing, checks that ours and PEFT give the same logits for the same adapter
+values. Writes a markdown table to bench/results/lora.md (atomically) and prints it.
+
+On a CPU shared with other jobs, pass `--threads 1`: with several OpenMP threads, every parallel op waits for its
+slowest thread, and a thread the OS has descheduled costs a whole time slice (~10 ms measured here, even for a
+0.3 ms matmul), a penalty per op that falls hardest on LoRA's many small ops.
+"""
+
+import argparse
+import contextlib
+import copy
+import os
+import platform
+import shlex
+import statistics
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+import peft  # noqa: E402
+import torch  # noqa: E402
+import transformers  # noqa: E402
+from transformers import BloomConfig, BloomForCausalLM  # noqa: E402
+
+from lora_layer import LoraLayer  # noqa: E402
+from lora_model import LoraConfig, LoraModelForCasualLM  # noqa: E402
+
+VARIANTS = ("ours", "peft", "base")
+PRECISIONS = ("fp32", "bf16")
+
+
+def parse_args(argv=None):
+    """Parse the command line.
+
+    Args:
+        argv: arguments without the program name; `None` reads `sys.argv`.
+
+    Returns:
+        The parsed `argparse.Namespace`.
+    """
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--hidden", type=int, default=1024)
+    parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--heads", type=int, default=16)
+    parser.add_argument("--vocab", type=int, default=4096)
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--seq", type=int, default=256)
+    parser.add_argument("--r", type=int, default=8)
+    parser.add_argument("--alpha", type=float, default=16)
+    parser.add_argument("--dropout", type=float, default=0.05)
+    parser.add_argument("--target", default="query_key_value", help="comma-separated target module names")
+    parser.add_argument("--precision", default="fp32,bf16", help="comma-separated: fp32, bf16 (autocast)")
+    parser.add_argument("--repeats", type=int, default=10, help="timed rounds (each times every variant once)")
+    parser.add_argument("--layer-repeats", type=int, default=40, help="timed rounds of the single-layer test")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed rounds first")
+    parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
+    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU); default: torch's")
+    parser.add_argument("--base-grad-from", choices=("first-target", "embeddings"), default="first-target",
+                        help="where the frozen base's backward starts to need gradients (see the module docstring)")
+    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "lora.md")
+    args = parser.parse_args(argv)
+    args.precision = [p.strip() for p in args.precision.split(",") if p.strip()]
+    bad = [p for p in args.precision if p not in PRECISIONS]
+    if bad or not args.precision:
+        parser.error(f"--precision must list some of {PRECISIONS}, got {bad or args.precision}")
+    if args.repeats < 1 or args.layer_repeats < 1 or args.warmup < 0:
+        parser.error("--repeats and --layer-repeats must be >= 1, --warmup >= 0")
+    if args.hidden % args.heads:
+        parser.error(f"--hidden {args.hidden} is not divisible by --heads {args.heads}")
+    return args
+
+
+def command_line(argv=None) -> str:
+    """The command that reproduces this run, for the top of the results file."""
+    argv = sys.argv[1:] if argv is None else argv
+    return " ".join(["python", "bench/bench_lora.py", *map(shlex.quote, argv)])
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def build_variants(args, device: torch.device) -> dict[str, torch.nn.Module]:
+    """ours / peft / base on copies of one randomly initialised BLOOM, with identical (non-zero) adapters."""
+    torch.manual_seed(0)
+    config = BloomConfig(vocab_size=args.vocab, hidden_size=args.hidden, n_layer=args.layers, n_head=args.heads)
+    base = BloomForCausalLM(config)
+    targets = [t.strip() for t in args.target.split(",")]
+    lora_kwargs = dict(r=args.r, lora_alpha=args.alpha, lora_dropout=args.dropout, target_modules=targets)
+
+    ours = LoraModelForCasualLM(copy.deepcopy(base), LoraConfig(**lora_kwargs))
+    ref = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(**lora_kwargs))
+    # Random B (default init makes it zero): same values in both, so the logits check below means something.
+    ref_params = {n.removeprefix("base_model.model.").replace(".default", ""): p
+                  for n, p in ref.named_parameters() if "lora_" in n}
+    with torch.no_grad():
+        for name, param in ours.model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(std=0.02)
+            if "lora_" in name:
+                ref_params[name].copy_(param)
+
+    base.requires_grad_(False)
+    if args.base_grad_from == "embeddings":
+        hooked = base.get_input_embeddings()
+    else:
+        hooked = next(m for n, m in base.named_modules() if any(n.endswith("." + t) for t in targets))
+    # The hooked layer's output becomes a leaf that requires grad: backward runs from the loss down to it.
+    hooked.register_forward_hook(lambda module, inputs, output: output.detach().requires_grad_())
+    return {"ours": ours.to(device), "peft": ref.to(device), "base": base.to(device)}
+
+
+def autocast(precision: str, device: torch.device):
+    if precision == "bf16":
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def check_same_logits(models, inputs, precision: str, device: torch.device) -> float:
+    """Max |ours - PEFT| of the logits in eval mode (dropout off); raises if they are not the same model.
+
+    Exactly 0 when alpha / r is a power of two (the default 16 / 8): ours scales B, PEFT scales the layer output,
+    and multiplying by a power of two does not round."""
+    with torch.no_grad(), autocast(precision, device):
+        ours = models["ours"].eval()(**inputs).logits.float()
+        ref = models["peft"].eval()(**inputs).logits.float()
+    diff = (ours - ref).abs().max().item()
+    tolerance = 1e-4 if precision == "fp32" else 5e-2
+    if not diff <= tolerance:
+        raise SystemExit(f"ours and PEFT disagree ({precision}): max |logit diff| {diff:.3g} > {tolerance}")
+    return diff
+
+
+def interleave(steps: dict, rounds: int, warmup: int) -> dict[str, list[float]]:
+    """Time each step function once per round, the order rotating from round to round; drop warm-up rounds."""
+    names = list(steps)
+    times = {name: [] for name in names}
+    for round_index in range(warmup + rounds):
+        shift = round_index % len(names)
+        for name in names[shift:] + names[:shift]:
+            seconds = steps[name]()
+            if round_index >= warmup:
+                times[name].append(seconds)
+    return times
+
+
+def timed(step, model: torch.nn.Module, device: torch.device, precision: str):
+    """A function that clears `model`'s gradients (untimed), then returns the seconds `step()` takes."""
+    def run_once() -> float:
+        model.zero_grad(set_to_none=True)
+        synchronize(device)
+        start = time.perf_counter()
+        with autocast(precision, device):
+            output = step()
+        if output.dim() == 0:  # a loss
+            output.backward()
+        else:  # a layer's output
+            output.backward(grad_output_for(output))
+        synchronize(device)
+        return time.perf_counter() - start
+    return run_once
+
+
+def grad_output_for(output: torch.Tensor) -> torch.Tensor:
+    generator = torch.Generator(device=output.device).manual_seed(2)
+    return torch.randn(output.shape, generator=generator, device=output.device, dtype=output.dtype)
+
+
+def time_models(args, models, device: torch.device, precision: str) -> dict[str, list[float]]:
+    """Forward (to the loss) + backward of the three whole models."""
+    generator = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, args.vocab, (args.batch, args.seq), generator=generator).to(device)
+    inputs = {"input_ids": ids, "labels": ids}
+    diff = check_same_logits(models, inputs, precision, device)
+    for model in models.values():
+        model.train()
+    steps = {name: timed(lambda m=models[name]: m(**inputs).loss, models[name], device, precision)
+             for name in VARIANTS}
+    times = interleave(steps, args.repeats, args.warmup)
+    times["logit_diff"] = [diff]
+    return times
+
+
+def time_layers(args, models, device: torch.device, precision: str) -> dict[str, list[float]]:
+    """Forward + backward of one targeted layer alone (the last one), its input requiring grad as in every layer
+    above the first. Each step is short, so many rounds fit: a sharper ours-vs-PEFT comparison than whole models."""
+    name = [n for n, m in models["ours"].model.named_modules() if isinstance(m, LoraLayer)][-1]
+    ours = models["ours"].model.get_submodule(name)
+    layers = {"ours": ours, "peft": models["peft"].base_model.model.get_submodule(name),
+              "base": copy.deepcopy(ours.base_layer)}  # a plain copy: no LoRA, no benchmark hook
+    generator = torch.Generator().manual_seed(3)
+    x = torch.randn(args.batch * args.seq, ours.in_features, generator=generator).to(device).requires_grad_()
+    for layer in layers.values():
+        layer.train()
+    steps = {v: timed(lambda layer=layers[v]: layer(x), layers[v], device, precision) for v in VARIANTS}
+    return interleave(steps, args.layer_repeats, args.warmup)
+
+
+def describe_device(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
+
+
+def paired_ratio(times: dict[str, list[float]], numerator: str, denominator: str) -> float:
+    """Median over rounds of the per-round ratio: a round's timings are adjacent in time, so slow drift in the
+    machine's load cancels in each ratio."""
+    return statistics.median(a / b for a, b in zip(times[numerator], times[denominator]))
+
+
+def table_rows(results: dict[str, dict[str, list[float]]], with_logit_diff: bool) -> list[str]:
+    ms = lambda seconds: f"{1000 * seconds:.1f}" if seconds < 0.1 else f"{1000 * seconds:.0f}"  # noqa: E731
+    header = "| precision | ours | PEFT | base | ours / PEFT | ours over base | PEFT over base |"
+    lines = [header + (" max logit diff |" if with_logit_diff else ""),
+             "|---" * (header.count("|") - 1 + with_logit_diff) + "|"]
+    for precision, times in results.items():
+        cell = {name: f"{ms(statistics.median(times[name]))} [{ms(min(times[name]))}-{ms(max(times[name]))}]"
+                for name in VARIANTS}
+        ours_peft, ours_base, peft_base = (paired_ratio(times, a, b)
+                                           for a, b in (("ours", "peft"), ("ours", "base"), ("peft", "base")))
+        row = (f"| {precision} | {cell['ours']} | {cell['peft']} | {cell['base']} | {ours_peft:.3f} "
+               f"| {100 * (ours_base - 1):+.1f}% | {100 * (peft_base - 1):+.1f}% |")
+        lines.append(row + (f" {times['logit_diff'][0]:.1e} |" if with_logit_diff else ""))
+    return lines
+
+
+def markdown(args, argv, device: torch.device, model_results, layer_results) -> str:
+    """The results file: how to reproduce, what was measured, the whole-model table and the one-layer table."""
+    tokens = args.batch * args.seq
+    lines = [
+        "# LoRA forward + backward: ours vs PEFT vs frozen base",
+        "",
+        f"Reproduce: `{command_line(argv)}`",
+        "",
+        f"- Device: {args.device} ({describe_device(device)}); torch {torch.__version__}, "
+        f"transformers {transformers.__version__}, peft {peft.__version__}.",
+        f"- Model: BLOOM-shaped, hidden {args.hidden}, {args.layers} layers, {args.heads} heads, vocab {args.vocab} "
+        "(small on purpose, so lm_head does not dominate); random weights.",
+        f"- Step: forward + backward on {args.batch} x {args.seq} tokens; LoRA r={args.r}, alpha={args.alpha:g}, "
+        f"dropout={args.dropout:g} on {args.target}; train mode; bf16 = autocast over float32 weights.",
+        f"- Base: all weights frozen, backward from the loss down to the output of "
+        f"{'the input embeddings' if args.base_grad_from == 'embeddings' else 'the first targeted layer'} "
+        "(see bench_lora.py's docstring).",
+        "- Times: median [min-max] in ms. Ratios and overheads: median over rounds of the per-round ratio "
+        "(each round times all three variants back to back, in rotating order).",
+        "",
+        f"## Whole model ({args.repeats} rounds after {args.warmup} warm-up rounds)",
+        "",
+        *table_rows(model_results, with_logit_diff=True),
+        "",
+        f"## One targeted layer alone ({args.layer_repeats} rounds after {args.warmup} warm-up rounds)",
+        "",
+        f"The last {args.target.split(',')[-1]} layer, {tokens} tokens in, input requiring grad; the whole-model "
+        "overhead is this layer's overhead diluted by everything LoRA does not touch.",
+        "",
+        *table_rows(layer_results, with_logit_diff=False),
+        "",
+        "Targets: ours / PEFT <= 1.00; LoRA overhead over the base (whole model) <= 10%.",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def write_atomically(path: Path, text: str) -> None:
+    """Write to a temporary file beside `path`, then rename it into place. (Opened with plain `open`, not
+    tempfile, whose files are private (0600): the result should be readable like any other file.)"""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    try:
+        temporary.write_text(text)
+        os.replace(temporary, path)
+    except BaseException:
+        temporary.unlink(missing_ok=True)
+        raise
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    device = torch.device(args.device)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    models = build_variants(args, device)
+    model_results, layer_results = {}, {}
+    for precision in args.precision:
+        model_results[precision] = time_models(args, models, device, precision)
+        layer_results[precision] = time_layers(args, models, device, precision)
+        print(f"{precision}: done", file=sys.stderr)
+    table = markdown(args, argv if argv is not None else sys.argv[1:], device, model_results, layer_results)
+    write_atomically(args.out, table)
+    print(table)
+
+
+if __name__ == "__main__":
+    main()
