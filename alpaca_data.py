@@ -1,0 +1,747 @@
+"""Alpaca data pipeline: load → validate → tokenize (cached) → split → sample → pad.
+
+`train.py` calls these in order::
+
+    records = load_records(source, cache_dir)                  # raw list of dicts
+    records, stats = validate_records(records, source)         # clean records, counts for the banner
+    dataset = tokenize_records(records, tokenizer, Prompter(), max_length, train_on_inputs, cache_dir)
+    train_ds, valid_ds = split_train_valid(dataset, size_valid_set, seed)
+    sampler = LengthGroupedSampler(train_ds["length"], batch_size, world, rank, seed)   # or DistributedSampler
+    loader = DataLoader(train_ds, batch_size, sampler=sampler, collate_fn=PadCollator(tokenizer))
+
+Every problem with the user's data is raised as `DataError`, whose one-line message names the file or URL,
+the record and what is wrong, so `train.py` can print it and exit before loading the model.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import http.client
+import json
+import math
+import os
+import re
+import shutil
+import urllib.error
+import urllib.parse
+import urllib.request
+import uuid
+from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import datasets
+import torch
+
+from prompter import Prompter
+
+
+class DataError(ValueError):
+    """One-line, user-facing data problem (train.py prints str(e) and exits 1 before the model loads)."""
+
+    def __init__(self, message: str):
+        # Messages may quote text from files or libraries; keep them on one line whatever it contains.
+        super().__init__(str(message).replace("\r", "\\r").replace("\n", "\\n"))
+
+
+ALPACA_URL = "https://raw.githubusercontent.com/tatsu-lab/stanford_alpaca/main/alpaca_data.json"
+ALPACA_RECORDS, ALPACA_BYTES = 52002, 22773992  # checked when the default full data set is downloaded
+DEBUG_SAMPLE = Path(__file__).parent / "data" / "alpaca_sample.json"
+
+IGNORE_INDEX = -100  # label value that torch.nn.CrossEntropyLoss (and HF models) skip
+DOWNLOAD_TIMEOUT_S = 60
+# Part of the tokenization cache key: bump it whenever _tokenize_batch changes what it produces, so caches
+# written by the old code are not loaded by the new one.
+TOKENIZE_VERSION = 1
+_META_FILE = "alpaca_meta.json"
+# "owner/name" as on the Hugging Face hub, e.g. "tatsu-lab/alpaca".
+_HF_DATASET_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+_GDRIVE_HOSTS = ("drive.google.com", "docs.google.com")
+
+
+def _type_name(value: Any) -> str:
+    """Name a value's type for an error message (`null` rather than `NoneType`, as in the JSON file)."""
+    return "null" if value is None else type(value).__name__
+
+
+# --------------------------------------------------------------------------------------------------------
+# Loading
+# --------------------------------------------------------------------------------------------------------
+
+def load_records(source: str, cache_dir: str | Path) -> list[dict]:
+    """Resolve a data source to its list of raw records.
+
+    Args:
+        source: one of
+            - a local `.json` file holding a list of objects, or a `.jsonl` file with one object per line;
+            - an http(s) URL, downloaded once into `cache_dir/downloads/`: written to a temp file, parsed,
+              then renamed into place, so a cut-off or malformed download never enters the cache.
+              `ALPACA_URL` is also checked against the known size and record count of the Stanford
+              Alpaca file;
+            - a Google Drive link (drive.google.com/...), downloaded once with gdown the same way;
+            - a Hugging Face dataset id such as "tatsu-lab/alpaca", loaded with
+              `datasets.load_dataset(source)["train"]` (needs the hub or its local cache).
+            "owner/name" is read as a local file when the file or its folder exists.
+        cache_dir: folder for downloads (and the Hugging Face cache); created if missing.
+
+    Returns:
+        The records as parsed, not yet validated (see `validate_records`).
+
+    Raises:
+        DataError: the file is missing, unreadable, not UTF-8 or not valid JSON/JSONL; the top level is not a
+            list; a download fails or does not match the expected size; the dataset cannot be loaded.
+    """
+    source = str(source).strip()
+    if not source:
+        raise DataError("data source is empty: give a .json/.jsonl path, an http(s) URL, a Google Drive "
+                        "link or a Hugging Face dataset id")
+    cache_dir = Path(cache_dir)
+    url = urllib.parse.urlparse(source)
+    if url.scheme.lower() in ("http", "https"):
+        if (url.hostname or "").lower() in _GDRIVE_HOSTS:
+            return _cached_download(source, _cache_path(cache_dir, source, "gdrive-"), _fetch_gdrive)
+        return _cached_download(source, _cache_path(cache_dir, source), _fetch_http)
+    path = Path(source).expanduser()
+    # "owner/name" is a hub id unless it names something local: an existing file, a .json/.jsonl name, or a
+    # file in an existing folder ("data/alpaca" with a missing extension should say "file not found").
+    looks_local = path.exists() or path.suffix.lower() in (".json", ".jsonl") or path.parent.is_dir()
+    if looks_local or not _HF_DATASET_ID.match(source):
+        return _read_records_file(path, source)
+    return _load_hf_dataset(source, cache_dir)
+
+
+def _read_records_file(path: Path, label: str, suffix: str | None = None) -> list:
+    """Parse a .json list or a .jsonl file; `label` names the file in error messages and `suffix` overrides
+    the extension that decides the format (for temp files)."""
+    if path.is_dir():
+        raise DataError(f"{label}: is a directory, expected a .json or .jsonl file")
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        raise DataError(f"{label}: file not found") from None
+    except OSError as e:
+        raise DataError(f"{label}: cannot read the file: {e.strerror or e}") from None
+    try:
+        text = raw.decode("utf-8-sig")  # tolerate a byte-order mark, which some editors write
+    except UnicodeDecodeError as e:
+        line = raw[:e.start].count(b"\n") + 1
+        raise DataError(f"{label}: not valid UTF-8 at line {line} (byte offset {e.start}: "
+                        f"{raw[e.start:e.start + 1]!r}); save the file as UTF-8") from None
+    if not text.strip():
+        raise DataError(f"{label}: the file is empty")
+
+    suffix = (suffix if suffix is not None else path.suffix).lower()
+    # Downloads may have no useful extension: a JSON list starts with "[", JSONL with "{".
+    is_jsonl = suffix == ".jsonl" or (suffix != ".json" and not text.lstrip().startswith("["))
+    if is_jsonl:
+        records = []
+        # split("\n"), not splitlines(): JSON strings may hold raw U+2028/U+0085, which splitlines breaks on.
+        for lineno, line in enumerate(text.split("\n"), start=1):
+            if not line.strip():
+                continue
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError as e:
+                raise DataError(f"{label}: line {lineno}: invalid JSON at column {e.colno}: {e.msg}") from None
+            except RecursionError:
+                raise DataError(f"{label}: line {lineno}: JSON nested too deeply") from None
+        return records
+
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise DataError(f"{label}: invalid JSON at line {e.lineno}, column {e.colno}: {e.msg}") from None
+    except RecursionError:
+        raise DataError(f"{label}: JSON nested too deeply") from None
+    if not isinstance(data, list):
+        raise DataError(f"{label}: expected a JSON list of records at the top level, got {_type_name(data)}")
+    return data
+
+
+def _cache_path(cache_dir: Path, url: str, prefix: str = "") -> Path:
+    """Where a download of `url` is kept: readable name plus a hash of the full URL (query included)."""
+    digest = hashlib.sha256(url.encode()).hexdigest()[:12]
+    name = re.sub(r"[^\w.-]", "_", Path(urllib.parse.urlparse(url).path).name)[:80] or "data"
+    return cache_dir / "downloads" / f"{prefix}{digest}-{name}"
+
+
+def _temp_name(dest: Path) -> Path:
+    """A hidden name next to `dest`, unique per process and call, for writing before an atomic rename.
+    (Not tempfile.mkstemp/mkdtemp: they create owner-only files, which would make a shared cache private.)"""
+    return dest.with_name(f".{dest.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
+
+
+def _check_alpaca(url: str, path: Path, records: list, label: str) -> None:
+    """The default data set must have its known size and record count: anything else is a cut-off or
+    changed file."""
+    if url != ALPACA_URL:
+        return
+    size = path.stat().st_size
+    if size != ALPACA_BYTES:
+        raise DataError(f"{label}: {size:,} bytes, expected {ALPACA_BYTES:,} "
+                        f"(download cut short, or the file changed upstream)")
+    if len(records) != ALPACA_RECORDS:
+        raise DataError(f"{label}: {len(records):,} records, expected {ALPACA_RECORDS:,}")
+
+
+def _cached_download(url: str, dest: Path, fetch) -> list:
+    """Records of `url`, downloaded once to `dest`; later calls read `dest` without touching the network.
+
+    `fetch(url, tmp)` writes the body to a temp file next to `dest`. The file is parsed and checked before
+    it is renamed to `dest` (atomically), so a failed, cut-off or malformed download never enters the
+    cache. Concurrent processes (DDP ranks) each write their own temp file; the last rename wins, with the
+    same content.
+    """
+    if dest.exists():
+        label = f"{url} (cached as {dest})"
+        records = _read_records_file(dest, label)
+        try:
+            _check_alpaca(url, dest, records, label)
+        except DataError as e:
+            raise DataError(f"{e}; delete the cached file to download it again") from None
+        return records
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _temp_name(dest)
+    try:
+        fetch(url, tmp)
+        records = _read_records_file(tmp, url, suffix=dest.suffix)
+        _check_alpaca(url, tmp, records, url)
+        os.replace(tmp, dest)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return records
+
+
+def _fetch_http(url: str, tmp: Path) -> None:
+    """Download `url` to `tmp` with urllib; any failure is a DataError."""
+    request = urllib.request.Request(url, headers={"User-Agent": "alpaca-lora-course"})
+    try:
+        with urllib.request.urlopen(request, timeout=DOWNLOAD_TIMEOUT_S) as response, open(tmp, "xb") as f:
+            expected = response.headers.get("Content-Length")
+            received = 0
+            while chunk := response.read(1 << 20):
+                f.write(chunk)
+                received += len(chunk)
+    except urllib.error.HTTPError as e:
+        raise DataError(f"{url}: download failed: HTTP {e.code} {e.reason}") from None
+    except urllib.error.URLError as e:
+        raise DataError(f"{url}: download failed: {e.reason}") from None
+    except (http.client.HTTPException, OSError) as e:  # reset connection, timeout, full disk
+        raise DataError(f"{url}: download failed: {type(e).__name__}: {e}") from None
+    # A connection closed early can end the body without an exception: compare with the announced size.
+    if expected is not None and expected.isdigit() and received != int(expected):
+        raise DataError(f"{url}: download failed: received {received:,} of {int(expected):,} bytes")
+
+
+def _fetch_gdrive(url: str, tmp: Path) -> None:
+    """Download a Google Drive file to `tmp` with gdown (it handles Drive's confirmation pages)."""
+    import gdown  # imported here: it pulls in requests, and most runs never need it
+
+    try:
+        gdown.download(url, output=str(tmp), quiet=True, timeout=DOWNLOAD_TIMEOUT_S)
+    except Exception as e:  # gdown raises its own errors, requests' and OSError; all mean "failed"
+        first_line = (str(e).strip().splitlines() or [""])[0]
+        raise DataError(f"{url}: Google Drive download failed: {type(e).__name__}: {first_line}") from None
+    if not tmp.is_file():
+        raise DataError(f"{url}: Google Drive download produced no file (is the link shared publicly?)")
+
+
+def _load_hf_dataset(name: str, cache_dir: Path) -> list[dict]:
+    """Load the train split of a Hugging Face dataset as a list of records."""
+    try:
+        dataset = datasets.load_dataset(name, cache_dir=str(cache_dir / "hf"))
+    except Exception as e:  # hub, network, missing-dataset and format errors alike are user-facing here
+        first_line = (str(e).strip().splitlines() or [""])[0]
+        raise DataError(f"{name}: cannot load Hugging Face dataset: {type(e).__name__}: {first_line}") from None
+    if "train" not in dataset:
+        raise DataError(f"{name}: Hugging Face dataset has no 'train' split (it has {sorted(dataset)})")
+    return dataset["train"].to_list()
+
+
+# --------------------------------------------------------------------------------------------------------
+# Validation
+# --------------------------------------------------------------------------------------------------------
+
+def _is_placeholder_input(text: str) -> bool:
+    """True for inputs that mean "no input": blank, or "Noinput" / "No input." / "<no input>" in any case
+    and punctuation ("NO_INPUT", "(no input)"). Words such as "None" or "N/A" are left alone: they can be a
+    real input to an instruction."""
+    return not text.strip() or re.sub(r"[^a-z]", "", text.lower()) == "noinput"
+
+
+def validate_records(records: Sequence, source: str) -> tuple[list[dict], dict]:
+    """Check every record and normalize the Alpaca quirks.
+
+    A record must be an object with string `instruction` (non-blank) and `output`; `input` must be a string,
+    absent, or null (absent and null mean no input; Hugging Face datasets fill missing keys with null).
+    Other keys are ignored. Placeholder inputs ("Noinput", "No input.", "<no input>" and their case and
+    punctuation variants, or whitespace) become "". Records whose output is empty or whitespace are dropped
+    and counted: training on them teaches the model to stop at once. Outputs such as "<nooutput>" are kept
+    as they are.
+
+    Args:
+        records: the list returned by `load_records`.
+        source: the file, URL or dataset id the records came from, used in messages.
+
+    Returns:
+        `(clean, stats)`: `clean` holds new dicts with exactly `instruction`, `input`, `output`, in order;
+        `stats` has `source`, `records` (number in), `kept`, `empty_output_dropped`, `placeholder_inputs`
+        and `with_input` (kept records with a real input).
+
+    Raises:
+        DataError: the list is empty or not a list, a record is malformed (the message names the source,
+            the 0-based record index and the problem), or no record has an output.
+    """
+    if not isinstance(records, (list, tuple)):
+        raise DataError(f"{source}: expected a list of records, got {_type_name(records)}")
+    if not records:
+        raise DataError(f"{source}: no records (the list is empty)")
+    clean, empty_outputs, placeholders = [], 0, 0
+    for i, record in enumerate(records):
+        where = f"{source}: record {i}"
+        if not isinstance(record, Mapping):
+            raise DataError(f"{where}: expected an object with 'instruction' and 'output', "
+                            f"got {_type_name(record)}")
+        for key in ("instruction", "output"):
+            if key not in record:
+                raise DataError(f"{where}: missing '{key}'")
+            if not isinstance(record[key], str):
+                raise DataError(f"{where}: '{key}' must be a string, got {_type_name(record[key])}")
+        if not record["instruction"].strip():
+            raise DataError(f"{where}: 'instruction' is empty")
+        text_input = record.get("input")
+        if text_input is None:
+            text_input = ""
+        elif not isinstance(text_input, str):
+            raise DataError(f"{where}: 'input' must be a string, got {_type_name(text_input)}")
+        elif text_input and _is_placeholder_input(text_input):
+            text_input = ""
+            placeholders += 1
+        if not record["output"].strip():
+            empty_outputs += 1
+            continue
+        clean.append({"instruction": record["instruction"], "input": text_input, "output": record["output"]})
+    if not clean:
+        raise DataError(f"{source}: all {len(records):,} records have an empty output")
+    stats = {
+        "source": str(source),
+        "records": len(records),
+        "kept": len(clean),
+        "empty_output_dropped": empty_outputs,
+        "placeholder_inputs": placeholders,
+        "with_input": sum(1 for r in clean if r["input"]),
+    }
+    return clean, stats
+
+
+def data_stats_line(stats: Mapping) -> str:
+    """Counts for the start banner, from the stats of `validate_records` (plus `tokenize_records` if given).
+
+    The caller names the source. Example: "2,000 records, 1,996 kept (4 empty outputs dropped, 24 placeholder
+    inputs cleared, 854 with input); 1,996 tokenized, 2 truncated, 0 dropped with no response token".
+    """
+    line = (f"{stats['records']:,} records, {stats['kept']:,} kept "
+            f"({stats['empty_output_dropped']:,} empty outputs dropped, "
+            f"{stats['placeholder_inputs']:,} placeholder inputs cleared, {stats['with_input']:,} with input)")
+    if "examples" in stats:
+        line += (f"; {stats['examples']:,} tokenized, {stats['truncated']:,} truncated, "
+                 f"{stats['no_label_dropped']:,} dropped with no response token")
+    return line
+
+
+# --------------------------------------------------------------------------------------------------------
+# Tokenization
+# --------------------------------------------------------------------------------------------------------
+
+def _preamble_ids(tokenizer, prompter: Prompter) -> dict[str, list[int]]:
+    """Token ids of each template's fixed first paragraph ("Below is an instruction ... request.\n\n").
+
+    Every prompt starts with one of these preambles, a third of all the text to tokenize, so they are
+    tokenized once here instead of once per record. A preamble is used only if, on probe prompts,
+    `tokenizer(preamble) + tokenizer(rest, add_special_tokens=False)` equals `tokenizer(prompt)` exactly
+    (true when the tokenizer splits at the blank line, as BLOOM's does); otherwise prompts are tokenized whole.
+    """
+    preambles = {}
+    for probe_input in ("", "x"):
+        head = prompter.generate_prompt("\0", probe_input).split("\0")[0]
+        preamble = head[:head.rfind("\n\n") + 2]
+        if not preamble:
+            continue
+        ids = tokenizer(preamble)["input_ids"]
+        probes = [prompter.generate_prompt(ins, probe_input) for ins in ("a", " b.", "\n\nc", "### d", "é\t")]
+        if all(tokenizer(p)["input_ids"] == ids + tokenizer(p[len(preamble):], add_special_tokens=False)["input_ids"]
+               for p in probes):
+            preambles[preamble] = ids
+    return preambles
+
+
+def _encode_prompts(tokenizer, prompts: list[str], preambles: dict[str, list[int]]) -> list[list[int]]:
+    """`tokenizer(prompts)["input_ids"]`, reusing the preambles' ids (see `_preamble_ids`)."""
+    heads: list[list[int]] = []
+    rests: list[str] = []
+    whole: list[int] = []  # positions of prompts without a known preamble
+    for i, prompt in enumerate(prompts):
+        preamble = next((p for p in preambles if prompt.startswith(p)), None)
+        heads.append(preambles[preamble] if preamble else [])
+        rests.append(prompt[len(preamble):] if preamble else "")
+        if not preamble:
+            whole.append(i)
+    out = [head + rest for head, rest in zip(heads, tokenizer(rests, add_special_tokens=False,
+                                                                return_attention_mask=False)["input_ids"])]
+    if whole:
+        for i, ids in zip(whole, tokenizer([prompts[i] for i in whole], return_attention_mask=False)["input_ids"]):
+            out[i] = ids
+    return out
+
+
+def _tokenize_batch(batch: dict, tokenizer, prompter: Prompter, max_length: int, train_on_inputs: bool,
+                    preambles: dict[str, list[int]]) -> dict:
+    """Batched `datasets.map` function: records → input_ids, labels, length (see `tokenize_records`)."""
+    prompts = [prompter.generate_prompt(ins, inp) for ins, inp in zip(batch["instruction"], batch["input"])]
+    # The prompt is tokenized exactly as generation will tokenize it (tokenizer(prompt)), and the response
+    # separately, so the prompt/response boundary is a token boundary and the masked span is exact.
+    prompt_ids = _encode_prompts(tokenizer, prompts, preambles)
+    response_ids = tokenizer(batch["output"], add_special_tokens=False, return_attention_mask=False)["input_ids"]
+    eos = tokenizer.eos_token_id
+    out: dict[str, list] = {"input_ids": [], "labels": [], "length": [], "truncated": []}
+    for prompt, response in zip(prompt_ids, response_ids):
+        ids = (prompt + response)[:max_length]
+        truncated = len(prompt) + len(response) > max_length
+        # As alpaca-lora: EOS is appended only if it fits; it never replaces the last kept token, so a
+        # truncated example does not teach the model to stop mid-sentence.
+        if len(ids) < max_length:
+            ids.append(eos)
+        n_masked = 0 if train_on_inputs else min(len(prompt), len(ids))
+        # The causal-LM loss shifts labels left by one, so labels[0] is never predicted. An example with
+        # no other label adds nothing but padding, and a batch of only such examples gives a NaN loss.
+        if len(ids) <= max(n_masked, 1):
+            continue
+        labels = [IGNORE_INDEX] * n_masked + ids[n_masked:]
+        out["input_ids"].append(ids)
+        out["labels"].append(labels)
+        out["length"].append(len(ids))
+        out["truncated"].append(truncated)
+    return out
+
+
+def _sha256(text: str) -> str:
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def _tokenizer_identity(tokenizer) -> dict:
+    """What decides how the tokenizer splits text: class, full tokenizer spec (vocab, merges, normalizer,
+    pre-tokenizer, special tokens) and the EOS id. The path it was loaded from is left out on purpose: the same
+    tokenizer copied elsewhere gives the same tokens and may reuse the cache."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None:
+        spec = json.loads(backend.to_str())
+        # Truncation/padding are call-time settings that transformers changes on the backend; they do not
+        # affect our calls (no truncation, no padding) and must not change the key.
+        spec.pop("truncation", None)
+        spec.pop("padding", None)
+        spec_text = json.dumps(spec, sort_keys=True, ensure_ascii=False)
+    else:  # a slow (Python) tokenizer: its vocabulary and special tokens identify it well enough
+        spec_text = json.dumps([sorted(tokenizer.get_vocab().items()), tokenizer.all_special_tokens])
+    return {"class": type(tokenizer).__name__, "spec_sha256": _sha256(spec_text),
+            "eos_token_id": tokenizer.eos_token_id}
+
+
+def tokenize_fingerprint(records: Sequence[Mapping], tokenizer, prompter: Prompter, max_length: int,
+                         train_on_inputs: bool) -> tuple[str, dict]:
+    """Cache key of `tokenize_records`: a hash of everything that determines its output.
+
+    Returns:
+        `(fingerprint, key)`: a 20-hex-digit digest and the dict it was computed from (stored next to the
+        cache for inspection).
+    """
+    content = json.dumps([[r["instruction"], r["input"], r["output"]] for r in records], ensure_ascii=False)
+    key = {
+        "tokenize_version": TOKENIZE_VERSION,
+        "records_sha256": _sha256(content),
+        "num_records": len(records),
+        "tokenizer": _tokenizer_identity(tokenizer),
+        "max_length": max_length,
+        "train_on_inputs": bool(train_on_inputs),
+        # The rendered template rather than the Prompter's attributes: any change to the prompt text,
+        # however it is made, changes the key.
+        "template_sha256": _sha256(prompter.generate_prompt("<I>", "<N>", "<L>") + "\0"
+                                   + prompter.generate_prompt("<I>")),
+    }
+    return _sha256(json.dumps(key, sort_keys=True))[:20], key
+
+
+def tokenize_records(records: Sequence[Mapping], tokenizer, prompter: Prompter, max_length: int,
+                     train_on_inputs: bool, cache_dir: str | Path, num_proc: int = 1,
+                     stats: dict | None = None) -> datasets.Dataset:
+    """Tokenize validated records into causal-LM examples, cached on disk.
+
+    Each example is `tokenizer(prompt) + tokenizer(output) + [EOS]`, cut to `max_length` tokens from the
+    right; EOS is added only when it fits (alpaca-lora's rule). With `train_on_inputs` the labels equal
+    `input_ids` (the assignment's behaviour: the loss covers the prompt too); without it the prompt tokens
+    are labelled -100 so only the response and EOS are learned. Examples left with no label to learn (the
+    prompt alone fills `max_length`) are dropped and counted.
+
+    The result is saved under `cache_dir/tokenized/<fingerprint>/`, keyed by `tokenize_fingerprint`
+    (records content, tokenizer spec, max_length, train_on_inputs, template). A later call with the same key
+    loads it instead of tokenizing again. The folder is written to a temp name and renamed into place, so an
+    interrupted run or a second process never sees a half-written cache. Under DDP, let rank 0 call this
+    first and the other ranks after a barrier: they then load rank 0's result instead of repeating the work.
+
+    Args:
+        records: clean records from `validate_records`.
+        tokenizer: a Hugging Face tokenizer with an EOS token.
+        prompter: builds the prompt text.
+        max_length: maximum tokens per example (>= 2).
+        train_on_inputs: whether the prompt tokens carry labels.
+        cache_dir: cache root; created if missing.
+        num_proc: processes for `datasets.map` (1 is fast enough for Alpaca; the tokenizer is multithreaded).
+        stats: optional dict updated with `examples`, `truncated` and `no_label_dropped`.
+
+    Returns:
+        A `datasets.Dataset` with columns `input_ids`, `labels` (lists of ints) and `length` (int).
+
+    Raises:
+        ValueError: `max_length` < 2 or the tokenizer has no EOS token.
+        DataError: no example keeps a response token within `max_length`.
+    """
+    if isinstance(max_length, bool) or not isinstance(max_length, int) or max_length < 2:
+        raise ValueError(f"max_length must be an integer >= 2, got {max_length!r}")
+    if tokenizer.eos_token_id is None:
+        raise ValueError(f"tokenizer {tokenizer.name_or_path!r} has no eos_token; set tokenizer.eos_token")
+    fingerprint, key = tokenize_fingerprint(records, tokenizer, prompter, max_length, train_on_inputs)
+    root = Path(cache_dir) / "tokenized"
+    final = root / fingerprint
+    if not (final / _META_FILE).is_file():
+        _tokenize_to_cache(records, tokenizer, prompter, max_length, train_on_inputs, num_proc,
+                           root, final, fingerprint, key)
+    meta = json.loads((final / _META_FILE).read_text(encoding="utf-8"))
+    if meta["examples"] == 0:
+        raise DataError(f"no example keeps a response token within max_length={max_length}: every prompt "
+                        f"is at least that long; raise max_length")
+    if stats is not None:
+        stats.update({k: meta[k] for k in ("examples", "truncated", "no_label_dropped")})
+    return datasets.load_from_disk(str(final))
+
+
+def _tokenize_to_cache(records, tokenizer, prompter, max_length, train_on_inputs, num_proc,
+                       root: Path, final: Path, fingerprint: str, key: dict) -> None:
+    """Tokenize with a batched `datasets.map` and publish the result at `final` atomically."""
+    columns = {name: [r[name] for r in records] for name in ("instruction", "input", "output")}
+    raw = datasets.Dataset.from_dict(columns)
+    features = datasets.Features({
+        "input_ids": datasets.List(datasets.Value("int32")),
+        "labels": datasets.List(datasets.Value("int32")),
+        "length": datasets.Value("int32"),
+        "truncated": datasets.Value("bool"),
+    })
+    tokenized = raw.map(
+        _tokenize_batch,
+        batched=True,
+        fn_kwargs={"tokenizer": tokenizer, "prompter": prompter, "max_length": max_length,
+                   "train_on_inputs": train_on_inputs, "preambles": _preamble_ids(tokenizer, prompter)},
+        remove_columns=raw.column_names,
+        features=features,
+        num_proc=num_proc if num_proc > 1 else None,
+        # Our own key already names the result; this stops datasets from hashing the tokenizer (slow, and
+        # noisy warnings when it cannot) to build one of its own.
+        new_fingerprint=fingerprint,
+        desc="Tokenizing",
+    )
+    meta = {
+        "fingerprint": fingerprint,
+        "key": key,
+        "records": len(records),
+        "examples": len(tokenized),
+        "truncated": sum(tokenized.data.column("truncated").to_pylist()),
+        "no_label_dropped": len(records) - len(tokenized),
+    }
+    tokenized = tokenized.remove_columns("truncated")
+
+    root.mkdir(parents=True, exist_ok=True)
+    tmp = _temp_name(final)
+    try:
+        tmp.mkdir()
+        tokenized.save_to_disk(str(tmp))
+        (tmp / _META_FILE).write_text(json.dumps(meta, indent=2), encoding="utf-8")
+        try:
+            os.replace(tmp, final)
+        except OSError:
+            # Another process published the same fingerprint first (renaming onto a non-empty folder
+            # fails); its content is identical, so keep it.
+            if not (final / _META_FILE).is_file():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+# --------------------------------------------------------------------------------------------------------
+# Split, padding, sampling
+# --------------------------------------------------------------------------------------------------------
+
+def split_train_valid(dataset: datasets.Dataset, size_valid_set: int | float,
+                      seed: int) -> tuple[datasets.Dataset, datasets.Dataset]:
+    """Split off a validation set, the same way for the same seed.
+
+    Args:
+        dataset: the tokenized dataset.
+        size_valid_set: an int is a number of examples (0 gives an empty validation set); a float in
+            (0, 1) is a fraction, rounded to at least one example.
+        seed: seed of the permutation.
+
+    Returns:
+        `(train, valid)`, each in the original order (the sampler shuffles).
+
+    Raises:
+        ValueError: `size_valid_set` is negative, a float outside (0, 1), or not a number.
+        DataError: the validation set would take every example, leaving nothing to train on.
+    """
+    n = len(dataset)
+    if isinstance(size_valid_set, bool) or not isinstance(size_valid_set, (int, float)):
+        raise ValueError(f"size_valid_set must be an int or a float in (0, 1), got {size_valid_set!r}")
+    if isinstance(size_valid_set, float):
+        if not 0.0 < size_valid_set < 1.0:
+            raise ValueError(f"size_valid_set={size_valid_set}: a fraction must be in (0, 1)")
+        n_valid = max(1, round(size_valid_set * n))
+    else:
+        if size_valid_set < 0:
+            raise ValueError(f"size_valid_set must be >= 0, got {size_valid_set}")
+        n_valid = size_valid_set
+    if n_valid >= n:
+        raise DataError(f"a validation set of {n_valid:,} examples leaves none of the {n:,} for training; "
+                        f"lower size_valid_set")
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
+    # keep_in_memory: the index mapping stays in RAM instead of a file written next to the shared cache,
+    # which DDP ranks would otherwise all write at once.
+    valid = dataset.select(sorted(perm[:n_valid]), keep_in_memory=True)
+    train = dataset.select(sorted(perm[n_valid:]), keep_in_memory=True)
+    return train, valid
+
+
+class PadCollator:
+    """Collate examples into a padded batch (use as `DataLoader(collate_fn=PadCollator(tokenizer))`).
+
+    Pads to the longest example in the batch (optionally rounded up to a multiple), on the tokenizer's
+    padding side (BLOOM: left, so generation continues right after the prompt): `input_ids` with the pad
+    token, `attention_mask` 0 and `labels` -100 on pads.
+    """
+
+    def __init__(self, tokenizer, pad_to_multiple_of: int | None = None):
+        """
+        Args:
+            tokenizer: supplies `pad_token_id` and `padding_side` ("left" or "right").
+            pad_to_multiple_of: round the padded length up to a multiple of this (e.g. 8 for tensor cores).
+
+        Raises:
+            ValueError: the tokenizer has no pad token, or an unknown padding side.
+        """
+        if tokenizer.pad_token_id is None:
+            raise ValueError(f"tokenizer {tokenizer.name_or_path!r} has no pad_token; set tokenizer.pad_token")
+        if tokenizer.padding_side not in ("left", "right"):
+            raise ValueError(f"padding_side must be 'left' or 'right', got {tokenizer.padding_side!r}")
+        if pad_to_multiple_of is not None and pad_to_multiple_of < 1:
+            raise ValueError(f"pad_to_multiple_of must be >= 1, got {pad_to_multiple_of}")
+        self.pad_token_id = tokenizer.pad_token_id
+        self.padding_side = tokenizer.padding_side
+        self.pad_to_multiple_of = pad_to_multiple_of
+
+    def __call__(self, features: Sequence[Mapping]) -> dict[str, torch.Tensor]:
+        """Pad a list of `{"input_ids", "labels", ...}` examples.
+
+        Returns:
+            `input_ids`, `attention_mask`, `labels`: LongTensors of shape (batch, longest).
+        """
+        if not features:
+            raise ValueError("cannot collate an empty batch")
+        longest = max(len(f["input_ids"]) for f in features)
+        if self.pad_to_multiple_of:
+            longest = math.ceil(longest / self.pad_to_multiple_of) * self.pad_to_multiple_of
+        shape = (len(features), longest)
+        input_ids = torch.full(shape, self.pad_token_id, dtype=torch.long)
+        attention_mask = torch.zeros(shape, dtype=torch.long)
+        labels = torch.full(shape, IGNORE_INDEX, dtype=torch.long)
+        for row, feature in enumerate(features):
+            n = len(feature["input_ids"])
+            assert len(feature["labels"]) == n, "input_ids and labels differ in length"
+            span = slice(longest - n, longest) if self.padding_side == "left" else slice(0, n)
+            input_ids[row, span] = torch.as_tensor(feature["input_ids"], dtype=torch.long)
+            labels[row, span] = torch.as_tensor(feature["labels"], dtype=torch.long)
+            attention_mask[row, span] = 1
+        return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+
+
+class LengthGroupedSampler(torch.utils.data.Sampler):
+    """Yields this rank's indices so that `DataLoader(batch_size=batch_size)` batches hold similar lengths.
+
+    The counterpart of `DistributedSampler(shuffle=True, drop_last=False)` for GROUP_BY_LENGTH: every rank
+    builds the same global order from `seed + epoch`, then takes `global_order[rank::num_replicas]`.
+
+    Global order, per epoch:
+      1. a random permutation of all indices, padded by repeating its start up to a multiple of
+         `num_replicas` (as DistributedSampler pads);
+      2. cut into mega-batches of `mega_batch_mult` global batches, each sorted by length, longest first;
+      3. cut into global batches of `batch_size * num_replicas` indices; the full ones are shuffled, the one
+         holding the longest example goes first (an out-of-memory error shows on step 1, not mid-epoch), and
+         a final partial batch stays last.
+    Because rank r takes every num_replicas-th index, rank r's k-th batch of `batch_size` is a slice of
+    global batch k: one process with batch 2b sees exactly the global batches of 2 ranks with batch b each.
+    """
+
+    def __init__(self, lengths: Sequence[int], batch_size: int, num_replicas: int = 1, rank: int = 0,
+                 seed: int = 0, mega_batch_mult: int | None = None):
+        """
+        Args:
+            lengths: length of each example (e.g. `dataset["length"]`).
+            batch_size: per-rank batch size, the one given to the DataLoader.
+            num_replicas: number of DDP processes.
+            rank: this process's rank.
+            seed: shared by all ranks; the epoch is added to it.
+            mega_batch_mult: global batches per sorted mega-batch. Larger groups lengths more tightly but
+                mixes less; the default, as in transformers, is min(50, n // (4 * global batch)), at least 1.
+        """
+        if len(lengths) == 0:
+            raise ValueError("LengthGroupedSampler needs at least one example")
+        if batch_size < 1 or num_replicas < 1:
+            raise ValueError(f"batch_size and num_replicas must be >= 1, got {batch_size} and {num_replicas}")
+        if not 0 <= rank < num_replicas:
+            raise ValueError(f"rank must be in [0, {num_replicas}), got {rank}")
+        self.lengths = [int(n) for n in lengths]
+        self.batch_size = batch_size
+        self.num_replicas = num_replicas
+        self.rank = rank
+        self.seed = seed
+        self.epoch = 0
+        self.global_batch = batch_size * num_replicas
+        if mega_batch_mult is None:
+            mega_batch_mult = min(50, len(self.lengths) // (4 * self.global_batch))
+        self.mega_batch = max(1, mega_batch_mult) * self.global_batch
+        self.total_size = math.ceil(len(self.lengths) / num_replicas) * num_replicas
+
+    def set_epoch(self, epoch: int) -> None:
+        """Reshuffle for `epoch`; call it on every rank before each epoch, as with DistributedSampler."""
+        self.epoch = epoch
+
+    def global_order(self) -> list[int]:
+        """The order shared by all ranks for the current epoch (length `total_size`)."""
+        g = torch.Generator().manual_seed(self.seed + self.epoch)
+        order = torch.randperm(len(self.lengths), generator=g).tolist()
+        padding = self.total_size - len(order)
+        order += (order * math.ceil(padding / len(order)))[:padding]
+
+        lengths = self.lengths
+        grouped: list[int] = []
+        for start in range(0, len(order), self.mega_batch):
+            grouped += sorted(order[start:start + self.mega_batch], key=lambda i: lengths[i], reverse=True)
+        batches = [grouped[s:s + self.global_batch] for s in range(0, len(grouped), self.global_batch)]
+        n_full = len(batches) if len(batches[-1]) == self.global_batch else len(batches) - 1
+        full = [batches[i] for i in torch.randperm(n_full, generator=g).tolist()]
+        if full:
+            # Each batch is sorted longest first, so its first element is its longest.
+            longest = max(range(n_full), key=lambda b: lengths[full[b][0]])
+            full[0], full[longest] = full[longest], full[0]
+        return [i for batch in full + batches[n_full:] for i in batch]
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self.global_order()[self.rank::self.num_replicas])
+
+    def __len__(self) -> int:
+        return self.total_size // self.num_replicas
