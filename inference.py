@@ -1,0 +1,583 @@
+"""Try a fine-tuned LoRA adapter: generate Alpaca-style responses, or export base + adapter as one merged model.
+
+From Python (a notebook), as the course assignment ends::
+
+    from inference import generate_inference
+    generate_inference(instruction="Name three primary colors.", user_inp="",
+                       model_path="bigscience/bloom-1b7", lora_weights_path="outputs/lora-alpaca")
+
+From the shell::
+
+    python inference.py --lora-weights outputs/lora-alpaca --instruction "Name three primary colors."
+    python inference.py --lora-weights outputs/lora-alpaca              # interactive: one prompt after another
+    python inference.py export --lora-weights outputs/lora-alpaca --out outputs/bloom-alpaca-merged
+
+The model is loaded once per process and kept (one at a time: loading another evicts it), so a loop of calls pays
+for loading once. It goes to the GPU when there is one, in bf16 (fp16 on GPUs without bf16); on the CPU in fp32.
+The adapter is merged into the base weights, W = W0 + (alpha / r) B A, so generation costs exactly what the base
+model costs; 8-bit / 4-bit bases, and adapters on a tied embedding, stay unmerged (the layers add the update on the
+fly instead). Decoding is greedy unless sampling is asked for, so the same prompt gives the same answer.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import gc
+import os
+import shutil
+import sys
+import uuid
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from lora_model import (ADAPTER_WEIGHTS_NAME, LEGACY_WEIGHTS_NAME, LoraModelForCasualLM, read_adapter_dir,
+                        replace_directory)
+from prompter import Prompter
+
+PRECISIONS = ("auto", "fp32", "fp16", "bf16", "8bit", "4bit")
+QUANTIZED = ("8bit", "4bit")
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+NO_INPUT = ("", "n/a")  # user_inp values (after strip, lower-cased) that select the template without an input
+# Used only when sampling is on and the caller leaves them unset: a common choice for instruction-tuned models.
+SAMPLING_DEFAULTS = {"temperature": 0.7, "top_p": 0.9, "top_k": 50}
+
+PROMPTER = Prompter()
+
+
+# --- generation options -------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class GenerationOptions:
+    """Decoding settings, validated on creation.
+
+    Args:
+        max_new_tokens: most tokens to generate per response (generation also stops at the EOS token).
+        do_sample: False (default) = greedy (or beam search with num_beams > 1): deterministic. True = sample.
+        temperature: sampling temperature (> 0); only with do_sample=True (default then 0.7).
+        top_p: nucleus sampling mass, in (0, 1]; only with do_sample=True (default then 0.9).
+        top_k: sample among the k most likely tokens (0 = no limit); only with do_sample=True (default then 50).
+        num_beams: beam search width (1 = no beam search).
+        repetition_penalty: > 1 discourages repeating tokens (1.0 = off); 1.1-1.3 curbs the loops small models
+            fall into under greedy decoding.
+
+    Raises:
+        ValueError: a value out of range or of the wrong type, naming it, e.g. "top_p must be in (0, 1], got 128".
+    """
+
+    max_new_tokens: int = 256
+    do_sample: bool = False
+    temperature: float | None = None
+    top_p: float | None = None
+    top_k: int | None = None
+    num_beams: int = 1
+    repetition_penalty: float = 1.0
+
+    def __post_init__(self) -> None:
+        _check_int("max_new_tokens", self.max_new_tokens, minimum=1)
+        _check_int("num_beams", self.num_beams, minimum=1)
+        if not isinstance(self.do_sample, bool):
+            raise ValueError(f"do_sample must be True or False, got {self.do_sample!r}")
+        _check_number("repetition_penalty", self.repetition_penalty, "> 0", lambda v: v > 0)
+        if self.temperature is not None:
+            _check_number("temperature", self.temperature, "> 0", lambda v: v > 0)
+        if self.top_p is not None:
+            _check_number("top_p", self.top_p, "in (0, 1]", lambda v: 0 < v <= 1)
+        if self.top_k is not None:
+            _check_int("top_k", self.top_k, minimum=0)
+        if not self.do_sample:
+            for name in SAMPLING_DEFAULTS:
+                if getattr(self, name) is not None:
+                    # Greedy decoding ignores it; silently ignoring a setting the caller chose would mislead.
+                    raise ValueError(f"{name}={getattr(self, name)!r} only applies when sampling: pass "
+                                     "do_sample=True (--sample on the command line); decoding is greedy by default")
+
+    def generate_kwargs(self) -> dict:
+        """Keyword arguments for `model.generate` (sampling settings only when sampling)."""
+        kwargs = {"max_new_tokens": self.max_new_tokens, "do_sample": self.do_sample, "num_beams": self.num_beams,
+                  "repetition_penalty": self.repetition_penalty}
+        if self.do_sample:
+            kwargs.update({name: default if getattr(self, name) is None else getattr(self, name)
+                           for name, default in SAMPLING_DEFAULTS.items()})
+        return kwargs
+
+
+def _check_int(name: str, value, minimum: int) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+
+
+def _check_number(name: str, value, rule: str, ok) -> None:
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not ok(value):
+        raise ValueError(f"{name} must be {rule}, got {value!r}")
+
+
+# --- loading --------------------------------------------------------------------------------------------------------
+
+@dataclass
+class LoadedModel:
+    """A model ready to generate: `model` is a plain transformers model (base only, or adapter merged) or a
+    `LoraModelForCasualLM` (adapter unmerged); `note` says why an asked-for merge did not happen."""
+
+    model: torch.nn.Module
+    tokenizer: object
+    device: torch.device
+    precision: str
+    merged: bool
+    note: str | None = None
+
+
+# One model at a time: a second cached 3.4 GB model could fill a notebook GPU. Key -> LoadedModel.
+_cache: dict[tuple, LoadedModel] = {}
+
+
+def clear_cache() -> None:
+    """Drop the cached model and free its memory (also what loading a different model does first)."""
+    _cache.clear()
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    """The given device, or CUDA when available, else the CPU."""
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        return torch.device(device)
+    except (RuntimeError, TypeError) as err:
+        raise ValueError(f"device must be like 'cpu', 'cuda' or 'cuda:1', got {device!r} ({err})") from None
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """"auto" becomes bf16 on GPUs that have it (Ampere and newer), fp16 on older GPUs, fp32 on the CPU.
+
+    Raises:
+        ValueError: an unknown precision.
+    """
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    if precision != "auto":
+        return precision
+    if device.type == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    return "fp32"
+
+
+def resolve_adapter(lora_weights_path, model_path: str | None) -> tuple[Path | None, str]:
+    """Check the adapter folder and find the base model: `model_path`, or the one named in adapter_config.json.
+
+    Returns:
+        (adapter folder as an absolute path, or None for the base model alone; base model id or folder).
+
+    Raises:
+        FileNotFoundError: the adapter folder or its files are missing.
+        ValueError: no base model given and the adapter names none.
+    """
+    if lora_weights_path is None:
+        if model_path is None:
+            raise ValueError("give lora_weights_path (the adapter folder train.py wrote), model_path, or both")
+        return None, model_path
+    adapter_dir = Path(lora_weights_path).expanduser().resolve()
+    config, _ = read_adapter_dir(adapter_dir)
+    if model_path is None:
+        model_path = config.base_model_name_or_path
+        if not model_path:
+            raise ValueError(f"{adapter_dir}/adapter_config.json names no base model; pass model_path "
+                             "(e.g. 'bigscience/bloom-1b7')")
+    return adapter_dir, model_path
+
+
+def _model_load_error(model_path: str, err: Exception) -> Exception:
+    """One line that says what went wrong and what to do."""
+    lines = str(err).strip().splitlines()
+    reason = lines[0] if lines else type(err).__name__
+    error_type = FileNotFoundError if isinstance(err, OSError) else ValueError
+    if Path(model_path).expanduser().exists():
+        return error_type(f"model_path {model_path!r}: cannot load the model in this folder ({reason})")
+    if model_path.startswith((".", "/", "~")) or model_path.count("/") > 1:  # a path, not a hub id
+        return FileNotFoundError(f"model_path {model_path!r}: no such model folder; pass a local model folder or "
+                                 "a hub id such as 'bigscience/bloom-1b7'")
+    return error_type(f"model_path {model_path!r}: not a local folder, and cannot load it from the hub ({reason}); "
+                      "check the name, download it once while online (HF_HUB_OFFLINE unset), or pass a local "
+                      "model folder")
+
+
+def load_tokenizer(model_path: str):
+    """The base model's tokenizer, padding on the left: a batch of prompts must end where generation starts."""
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(model_path, trust_remote_code=False)
+    except (OSError, ValueError) as err:
+        raise _model_load_error(model_path, err) from None
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = "left"
+    return tokenizer
+
+
+def load_base_model(model_path: str, device: torch.device, precision: str):
+    """The frozen base model on `device`: in fp32/fp16/bf16, or quantized to 8 or 4 bits by bitsandbytes
+    (transformers 5 takes these as a `BitsAndBytesConfig`, not as `load_in_8bit=`). No remote code is run."""
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    if precision in QUANTIZED:
+        # The dtype of the layers bitsandbytes leaves alone (layer norms, embeddings) and of the activations.
+        # LLM.int8 computes in fp16 (it would cast bf16 inputs anyway); 4-bit NF4 computes in bf16 where it can.
+        if precision == "8bit":
+            compute = torch.float16
+            quantization = BitsAndBytesConfig(load_in_8bit=True)
+        else:
+            bf16_ok = device.type != "cuda" or torch.cuda.is_bf16_supported()
+            compute = torch.bfloat16 if bf16_ok else torch.float16
+            quantization = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                              bnb_4bit_compute_dtype=compute)
+        kwargs = {"quantization_config": quantization, "dtype": compute, "device_map": {"": device}}
+    else:
+        kwargs = {"dtype": DTYPES[precision]}
+    try:
+        model = AutoModelForCausalLM.from_pretrained(model_path, trust_remote_code=False, **kwargs)
+    except (OSError, ValueError) as err:
+        raise _model_load_error(model_path, err) from None
+    if precision not in QUANTIZED:
+        model.to(device)  # quantized models were placed by device_map; they cannot be moved after loading
+    return model.eval()
+
+
+def attach_adapter(model, adapter_dir: Path, model_path: str, merge: bool):
+    """Wrap `model` with the adapter; merge it when asked and possible.
+
+    Returns:
+        (model, merged, note): note explains a merge that was asked for but not done.
+
+    Raises:
+        ValueError: the adapter does not fit the base model (other architecture, size or layer count).
+    """
+    try:
+        lora_model = LoraModelForCasualLM.from_pretrained(model, adapter_dir)
+    except ValueError as err:
+        raise ValueError(f"adapter {adapter_dir} does not fit base model {model_path!r}: {err}; pass the "
+                         "model_path it was trained on") from None
+    if not merge:
+        return lora_model, False, None
+    try:
+        # merge_and_unload checks every layer before writing any weight, so a refusal leaves the model intact.
+        return lora_model.merge_and_unload(), True, None
+    except ValueError as err:
+        return lora_model, False, f"adapter kept unmerged: {err}"
+
+
+def load_model(model_path: str | None = None, lora_weights_path=None, precision: str = "auto", merge: bool = True,
+               device: str | torch.device | None = None) -> LoadedModel:
+    """Load base model, tokenizer and adapter, or return them from the cache.
+
+    The cache holds one model, keyed by (base model, adapter folder and its weights' modification time, device,
+    precision, merge): the same arguments reuse it; an adapter re-trained into the same folder is reloaded.
+
+    Args:
+        model_path: hub id or local folder of the base model; None = the adapter's base_model_name_or_path.
+        lora_weights_path: adapter folder (this repo's or PEFT's layout); None = the base model alone.
+        precision: "auto", "fp32", "fp16", "bf16", "8bit" or "4bit" (bitsandbytes).
+        merge: merge the adapter into the weights (no extra cost per token). Quantized bases and adapters on a
+            tied embedding cannot merge; they stay unmerged, with a warning.
+        device: "cpu", "cuda", ...; None = CUDA when available.
+
+    Raises:
+        FileNotFoundError: missing adapter folder or files, or a base model that is neither a local folder nor
+            reachable on the hub. ValueError: bad arguments, or an adapter that does not fit the base model.
+    """
+    adapter_dir, model_path = resolve_adapter(lora_weights_path, model_path)
+    device = resolve_device(device)
+    precision = resolve_precision(precision, device)
+    if not isinstance(merge, bool):
+        raise ValueError(f"merge must be True or False, got {merge!r}")
+    key = (model_path, str(adapter_dir), _weights_mtime(adapter_dir), str(device), precision, merge)
+    if key in _cache:
+        return _cache[key]
+    clear_cache()  # free the old model before loading the new one: never two in memory
+    tokenizer = load_tokenizer(model_path)
+    model = load_base_model(model_path, device, precision)
+    merged, note = False, None
+    if adapter_dir is not None:
+        quantized = precision in QUANTIZED
+        model, merged, note = attach_adapter(model, adapter_dir, model_path, merge and not quantized)
+        if merge and quantized:
+            note = (f"adapter kept unmerged: bitsandbytes' {precision} weights cannot absorb the update; the LoRA "
+                    "layers add it on the fly")
+        if note:
+            warnings.warn(note, stacklevel=2)
+    loaded = LoadedModel(model=model, tokenizer=tokenizer, device=device, precision=precision, merged=merged,
+                         note=note)
+    _cache[key] = loaded
+    return loaded
+
+
+def _weights_mtime(adapter_dir: Path | None) -> int | None:
+    if adapter_dir is None:
+        return None
+    for name in (ADAPTER_WEIGHTS_NAME, LEGACY_WEIGHTS_NAME):
+        if (adapter_dir / name).is_file():
+            return (adapter_dir / name).stat().st_mtime_ns
+    return None
+
+
+# --- generation -----------------------------------------------------------------------------------------------------
+
+def build_prompt(instruction: str, user_inp: str | None) -> str:
+    """The Alpaca prompt; an input of None, "" or "n/a" (any case) selects the template without an input.
+
+    Raises:
+        ValueError: an empty instruction or a non-string argument.
+    """
+    if not isinstance(instruction, str) or not instruction.strip():
+        raise ValueError(f"instruction must be a non-empty string, got {instruction!r}")
+    if user_inp is not None and not isinstance(user_inp, str):
+        raise ValueError(f"user_inp must be a string or None, got {user_inp!r}")
+    if user_inp is None or user_inp.strip().lower() in NO_INPUT:
+        return PROMPTER.generate_prompt(instruction)
+    return PROMPTER.generate_prompt(instruction, user_inp)
+
+
+@torch.inference_mode()
+def generate_responses(loaded: LoadedModel, prompts: list[str], options: GenerationOptions,
+                       streamer=None) -> list[str]:
+    """Generate for a batch of prompts (left-padded) and return each response, in order.
+
+    Only the new tokens are decoded; `Prompter.get_response` strips them (and drops anything up to a
+    "### Response:" the model might write itself).
+    """
+    tokenizer = loaded.tokenizer
+    batch = tokenizer(prompts, return_tensors="pt", padding=True, return_token_type_ids=False).to(loaded.device)
+    output = loaded.model.generate(**batch, **options.generate_kwargs(), streamer=streamer,
+                                   pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+    new_tokens = output[:, batch["input_ids"].shape[1]:]
+    return [PROMPTER.get_response(text) for text in tokenizer.batch_decode(new_tokens, skip_special_tokens=True)]
+
+
+def generate_inference(instruction: str | list[str], user_inp: str | list[str | None] | None = None,
+                       model_path: str | None = None, lora_weights_path: str | os.PathLike | None = None, *,
+                       precision: str = "auto", merge: bool = True, device: str | torch.device | None = None,
+                       stream: bool = False, **generation_options) -> str | list[str]:
+    """Answer an instruction with the fine-tuned model: the text after "### Response:", stripped.
+
+    Decoding is greedy by default, so the same prompt always gives the same answer; pass do_sample=True (with
+    temperature / top_p / top_k) for varied answers, seeded with `torch.manual_seed` for reproducibility.
+    The model is loaded on the first call and reused by later calls with the same model arguments.
+
+    Args:
+        instruction: the task, or a list of tasks: a list is generated as one left-padded batch.
+        user_inp: optional context; None, "" or "n/a" means none. For a list of instructions: None or a list of
+            the same length.
+        model_path: base model hub id or folder; None = the base recorded in the adapter's adapter_config.json.
+        lora_weights_path: the adapter folder (train.py's OUTPUT_DIR, or a PEFT adapter); None = base model only.
+        precision: "auto" (bf16/fp16 on a GPU, fp32 on the CPU), "fp32", "fp16", "bf16", "8bit" or "4bit".
+        merge: merge the adapter into the weights (default; same output, no added latency). False keeps it
+            as separate matrices. Quantized bases and adapters on a tied embedding always stay unmerged.
+        device: "cpu", "cuda", ...; None = CUDA when available.
+        stream: print tokens as they are generated (one instruction, no beam search).
+        **generation_options: max_new_tokens (256), do_sample (False), temperature, top_p, top_k, num_beams (1),
+            repetition_penalty (1.0); see `GenerationOptions`.
+
+    Returns:
+        The response, or a list of responses in the order of the instructions.
+
+    Raises:
+        ValueError: a bad option (named), an adapter that does not fit the base model.
+        FileNotFoundError: a missing adapter folder, or a base model that cannot be found (locally or on the hub).
+    """
+    unknown = sorted(set(generation_options) - {f.name for f in dataclasses.fields(GenerationOptions)})
+    if unknown:
+        raise ValueError(f"unknown generation option(s) {', '.join(unknown)}; valid ones: "
+                         f"{', '.join(f.name for f in dataclasses.fields(GenerationOptions))}")
+    options = GenerationOptions(**generation_options)
+    prompts = _build_prompts(instruction, user_inp)
+    if stream and (isinstance(instruction, list) or options.num_beams > 1):
+        raise ValueError("stream=True needs a single instruction and num_beams=1")
+    loaded = load_model(model_path, lora_weights_path, precision=precision, merge=merge, device=device)
+    streamer = None
+    if stream:
+        from transformers import TextStreamer
+
+        streamer = TextStreamer(loaded.tokenizer, skip_prompt=True, skip_special_tokens=True)
+    responses = generate_responses(loaded, prompts, options, streamer)
+    return responses if isinstance(instruction, list) else responses[0]
+
+
+def _build_prompts(instruction, user_inp) -> list[str]:
+    if not isinstance(instruction, list):
+        return [build_prompt(instruction, user_inp)]
+    if not instruction:
+        raise ValueError("instruction is an empty list")
+    if user_inp is None:
+        user_inp = [None] * len(instruction)
+    if not isinstance(user_inp, list) or len(user_inp) != len(instruction):
+        raise ValueError(f"with {len(instruction)} instructions, user_inp must be None or a list of "
+                         f"{len(instruction)} inputs, got {user_inp!r}")
+    return [build_prompt(i, u) for i, u in zip(instruction, user_inp)]
+
+
+# --- export ---------------------------------------------------------------------------------------------------------
+
+def export_merged_model(lora_weights_path, out_dir, model_path: str | None = None, dtype: str = "auto",
+                        overwrite: bool = False) -> Path:
+    """Write base + adapter, merged, as a standalone transformers model folder (safetensors, config, tokenizer):
+    `AutoModelForCausalLM.from_pretrained(out_dir)` loads it with no LoRA code. Works on the CPU; the folder is
+    built beside `out_dir` and renamed into place, so a failed export leaves nothing half-written.
+
+    Args:
+        lora_weights_path: the adapter folder.
+        out_dir: where the merged model goes.
+        model_path: base model; None = the one named in adapter_config.json.
+        dtype: "auto" (the base checkpoint's own dtype: fp16 for bloom-1b7), "fp32", "fp16" or "bf16".
+        overwrite: replace an existing `out_dir`.
+
+    Returns:
+        The output folder.
+
+    Raises:
+        FileExistsError: `out_dir` exists and overwrite is False. ValueError: a bad dtype, an adapter that does
+        not fit, or one that cannot merge (on a tied embedding). FileNotFoundError: as `load_model`.
+    """
+    if dtype not in ("auto", *DTYPES):
+        raise ValueError(f"dtype must be one of auto, {', '.join(DTYPES)}, got {dtype!r}")
+    if lora_weights_path is None:
+        raise ValueError("lora_weights_path is required: it is the adapter to merge")
+    out_dir = Path(out_dir).expanduser().resolve()
+    if out_dir.exists() and not overwrite:
+        raise FileExistsError(f"{out_dir} already exists; choose another output folder or pass overwrite=True "
+                              "(--overwrite)")
+    adapter_dir, model_path = resolve_adapter(lora_weights_path, model_path)
+    from transformers import AutoModelForCausalLM
+
+    tokenizer = load_tokenizer(model_path)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(model_path, trust_remote_code=False,
+                                                     dtype=DTYPES.get(dtype, "auto"))
+    except (OSError, ValueError) as err:
+        raise _model_load_error(model_path, err) from None
+    model, merged, note = attach_adapter(model, adapter_dir, model_path, merge=True)
+    if not merged:
+        raise ValueError(f"cannot export a merged model: {note}")
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = out_dir.parent / f".{out_dir.name}.tmp-{uuid.uuid4().hex}"
+    try:
+        model.save_pretrained(staging)  # safetensors
+        tokenizer.save_pretrained(staging)
+        replace_directory(staging, out_dir)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return out_dir
+
+
+# --- command line ---------------------------------------------------------------------------------------------------
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage error becomes a ValueError, which `main` prints as one `error: ...` line with exit
+    code 1, like every other user error (argparse's own is a usage block and exit code 2)."""
+
+    def error(self, message: str):
+        raise ValueError(f"{message} (see --help)")
+
+
+def _model_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--lora-weights", help="adapter folder (train.py's OUTPUT_DIR, or a PEFT adapter)")
+    parser.add_argument("--model-path", help="base model hub id or folder (default: the one the adapter names)")
+
+
+def build_parsers() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
+    """(generation parser, export parser)."""
+    generate = _Parser(prog="inference.py", description=__doc__.split("\n\n")[0],
+                       epilog="Export a merged model: python inference.py export --help")
+    _model_arguments(generate)
+    generate.add_argument("--instruction", help="the task; without it, an interactive prompt loop")
+    generate.add_argument("--input", default="", help="optional context for the instruction")
+    generate.add_argument("--precision", choices=PRECISIONS, default="auto",
+                          help="auto = bf16/fp16 on a GPU, fp32 on the CPU (default: auto)")
+    generate.add_argument("--device", help="cpu, cuda, cuda:1 (default: cuda when available)")
+    generate.add_argument("--no-merge", action="store_true", help="keep the adapter unmerged (same output)")
+    generate.add_argument("--no-stream", action="store_true", help="print the answer at the end, not as generated")
+    defaults = GenerationOptions()
+    generate.add_argument("--max-new-tokens", type=int, default=defaults.max_new_tokens,
+                          help=f"default: {defaults.max_new_tokens}")
+    generate.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
+    for name, kind in (("temperature", float), ("top-p", float), ("top-k", int)):
+        default = SAMPLING_DEFAULTS[name.replace("-", "_")]
+        generate.add_argument(f"--{name}", type=kind, help=f"with --sample (default then: {default})")
+    generate.add_argument("--num-beams", type=int, default=defaults.num_beams, help="beam search width (default: 1)")
+    generate.add_argument("--repetition-penalty", type=float, default=defaults.repetition_penalty,
+                          help="> 1 discourages repeats (default: 1.0, off)")
+
+    export = _Parser(prog="inference.py export",
+                     description="Write base model + adapter, merged, as a standalone transformers model folder.")
+    _model_arguments(export)
+    export.add_argument("--out", required=True, help="output folder for the merged model")
+    export.add_argument("--dtype", choices=("auto", *DTYPES), default="auto",
+                        help="weights' dtype (default: auto = the base checkpoint's)")
+    export.add_argument("--overwrite", action="store_true", help="replace the output folder if it exists")
+    return generate, export
+
+
+def _interactive(generate) -> None:
+    print("Interactive mode: type an instruction, then an optional input line. "
+          "An empty instruction or Ctrl-D quits.", flush=True)
+    while True:
+        try:
+            instruction = input("\nInstruction: ").strip()
+            if not instruction:
+                return
+            user_inp = input("Input (optional): ")
+        except EOFError:
+            print()
+            return
+        generate(instruction, user_inp)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Command-line entry point; returns the exit code (1 with one `error:` line for a user error)."""
+    argv = sys.argv[1:] if argv is None else argv
+    generate_parser, export_parser = build_parsers()
+    try:
+        if argv[:1] == ["export"]:
+            args = export_parser.parse_args(argv[1:])
+            out = export_merged_model(args.lora_weights, args.out, model_path=args.model_path, dtype=args.dtype,
+                                      overwrite=args.overwrite)
+            print(f"merged model written to {out}")
+            return 0
+        args = generate_parser.parse_args(argv)
+        sampling = {"temperature": args.temperature, "top_p": args.top_p, "top_k": args.top_k}
+        options = dict(max_new_tokens=args.max_new_tokens, do_sample=args.sample, num_beams=args.num_beams,
+                       repetition_penalty=args.repetition_penalty,
+                       **{name: value for name, value in sampling.items() if value is not None})
+        GenerationOptions(**options)  # bad options fail before the model loads
+        stream = not args.no_stream and args.num_beams == 1  # transformers' streamers cannot follow beams
+
+        def generate(instruction: str, user_inp: str) -> None:
+            response = generate_inference(instruction, user_inp, args.model_path, args.lora_weights,
+                                          precision=args.precision, merge=not args.no_merge, device=args.device,
+                                          stream=stream, **options)
+            if not stream:
+                print(response, flush=True)
+
+        if args.instruction is None:
+            load_model(args.model_path, args.lora_weights, precision=args.precision, merge=not args.no_merge,
+                       device=args.device)  # load errors show before the first prompt
+            _interactive(generate)
+        else:
+            generate(args.instruction, args.input)
+        return 0
+    except (ValueError, OSError) as err:
+        message = " ".join(str(err).split("\n"))
+        print(f"error: {message}", file=sys.stderr, flush=True)
+        return 1
+    except KeyboardInterrupt:
+        print(file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
