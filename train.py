@@ -4,6 +4,8 @@
     DEBUG=true MODEL_PATH=models/tiny-bloom python train.py          # offline quick start, minutes on a CPU
     MIX_PREC_TRAIN=true python train.py                              # bf16 where supported, else fp16 + GradScaler
     DDP=true torchrun --standalone --nproc_per_node=2 train.py       # data parallel on 2 GPUs (or 2 CPU processes)
+    DDP=true torchrun --nnodes=2 --nproc_per_node=4 --rdzv-backend=c10d --rdzv-endpoint=HOST:29500 train.py
+                                                                     # the same on each of 2 machines, 4 GPUs each
 
 All settings live in `config.TrainConfig` (env vars or flags; `python train.py --help`). The loop follows nanoGPT:
 distributed set-up in one block, `raw_model` for saving, `if dist.is_master` guards for printing and writing.
@@ -24,6 +26,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NoReturn
 
 import numpy as np
 import torch
@@ -31,6 +34,7 @@ import torch.distributed as torch_dist
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler, Subset
+from tqdm.auto import tqdm
 
 from alpaca_data import (IGNORE_INDEX, DataError, LengthGroupedSampler, PadCollator, data_stats_line, load_records,
                          split_train_valid, tokenize_records, validate_records)
@@ -69,10 +73,18 @@ class DistEnv:
 def setup_distributed(cfg: TrainConfig) -> DistEnv:
     """Join torchrun's process group when DDP=true; otherwise pick the single device.
 
+    Returns:
+        The DistEnv of this process (rank 0 of 1 on the single device without DDP).
+
     Raises:
-        ConfigError: DDP=true without torchrun's environment variables.
+        ConfigError: DDP=true without torchrun's environment variables, or torchrun's several processes without
+            DDP=true.
     """
     if not cfg.ddp:
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            # Each process would train alone on all the data and all would write the same OUTPUT_DIR.
+            raise ConfigError(f"DDP is not true but torchrun started WORLD_SIZE={os.environ['WORLD_SIZE']} "
+                              "processes; set DDP=true (or launch one process with `python train.py`)")
         return DistEnv(device=torch.device("cuda" if torch.cuda.is_available() else "cpu"))
     missing = [v for v in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT") if v not in os.environ]
     if missing:
@@ -86,8 +98,11 @@ def setup_distributed(cfg: TrainConfig) -> DistEnv:
         backend = "nccl"
     else:
         device, backend = torch.device("cpu"), "gloo"
+    # init_method defaults to env://: MASTER_ADDR/MASTER_PORT, set by torchrun (--standalone, or the c10d
+    # rendezvous of a multi-node launch). device_id binds NCCL's communicator to this process's GPU.
     torch_dist.init_process_group(backend=backend, rank=rank, world_size=world,
-                                  timeout=datetime.timedelta(minutes=10))
+                                  timeout=datetime.timedelta(minutes=10),
+                                  device_id=device if device.type == "cuda" else None)
     return DistEnv(rank=rank, local_rank=local_rank, world_size=world, device=device, ddp=True)
 
 
@@ -101,15 +116,31 @@ def all_reduce_sum(value: torch.Tensor, dist: DistEnv) -> torch.Tensor:
 # --- precision -------------------------------------------------------------------------------------------------
 
 def resolve_precision(cfg: TrainConfig, device: torch.device) -> str:
-    """fp32 unless mixed precision is asked for; then bf16 where the hardware has it (A100, H100, modern CPUs),
-    else fp16 (T4, V100), which needs a GradScaler. PRECISION overrides the choice."""
+    """fp32 unless mixed precision is asked for; then bf16 where the hardware has it (A100, H100, CPUs), else
+    fp16 (T4, V100), which needs a GradScaler. PRECISION overrides the choice.
+
+    Returns:
+        "fp32", "bf16" or "fp16".
+    """
     if cfg.precision:
         return cfg.precision
     if not cfg.mix_prec_train:
         return "fp32"
-    if device.type == "cuda" and not torch.cuda.is_bf16_supported():
+    # including_emulation=False: a T4 can run bf16 kernels in emulation (so the default answer is True there),
+    # but slower than fp16; only a GPU with native bf16 (compute capability >= 8.0) should get it.
+    if device.type == "cuda" and not torch.cuda.is_bf16_supported(including_emulation=False):
         return "fp16"
     return "bf16"
+
+
+def describe_precision(cfg: TrainConfig, precision: str, device: torch.device) -> str:
+    """One line for the start banner: what was chosen, why, and the dtype of each part of the model."""
+    reason = ("PRECISION" if cfg.precision else "MIX_PREC_TRAIN=true" if cfg.mix_prec_train
+              else "MIX_PREC_TRAIN=false")
+    compute = "no autocast" if precision == "fp32" else f"{precision} autocast"
+    scaler = " + GradScaler" if precision == "fp16" else ""
+    base = str(base_weight_dtype(precision, device)).removeprefix("torch.")
+    return f"{precision} on {device.type} ({reason}): {compute}{scaler}; base weights {base}, LoRA float32"
 
 
 def base_weight_dtype(precision: str, device: torch.device) -> torch.dtype:
@@ -121,6 +152,7 @@ def base_weight_dtype(precision: str, device: torch.device) -> torch.dtype:
 
 
 def autocast_context(precision: str, device: torch.device):
+    """The forward pass's autocast for `precision` (nothing for fp32); the same one is used for evaluation."""
     if precision == "fp32":
         return contextlib.nullcontext()
     return torch.autocast(device.type, dtype=torch.float16 if precision == "fp16" else torch.bfloat16)
@@ -265,9 +297,13 @@ class Trainer:
         if cfg.resume_from:
             self.resume(Path(cfg.resume_from))
 
-        # DDP wraps the LoRA model after injection, so only the adapter's gradients are all-reduced.
-        self.model = (DistributedDataParallel(model, device_ids=[dist.local_rank] if dist.device.type == "cuda"
-                                              else None) if dist.ddp else model)
+        # DDP wraps the LoRA model after injection, so only the adapter's gradients are all-reduced (DDP reduces
+        # the parameters that require grad). broadcast_buffers=False: buffers, if the model has any (rotary
+        # tables, ...), are the same constants on every rank; no need to broadcast them before every forward.
+        self.model = model
+        if dist.ddp:
+            self.model = DistributedDataParallel(model, device_ids=[dist.local_rank] if dist.device.type == "cuda"
+                                                 else None, broadcast_buffers=False)
 
     # --- set-up ---
 
@@ -310,37 +346,38 @@ class Trainer:
 
     def train(self) -> dict:
         """Run until num_epochs or max_steps; returns the last evaluation's metrics."""
-        from tqdm.auto import tqdm
-
         cfg, dist = self.cfg, self.dist
         self.raw_model.train()
-        progress = tqdm(total=self.total_steps, initial=self.step, disable=not dist.is_master,
-                        desc="train", dynamic_ncols=True)
         last_eval: dict = {}
-        while self.epoch < cfg.num_epochs and self.step < self.total_steps:
-            self.train_loader.sampler.set_epoch(self.epoch)
-            batches = itertools.islice(iter(self.train_loader), self.batches_done, None)
-            while self.step < self.total_steps:
-                micro_batches = list(itertools.islice(batches, cfg.grad_accum_steps))
-                if not micro_batches:
-                    break
-                started = time.perf_counter()
-                metrics = self.optimizer_step(micro_batches)
-                self.batches_done += len(micro_batches)
-                metrics["tokens_per_s"] = metrics.pop("tokens") / (time.perf_counter() - started)
-                self._log(metrics)
-                progress.update(1)
-                progress.set_postfix(loss=f"{metrics['loss']:.4f}", lr=f"{metrics['lr']:.2e}",
-                                     tok_s=f"{metrics['tokens_per_s']:.0f}")
-                if cfg.eval_freq and self.step % cfg.eval_freq == 0:
-                    last_eval = self.evaluate()
-                if cfg.save_steps and self.step % cfg.save_steps == 0:
+        # `with`: the bar is closed (its line ended) also when a RunError ends the run, so the error gets a line.
+        with tqdm(total=self.total_steps, initial=self.step, disable=not dist.is_master, desc="train",
+                  dynamic_ncols=True) as progress:
+            while self.epoch < cfg.num_epochs and self.step < self.total_steps:
+                self.train_loader.sampler.set_epoch(self.epoch)
+                batches = itertools.islice(iter(self.train_loader), self.batches_done, None)
+                while self.step < self.total_steps:
+                    micro_batches = list(itertools.islice(batches, cfg.grad_accum_steps))
+                    if not micro_batches:
+                        break
+                    started = time.perf_counter()
+                    metrics = self.optimizer_step(micro_batches)
+                    self.batches_done += len(micro_batches)
+                    metrics["tokens_per_s"] = metrics.pop("tokens") / (time.perf_counter() - started)
+                    self._log(metrics)
+                    progress.update(1)
+                    postfix = {"loss": f"{metrics['loss']:.4f}", "lr": f"{metrics['lr']:.2e}",
+                               "tok_s": f"{metrics['tokens_per_s']:.0f}"}
+                    if self.scaler.is_enabled():
+                        postfix["skipped"] = self.skipped_steps  # fp16 steps the GradScaler threw away
+                    progress.set_postfix(postfix)
+                    if cfg.eval_freq and self.step % cfg.eval_freq == 0:
+                        last_eval = self.evaluate()
+                    if cfg.save_steps and self.step % cfg.save_steps == 0:
+                        self.save_checkpoint()
+                if self.batches_done >= self.micro_batches_per_epoch:
+                    self.epoch, self.batches_done = self.epoch + 1, 0
+                    last_eval = self._evaluate_once(last_eval)
                     self.save_checkpoint()
-            if self.batches_done >= self.micro_batches_per_epoch:
-                self.epoch, self.batches_done = self.epoch + 1, 0
-                last_eval = self._evaluate_once(last_eval)
-                self.save_checkpoint()
-        progress.close()
         return self._evaluate_once(last_eval)  # MAX_STEPS can end the run mid-epoch
 
     def _evaluate_once(self, last_eval: dict) -> dict:
@@ -354,8 +391,10 @@ class Trainer:
         means would weight short examples more).
         """
         dist, device = self.dist, self.dist.device
-        local_tokens = sum(count_label_tokens(batch) for batch in micro_batches)
-        global_tokens = int(all_reduce_sum(torch.tensor(local_tokens, device=device), dist))
+        # [label tokens, real (non-pad) tokens] of this rank's micro-batches, summed over ranks in one all-reduce.
+        counts = torch.tensor([[count_label_tokens(b), int(b["attention_mask"].sum())] for b in micro_batches],
+                              device=device).sum(0)
+        global_tokens, global_real_tokens = all_reduce_sum(counts, dist).tolist()
         # DDP averages gradients over ranks; multiplying by world_size turns that average back into a sum.
         loss_weight = dist.world_size / max(global_tokens, 1)
         loss_sum = torch.zeros((), device=device)
@@ -370,15 +409,19 @@ class Trainer:
                 micro_loss = sum_token_loss(logits, next_token_labels(batch))
                 self.scaler.scale(micro_loss * loss_weight).backward()
             loss_sum += micro_loss.detach()
+        # Every rank gets the same summed loss, so every rank takes the same decision below.
         loss = float(all_reduce_sum(loss_sum, dist)) / max(global_tokens, 1)
         if not math.isfinite(loss) and not self.scaler.is_enabled():
-            raise RunError(f"loss is {loss} at step {self.step + 1}; stopping. The last good checkpoint is "
-                           f"{self.latest_checkpoint() or 'none'}; try a lower LEARNING_RATE or PRECISION=fp32")
+            self._stop(f"loss is {loss}")
 
-        # scale -> backward (above) -> unscale -> clip -> step -> update, as GradScaler requires.
+        # scale -> backward (above) -> unscale -> clip -> step -> update, as GradScaler requires: gradients are
+        # clipped at their true size, and step() skips the update when unscale_ found inf/NaN.
         self.scaler.unscale_(self.optimizer)
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.trainable_parameters(),
-                                                   self.cfg.max_grad_norm if self.cfg.max_grad_norm > 0 else math.inf)
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(
+            self.trainable_parameters(), self.cfg.max_grad_norm if self.cfg.max_grad_norm > 0 else math.inf))
+        if not math.isfinite(grad_norm) and not self.scaler.is_enabled():
+            # Without a GradScaler nothing would skip this step: AdamW would write inf/NaN into the adapter.
+            self._stop(f"gradient norm is {grad_norm}")
         scale_before = self.scaler.get_scale()
         self.scaler.step(self.optimizer)
         self.scaler.update()
@@ -388,9 +431,14 @@ class Trainer:
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
-        global_real_tokens = sum(int(b["attention_mask"].sum()) for b in micro_batches) * dist.world_size
-        return {"step": self.step, "epoch": self.epoch, "loss": loss, "lr": lr, "grad_norm": float(grad_norm),
+        return {"step": self.step, "epoch": self.epoch, "loss": loss, "lr": lr, "grad_norm": grad_norm,
                 "skipped_steps": self.skipped_steps, "tokens": global_real_tokens}
+
+    def _stop(self, problem: str) -> NoReturn:
+        """End the run before a non-finite value reaches the adapter; the checkpoints on disk stay as they are."""
+        raise RunError(f"{problem} at step {self.step + 1} with {self.precision}; stopping before the update. The "
+                       f"last good checkpoint is {self.latest_checkpoint() or 'none'}; try a lower LEARNING_RATE "
+                       "or PRECISION=fp32")
 
     @torch.no_grad()
     def evaluate(self) -> dict:
@@ -412,8 +460,8 @@ class Trainer:
         metrics = {"step": self.step, "epoch": self.epoch, "eval_loss": loss,
                    "eval_ppl": math.exp(min(loss, 50.0))}
         self._log(metrics)
-        if self.dist.is_master:
-            print(f"step {self.step}: eval loss {loss:.4f}, perplexity {metrics['eval_ppl']:.2f}", flush=True)
+        if self.dist.is_master:  # tqdm.write: on its own line, not glued to the progress bar
+            tqdm.write(f"step {self.step}: eval loss {loss:.4f}, perplexity {metrics['eval_ppl']:.2f}")
         return metrics
 
     # --- output ---
@@ -485,14 +533,15 @@ class Trainer:
     def save_final_adapter(self) -> None:
         """The finished adapter, directly in OUTPUT_DIR (loadable with PeftModel.from_pretrained(base, OUTPUT_DIR)).
         Each file is staged and renamed into place, the weights before the config that points at them."""
-        if not self.dist.is_master:
-            return
-        staging = self.output_dir / ".adapter.tmp"
-        self.raw_model.save_pretrained(staging)
-        for name in (ADAPTER_WEIGHTS_NAME, ADAPTER_CONFIG_NAME):
-            os.replace(staging / name, self.output_dir / name)
-        shutil.rmtree(staging, ignore_errors=True)
-        plot_loss_curve(self.output_dir / METRICS_NAME, self.output_dir / LOSS_CURVE_NAME)
+        if self.dist.is_master:
+            staging = self.output_dir / ".adapter.tmp"
+            self.raw_model.save_pretrained(staging)
+            for name in (ADAPTER_WEIGHTS_NAME, ADAPTER_CONFIG_NAME):
+                os.replace(staging / name, self.output_dir / name)
+            shutil.rmtree(staging, ignore_errors=True)
+            plot_loss_curve(self.output_dir / METRICS_NAME, self.output_dir / LOSS_CURVE_NAME)
+        if self.dist.ddp:
+            torch_dist.barrier()  # the run is over for everyone only once the adapter is on disk
 
 
 def plot_loss_curve(metrics_path: Path, png_path: Path) -> None:
@@ -528,12 +577,12 @@ def print_banner(cfg: TrainConfig, dist: DistEnv, precision: str, stats: dict, t
     lines = [
         f"model        {cfg.model_path}",
         f"data         {cfg.data_path}: {data_stats_line(stats)}",
-        f"examples     {len(trainer.train_loader.dataset):,} train / {len(trainer.valid_loader.dataset) * 1:,} "
-        f"validation (rank 0's shard)",
+        f"examples     {len(trainer.train_loader.dataset):,} train / {len(trainer.valid_loader.dataset.dataset):,} "
+        f"validation",
         f"LoRA         r={cfg.lora_r}, alpha={cfg.lora_alpha:g}, dropout={cfg.lora_dropout:g}, "
         f"targets={cfg.target_modules}; trainable {trainable:,} of {total:,} ({100 * trainable / total:.4f}%)",
-        f"precision    {precision} on {dist.device.type}" + (" + GradScaler" if precision == "fp16" else ""),
-        f"processes    {dist.world_size}" + (" (DDP)" if dist.ddp else ""),
+        f"precision    {describe_precision(cfg, precision, dist.device)}",
+        f"processes    {dist.world_size}" + (f" (DDP, {torch_dist.get_backend()})" if dist.ddp else ""),
         f"batch        {cfg.batch_size} x {cfg.grad_accum_steps} accumulation x {dist.world_size} processes = "
         f"{effective_batch} examples per optimizer step; {trainer.total_steps:,} steps",
         f"output       {cfg.output_dir}",
@@ -558,8 +607,9 @@ def run(cfg: TrainConfig, dist: DistEnv) -> dict:
     metrics = trainer.train()
     trainer.save_final_adapter()
     if dist.is_master:
-        print(f"adapter saved to {cfg.output_dir}" + (f"; {trainer.skipped_steps} fp16 steps skipped by the "
-                                                      f"GradScaler" if trainer.skipped_steps else ""), flush=True)
+        print(f"adapter saved to {cfg.output_dir}" + (f"; {trainer.skipped_steps} of {trainer.step} fp16 steps "
+                                                      "skipped by the GradScaler (inf/NaN gradients)"
+                                                      if trainer.scaler.is_enabled() else ""), flush=True)
     return metrics
 
 

@@ -1,0 +1,387 @@
+"""Benchmark train.py's precisions: seconds per optimizer step, tokens/s and peak memory of LoRA training.
+
+Reproduce (from the repository root)::
+
+    python bench/bench_precision.py --threads 1                  # CPU, the small BLOOM-shaped model below
+    python bench/bench_precision.py --device cuda --real-shape   # a GPU, BLOOM-1b7's shapes
+
+Model: a randomly initialised BLOOM (from a BloomConfig, nothing downloaded). Default hidden 1024, 4 layers,
+16 heads and a small vocabulary of 4096: BLOOM's real 250,880-token vocabulary would make the lm_head matmul and the
+cross-entropy dominate a small model's step. `--real-shape` uses BLOOM-1b7's config instead (vocab 250880,
+hidden 2048, 24 layers, 16 heads; 1.7e9 parameters, for a GPU). LoRA r=8, alpha=16, dropout 0.05 on query_key_value
+(lora_model.py, adapters float32), batch 4 x 256 tokens.
+
+Variants, each what train.py runs for some PRECISION / MIX_PREC_TRAIN setting:
+  fp32            float32 weights, no autocast                            (the default)
+  bf16 autocast   float32 weights, bf16 autocast                          (MIX_PREC_TRAIN=true on a CPU)
+  bf16 weights    bfloat16 base weights, bf16 autocast                    (MIX_PREC_TRAIN=true on an A100/H100)
+  fp16 autocast   float32 weights, fp16 autocast, GradScaler              (PRECISION=fp16 on a CPU)
+  fp16 weights    float16 base weights, fp16 autocast, GradScaler         (MIX_PREC_TRAIN=true on a T4; GPU only)
+The three float32-weight variants share one model (each with its own AdamW and GradScaler). bf16 variants are
+skipped on a GPU without native bf16.
+
+A step is train.py's optimizer step, with train.py's own autocast_context and sum_token_loss: forward under
+autocast, the summed token loss divided by the token count, scaler.scale(loss).backward(), unscale_, clipping to
+norm 1.0, AdamW over the LoRA parameters, scaler.update(), zero_grad.
+
+Timing: warm-up rounds, then `--repeats` rounds, each timing every variant once, in an order that rotates from
+round to round, so that drift in a shared machine's load hits all variants alike. Reported: the median (and
+min-max) seconds per step, tokens per second from the median, and the speed-up over fp32 as the median over rounds
+of the per-round ratio. Before timing, each variant's loss on one batch (dropout off) is compared with fp32's.
+
+Memory: each variant runs again, alone, in a fresh process (`--measure-memory NAME`) for two steps (the first
+creates AdamW's state). On a GPU: torch.cuda.max_memory_allocated, reset once the model is built (weights,
+activations, gradients, optimizer state; not the caching allocator's reserve). On a CPU: the peak resident set
+size, VmHWM from /proc/self/status, reset (via /proc/self/clear_refs) once the model is built, so that building it
+does not count; it includes the Python process and the torch libraries (~0.3 GB), so the step's own share, the
+peak minus the resident size just before the first step, is given too. Where /proc is missing (not Linux),
+resource.getrusage's ru_maxrss since the process started is used instead, and the table says so.
+
+Writes a markdown table to bench/results/precision.md (atomically), with the command at the top, and prints it.
+"""
+
+import argparse
+import json
+import os
+import platform
+import re
+import resource
+import shlex
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+import torch  # noqa: E402
+import transformers  # noqa: E402
+from transformers import BloomConfig, BloomForCausalLM  # noqa: E402
+
+import train  # noqa: E402
+from lora_model import LoraConfig, LoraModelForCasualLM  # noqa: E402
+
+# name: (PRECISION as train.py names it, dtype of the frozen base weights)
+VARIANTS = {
+    "fp32": ("fp32", torch.float32),
+    "bf16 autocast": ("bf16", torch.float32),
+    "bf16 weights": ("bf16", torch.bfloat16),
+    "fp16 autocast": ("fp16", torch.float32),
+    "fp16 weights": ("fp16", torch.float16),
+}
+CPU_DEFAULT = ["fp32", "bf16 autocast", "bf16 weights", "fp16 autocast"]
+REAL_SHAPE = dict(vocab=250880, hidden=2048, layers=24, heads=16)  # bigscience/bloom-1b7's config.json
+SPEEDUP_TARGET = ("bf16 autocast", 1.6)  # on a CPU with AVX-512 bf16 / AMX
+
+
+def parse_args(argv=None):
+    """Parse the command line.
+
+    Args:
+        argv: arguments without the program name; `None` reads `sys.argv`.
+
+    Returns:
+        The parsed `argparse.Namespace`, with `variants` as a list of names.
+    """
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--hidden", type=int, default=1024)
+    parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--heads", type=int, default=16)
+    parser.add_argument("--vocab", type=int, default=4096)
+    parser.add_argument("--real-shape", action="store_true",
+                        help="BLOOM-1b7's shapes: vocab 250880, hidden 2048, 24 layers, 16 heads (overrides those)")
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--seq", type=int, default=256)
+    parser.add_argument("--r", type=int, default=8)
+    parser.add_argument("--variants", default=None,
+                        help=f"comma-separated, of: {', '.join(VARIANTS)} (default: all on a GPU, the first four "
+                             "on a CPU)")
+    parser.add_argument("--repeats", type=int, default=7, help="timed rounds (each times every variant once)")
+    parser.add_argument("--warmup", type=int, default=1, help="untimed rounds first")
+    parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
+    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU); default: torch's")
+    parser.add_argument("--no-memory", action="store_true", help="skip the per-variant memory processes")
+    parser.add_argument("--measure-memory", metavar="NAME", help=argparse.SUPPRESS)  # internal: one variant
+    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "precision.md")
+    args = parser.parse_args(argv)
+    if args.real_shape:
+        for key, value in REAL_SHAPE.items():
+            setattr(args, key, value)
+    device = torch.device(args.device)
+    if args.variants is None:
+        args.variants = list(VARIANTS) if device.type == "cuda" else CPU_DEFAULT
+    else:
+        args.variants = [v.strip() for v in args.variants.split(",") if v.strip()]
+    bad = [v for v in args.variants if v not in VARIANTS]
+    if bad or not args.variants:
+        parser.error(f"--variants must list some of {list(VARIANTS)}, got {bad or args.variants}")
+    if args.repeats < 1 or args.warmup < 0:
+        parser.error("--repeats must be >= 1, --warmup >= 0")
+    if args.hidden % args.heads:
+        parser.error(f"--hidden {args.hidden} is not divisible by --heads {args.heads}")
+    return args
+
+
+def command_line(argv) -> str:
+    """The command that reproduces this run, for the top of the results file."""
+    return " ".join(["python", "bench/bench_precision.py", *map(shlex.quote, argv)])
+
+
+def unsupported(name: str, device: torch.device) -> str | None:
+    """Why `name` cannot run on `device`, or None."""
+    precision = VARIANTS[name][0]
+    if device.type == "cuda" and precision == "bf16" and not torch.cuda.is_bf16_supported(including_emulation=False):
+        return "this GPU has no native bf16"
+    if device.type == "cpu" and name == "fp16 weights":
+        return "train.py keeps float32 base weights on a CPU"
+    return None
+
+
+def build_base(args, device: torch.device, dtype: torch.dtype) -> BloomForCausalLM:
+    """A randomly initialised BLOOM in `dtype`, built directly on `device` (no 7 GB detour through the CPU)."""
+    torch.manual_seed(0)
+    config = BloomConfig(vocab_size=args.vocab, hidden_size=args.hidden, n_layer=args.layers, n_head=args.heads)
+    with torch.device(device):
+        model = BloomForCausalLM(config)
+    return model.to(dtype)
+
+
+def add_lora(model: torch.nn.Module, args) -> LoraModelForCasualLM:
+    torch.manual_seed(1)
+    config = LoraConfig(r=args.r, lora_alpha=2 * args.r, lora_dropout=0.05, target_modules=["query_key_value"])
+    lora_model = LoraModelForCasualLM(model, config)
+    with torch.no_grad():  # B away from zero (its init), so the adapter takes part in the loss check
+        for name, param in lora_model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(std=0.02)
+    return lora_model.train()
+
+
+def make_batch(args, device: torch.device) -> dict:
+    generator = torch.Generator().manual_seed(2)
+    ids = torch.randint(0, args.vocab, (args.batch, args.seq), generator=generator)
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
+    targets = train.next_token_labels(batch)
+    return {"input_ids": ids.to(device), "attention_mask": batch["attention_mask"].to(device),
+            "targets": targets.to(device), "tokens": int((targets != train.IGNORE_INDEX).sum())}
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def step_function(model: LoraModelForCasualLM, precision: str, batch: dict, device: torch.device):
+    """train.py's optimizer step for one micro-batch; returns a function that runs it and returns its seconds."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=1e-4, fused=device.type == "cuda")  # as train.py builds it
+    scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
+
+    def run_step() -> float:
+        synchronize(device)
+        start = time.perf_counter()
+        with train.autocast_context(precision, device):
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        loss = train.sum_token_loss(logits, batch["targets"]) / batch["tokens"]
+        scaler.scale(loss).backward()
+        scaler.unscale_(optimizer)
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        scaler.step(optimizer)
+        scaler.update()
+        optimizer.zero_grad(set_to_none=True)
+        synchronize(device)
+        return time.perf_counter() - start
+
+    return run_step
+
+
+def check_losses(models: dict, names: list[str], batch: dict, device: torch.device) -> dict[str, float]:
+    """Each variant's loss on `batch` (eval mode: no dropout) relative to fp32's, at the same adapter values."""
+    losses = {}
+    for name in names:
+        model = models[name]
+        model.eval()
+        with torch.no_grad(), train.autocast_context(VARIANTS[name][0], device):
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        losses[name] = float(train.sum_token_loss(logits, batch["targets"])) / batch["tokens"]
+        model.train()
+    reference = losses.get("fp32", next(iter(losses.values())))
+    return {name: loss / reference - 1 for name, loss in losses.items()}
+
+
+def build_models(args, device: torch.device, names: list[str]) -> dict[str, LoraModelForCasualLM]:
+    """One LoRA model per base-weight dtype, shared by the variants with that dtype; identical adapter values."""
+    by_dtype = {}
+    for name in names:
+        dtype = VARIANTS[name][1]
+        if dtype not in by_dtype:
+            by_dtype[dtype] = add_lora(build_base(args, device, dtype), args)
+    return {name: by_dtype[VARIANTS[name][1]] for name in names}
+
+
+def interleave(steps: dict, rounds: int, warmup: int) -> dict[str, list[float]]:
+    """Time each step function once per round, the order rotating from round to round; drop warm-up rounds."""
+    names = list(steps)
+    times = {name: [] for name in names}
+    for round_index in range(warmup + rounds):
+        shift = round_index % len(names)
+        for name in names[shift:] + names[:shift]:
+            seconds = steps[name]()
+            if round_index >= warmup:
+                times[name].append(seconds)
+        print(f"round {round_index + 1}/{warmup + rounds}" + (" (warm-up)" if round_index < warmup else ""),
+              file=sys.stderr, flush=True)
+    return times
+
+
+# --- memory, one variant per process -------------------------------------------------------------------------------
+
+def _proc_status_kib(field: str) -> int:
+    return int(re.search(rf"^{field}:\s+(\d+) kB", Path("/proc/self/status").read_text(), re.M).group(1))
+
+
+def measure_memory(args) -> dict:
+    """In this (fresh) process: build one variant, run two steps, return its peak memory in bytes."""
+    device, name = torch.device(args.device), args.measure_memory
+    model = add_lora(build_base(args, device, VARIANTS[name][1]), args)
+    batch = make_batch(args, device)
+    step = step_function(model, VARIANTS[name][0], batch, device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        before = torch.cuda.memory_allocated(device)
+        step(), step()
+        return {"method": "cuda", "peak": torch.cuda.max_memory_allocated(device), "before": before}
+    try:
+        Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current resident size
+        before = _proc_status_kib("VmRSS") * 1024
+        step(), step()
+        return {"method": "vmhwm", "peak": _proc_status_kib("VmHWM") * 1024, "before": before}
+    except OSError:
+        step(), step()
+        scale = 1 if sys.platform == "darwin" else 1024  # ru_maxrss: bytes on macOS, KiB on Linux
+        return {"method": "ru_maxrss", "peak": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale,
+                "before": None}
+
+
+def memory_in_fresh_process(args, argv: list[str], name: str) -> dict:
+    command = [sys.executable, str(Path(__file__).resolve()), *argv, "--measure-memory", name]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=1800)
+    if result.returncode != 0:
+        raise SystemExit(f"memory run of {name!r} failed:\n{result.stderr[-2000:]}")
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+# --- report --------------------------------------------------------------------------------------------------------
+
+def describe_device(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return (f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
+            f"torch.backends.cpu.get_cpu_capability() = {torch.backends.cpu.get_cpu_capability()}")
+
+
+def markdown(args, argv, device, names, skipped, times, loss_diffs, memory) -> str:
+    tokens = args.batch * args.seq
+    gib = lambda n: f"{n / 2**30:.2f}"  # noqa: E731
+    median = {name: statistics.median(times[name]) for name in names}
+    speedup = {name: statistics.median(f / t for f, t in zip(times["fp32"], times[name])) if "fp32" in times
+               else float("nan") for name in names}
+    method = next(iter(memory.values()))["method"] if memory else None
+    memory_header = {"cuda": "peak GPU memory GiB (max_memory_allocated)",
+                     "vmhwm": "peak RSS GiB (VmHWM) | of which the step GiB",
+                     "ru_maxrss": "peak RSS GiB (ru_maxrss, whole process)", None: "peak memory"}[method]
+    header = f"| variant | PRECISION | base weights | s / step median [min-max] | tokens/s | speed-up vs fp32 | " \
+             f"loss vs fp32 | {memory_header} |"
+    lines = [
+        "# LoRA training step by precision: time and memory",
+        "",
+        f"Reproduce: `{command_line(argv)}`",
+        "",
+        f"- Device: {args.device} ({describe_device(device)}); torch {torch.__version__}, "
+        f"transformers {transformers.__version__}.",
+        f"- Model: BLOOM-shaped, hidden {args.hidden}, {args.layers} layers, {args.heads} heads, vocab {args.vocab}"
+        + (" (BLOOM-1b7's config)" if args.real_shape else " (small vocabulary on purpose, so lm_head does not "
+           "dominate)") + "; random weights.",
+        f"- Step: train.py's optimizer step on {args.batch} x {args.seq} tokens (autocast forward, token-mean loss, "
+        f"GradScaler where fp16, unscale, clip, AdamW, update); LoRA r={args.r}, alpha={2 * args.r}, dropout 0.05 "
+        "on query_key_value, adapters float32.",
+        f"- {args.repeats} interleaved rounds after {args.warmup} warm-up round(s); speed-up = median over rounds "
+        "of the per-round ratio. Loss vs fp32: the same batch and adapter, eval mode.",
+        "- Memory: each variant alone in a fresh process, two steps; "
+        + {"cuda": "torch.cuda.max_memory_allocated after the model is built (weights + activations + gradients "
+                   "+ optimizer state).",
+           "vmhwm": "peak resident set size (VmHWM, reset once the model is built; includes ~0.3 GB of Python and "
+                    "torch libraries); 'of which the step' is the peak minus the resident size before step 1.",
+           "ru_maxrss": "resource.getrusage ru_maxrss of the whole process.",
+           None: "not measured (--no-memory)."}[method],
+        "",
+        header,
+        "|---" * (header.count("|") - 1) + "|",
+    ]
+    for name in names:
+        precision, dtype = VARIANTS[name]
+        t = times[name]
+        if method == "vmhwm":
+            mem = f"{gib(memory[name]['peak'])} | {gib(memory[name]['peak'] - memory[name]['before'])}"
+        elif method:
+            mem = gib(memory[name]["peak"])
+        else:
+            mem = "-"
+        lines.append(f"| {name} | {precision} | {str(dtype).removeprefix('torch.')} | {median[name]:.3f} "
+                     f"[{min(t):.3f}-{max(t):.3f}] | {tokens / median[name]:,.0f} | {speedup[name]:.2f}x "
+                     f"| {loss_diffs[name]:+.1e} | {mem} |")
+    for name, why in skipped.items():
+        lines += ["", f"Skipped {name}: {why}."]
+    target_name, target = SPEEDUP_TARGET
+    if device.type == "cpu" and target_name in speedup and "fp32" in speedup:
+        verdict = "holds" if speedup[target_name] >= target else "does NOT hold"
+        lines += ["", f"Target (CPU): {target_name} >= {target}x faster than fp32: {verdict} "
+                      f"({speedup[target_name]:.2f}x)."]
+    return "\n".join(lines) + "\n"
+
+
+def write_atomically(path: Path, text: str) -> None:
+    """Write to a temporary file beside `path`, then rename it into place."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    try:
+        temporary.write_text(text)
+        os.replace(temporary, path)
+    except BaseException:
+        temporary.unlink(missing_ok=True)
+        raise
+
+
+def main(argv=None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    args = parse_args(argv)
+    device = torch.device(args.device)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.measure_memory:
+        print(json.dumps(measure_memory(args)))
+        return
+    skipped = {name: why for name in args.variants if (why := unsupported(name, device))}
+    names = [name for name in args.variants if name not in skipped]
+    models = build_models(args, device, names)
+    batch = make_batch(args, device)
+    loss_diffs = check_losses(models, names, batch, device)
+    steps = {name: step_function(models[name], VARIANTS[name][0], batch, device) for name in names}
+    times = interleave(steps, args.repeats, args.warmup)
+    del models, steps
+    memory = {}
+    if not args.no_memory:
+        for name in names:
+            memory[name] = memory_in_fresh_process(args, argv, name)
+            print(f"memory of {name}: done", file=sys.stderr, flush=True)
+    table = markdown(args, argv, device, names, skipped, times, loss_diffs, memory)
+    write_atomically(args.out, table)
+    print(table)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,317 @@
+"""DDP on the CPU (gloo), on the shipped tiny BLOOM: the torchrun launch, equivalence with one process, one gradient
+all-reduce per optimizer step, a two-"node" c10d rendezvous on loopback, and the launch errors.
+
+The reference for every DDP number is an independent single-process run of the same global batch: 2 ranks x batch b
+must train, step for step, the adapter that 1 process x batch 2b trains (float32, no dropout, same seed).
+torchrun launches are the slow part (~20 s each on 2 cores), so one launch trains several configurations.
+"""
+
+import contextlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as torch_dist
+from safetensors.torch import load_file
+from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
+
+import torchrun_worker
+import train
+from config import ConfigError, TrainConfig, load_config
+
+REPO = Path(__file__).resolve().parents[1]
+TINY_BLOOM = REPO / "models" / "tiny-bloom"
+SAMPLE = REPO / "data" / "alpaca_sample.json"
+WORKER = REPO / "tests" / "torchrun_worker.py"
+LAUNCH_TIMEOUT_S = 300
+
+
+@pytest.fixture(scope="module")
+def small_data(tmp_path_factory) -> Path:
+    """48 records: 8 for validation, 40 to train on (an even count, so DistributedSampler pads nothing)."""
+    path = tmp_path_factory.mktemp("data") / "small.json"
+    path.write_text(json.dumps(json.loads(SAMPLE.read_text(encoding="utf-8"))[:48]), encoding="utf-8")
+    return path
+
+
+def tiny_settings(root: Path, name: str, data: Path, **overrides) -> dict:
+    """TrainConfig keywords for a 3-step run that checkpoints every step: float32, no dropout, no warm-up (warm-up's
+    first lr is 0, which would make step 1 a no-op)."""
+    settings = dict(model_path=str(TINY_BLOOM), data_path=str(data), output_dir=str(root / name),
+                    cache_dir=str(root / "cache"), max_length=128, batch_size=2, grad_accum_steps=1,
+                    lora_dropout=0.0, warmup_steps=0, size_valid_set=8, eval_freq=0, num_epochs=1, max_steps=3,
+                    save_steps=1)
+    settings.update(overrides)
+    return settings
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch_env(**extra) -> dict:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
+           "TOKENIZERS_PARALLELISM": "false", **extra}
+    for var in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(var, None)
+    if sys.platform == "linux":
+        env["GLOO_SOCKET_IFNAME"] = "lo"  # gloo's connections on loopback only
+    return env
+
+
+def run_launches(commands: list[list[str]], env: dict) -> list[subprocess.CompletedProcess]:
+    """Start the torchrun commands together and wait for all; on a timeout kill each one's process group."""
+    procs = [subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                              start_new_session=True) for cmd in commands]
+    results = []
+    try:
+        for cmd, proc in zip(commands, procs):
+            out, _ = proc.communicate(timeout=LAUNCH_TIMEOUT_S)
+            results.append(subprocess.CompletedProcess(cmd, proc.returncode, out, None))
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+    return results
+
+
+def torchrun(*args: str) -> list[str]:
+    return [sys.executable, "-m", "torch.distributed.run", *args]
+
+
+def adapter(path: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(path / "adapter_model.safetensors"))
+
+
+def rel_diff(a: dict, b: dict) -> float:
+    """Largest relative difference of one tensor, ||a - b|| / ||b||, over the adapter's tensors."""
+    assert a.keys() == b.keys()
+    return max(((a[k] - b[k]).norm() / b[k].norm().clamp_min(1e-12)).item() for k in a)
+
+
+def max_elementwise_diff(a: dict, b: dict) -> float:
+    """Largest |a - b| of one element, relative to its tensor's largest |b|."""
+    return max(((a[k] - b[k]).abs().max() / b[k].abs().max().clamp_min(1e-12)).item() for k in a)
+
+
+def metrics(out: Path) -> tuple[list[float], float]:
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").open()]
+    return [r["loss"] for r in rows if "loss" in r], [r["eval_loss"] for r in rows if "eval_loss" in r][-1]
+
+
+def assert_same_training(ddp_out: Path, ddp_dump: Path, ref_out: Path, ref_dump: Path, steps: int = 3) -> None:
+    """The 2-rank run and the single-process reference train the same thing, step for step.
+
+    What DDP must get right is held to 1e-5 (relative): the gradients of step 1 (taken at identical weights), every
+    step's loss and the eval loss. The weights, and the gradients of later steps taken at them, are held to 1e-4 in
+    norm, because AdamW magnifies rounding: the two runs sum the same numbers in another order (float32, ~1e-7),
+    and the update lr * m / (sqrt(v) + eps) turns a difference dg in an element whose gradient is near eps = 1e-8
+    into a change of up to lr * dg / eps. With B starting at zero such elements are common: B is ~lr after step 1,
+    so A's gradients at step 2 are tiny. Measured on the tiny model: losses ~1e-7; weights ~5e-7 (plain), ~3e-6
+    (accumulation), ~1.2e-5 (grouped) in norm.
+    """
+    ddp_losses, ddp_eval = metrics(ddp_out)
+    ref_losses, ref_eval = metrics(ref_out)
+    assert len(ddp_losses) == len(ref_losses) == steps
+    for a, b in zip(ddp_losses, ref_losses):
+        assert abs(a - b) <= 1e-5 * abs(b), (ddp_losses, ref_losses)
+    assert abs(ddp_eval - ref_eval) <= 1e-5 * abs(ref_eval)
+
+    ddp_grads = load_file(str(ddp_dump / "rank0-grads.safetensors"))
+    ref_grads = load_file(str(ref_dump / "rank0-grads.safetensors"))
+    assert ddp_grads.keys() == ref_grads.keys()
+    for step in range(1, steps + 1):
+        ddp_step, ref_step = ({k: v for k, v in g.items() if k.startswith(f"{step}/")} for g in (ddp_grads, ref_grads))
+        assert ref_step and any(v.abs().max() > 0 for v in ref_step.values())
+        if step == 1:
+            assert max_elementwise_diff(ddp_step, ref_step) <= 1e-5
+        else:
+            assert rel_diff(ddp_step, ref_step) <= 1e-4, step
+        name = f"checkpoint-{step}"
+        assert rel_diff(adapter(ddp_out / name), adapter(ref_out / name)) <= 1e-4, name
+    assert rel_diff(adapter(ddp_out), adapter(ref_out)) <= 1e-4
+
+
+# --- launch errors ------------------------------------------------------------------------------------------------
+
+def test_ddp_without_torchrun_says_how_to_launch(monkeypatch):
+    for var in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(var, raising=False)
+    with pytest.raises(ConfigError, match=r"DDP=true needs torchrun's variables .*torchrun --standalone "
+                                          r"--nproc_per_node=2 train.py"):
+        train.setup_distributed(load_config([], {"DDP": "true"}))
+
+
+def test_torchrun_without_ddp_is_refused(monkeypatch):
+    """Two processes that each train alone and write the same OUTPUT_DIR is never what was meant."""
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(ConfigError, match="DDP is not true but torchrun started WORLD_SIZE=2 processes"):
+        train.setup_distributed(load_config([], {}))
+
+
+# --- the CLI under torchrun -----------------------------------------------------------------------------------------
+
+@pytest.mark.slow
+def test_torchrun_two_ranks_train_identical_adapters_and_only_rank0_writes(tmp_path):
+    """`DEBUG=true DDP=true MIX_PREC_TRAIN=true torchrun --standalone --nproc_per_node=2 train.py`, shortened with
+    MAX_STEPS etc.; the worker runs train.main() unchanged and reports each rank's adapter and file writes."""
+    out, dump = tmp_path / "out", tmp_path / "dump"
+    env = launch_env(DEBUG="true", DDP="true", MIX_PREC_TRAIN="true", MODEL_PATH=str(TINY_BLOOM),
+                     OUTPUT_DIR=str(out), CACHE_DIR=str(tmp_path / "cache"), MAX_STEPS="3", GRAD_ACCUM_STEPS="2",
+                     MAX_LENGTH="128", SIZE_VALID_SET="16", SAVE_STEPS="2")
+    [result] = run_launches([torchrun("--standalone", "--nproc_per_node=2", str(WORKER), str(dump))], env)
+    assert result.returncode == 0, result.stdout[-3000:]
+
+    rank0, rank1 = (load_file(str(dump / "out" / f"rank{r}.safetensors")) for r in (0, 1))
+    assert rank0.keys() == rank1.keys() and len(rank0) > 0
+    assert all(torch.equal(rank0[k], rank1[k]) for k in rank0)  # bit-identical
+    saved = adapter(out)
+    assert all(v.dtype == torch.float32 for v in saved.values())
+    assert all(torch.equal(saved[k], rank0[k].float()) for k in rank0)  # what rank 0 holds is what was saved
+
+    writes = {r: json.loads((dump / "out" / f"rank{r}-writes.json").read_text()) for r in (0, 1)}
+    assert writes[1] == []
+    assert any(path.endswith("metrics.jsonl") for _, path in writes[0])  # the hook does see rank 0's writes
+    assert sorted(p.name for p in out.iterdir()) == ["adapter_config.json", "adapter_model.safetensors",
+                                                     "checkpoint-2", "loss_curve.png", "metrics.jsonl"]
+    # Printing on rank 0 only: one banner, one precision line naming the automatic choice.
+    assert result.stdout.count("precision    bf16 on cpu (MIX_PREC_TRAIN=true): bf16 autocast") == 1
+    assert result.stdout.count("processes    2 (DDP, gloo)") == 1
+    assert result.stdout.count("adapter saved to") == 1
+
+
+# --- two "nodes" on loopback train the same adapter as one process with the whole batch ------------------------------
+
+DDP_RUNS = {  # name: (overrides for the 2-rank run, single-process references with the same global batch)
+    "plain": (dict(batch_size=2), [dict(batch_size=4)]),
+    "accum": (dict(batch_size=2, grad_accum_steps=2), [dict(batch_size=4, grad_accum_steps=2),
+                                                       dict(batch_size=2, grad_accum_steps=4)]),
+    "grouped": (dict(batch_size=2, group_by_length=True), [dict(batch_size=4, group_by_length=True)]),
+}
+
+
+@pytest.fixture(scope="module")
+def two_node_runs(tmp_path_factory, small_data) -> Path:
+    """`torchrun --nnodes=2 --nproc_per_node=1 --rdzv-backend=c10d --rdzv-endpoint=127.0.0.1:PORT` started twice,
+    as on two machines; the c10d rendezvous gives them node ranks 0 and 1. They train every run in DDP_RUNS."""
+    root = tmp_path_factory.mktemp("two_nodes")
+    runs = [tiny_settings(root, f"ddp-{name}", small_data, ddp=True, **ddp) for name, (ddp, _) in DDP_RUNS.items()]
+    port = free_port()
+    node = torchrun("--nnodes=2", "--nproc_per_node=1", "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{port}",
+                    "--rdzv-id=test-two-nodes", "--local-addr=127.0.0.1", str(WORKER), str(root / "dump"),
+                    json.dumps(runs))
+    results = run_launches([node, node], launch_env())
+    for result in results:
+        assert result.returncode == 0, result.stdout[-3000:]
+    return root
+
+
+def train_reference(cfg: TrainConfig, dump: Path, monkeypatch) -> Path:
+    """Train `cfg` in this process, recording its gradients as the torchrun worker does; returns its dump folder."""
+    monkeypatch.setattr(torchrun_worker.RecordingTrainer, "dump_dir", dump)
+    monkeypatch.setattr(train, "Trainer", torchrun_worker.RecordingTrainer)
+    train.run(cfg, train.DistEnv())
+    return dump / Path(cfg.output_dir).name
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", DDP_RUNS)
+def test_two_nodes_match_one_process_with_the_whole_batch(two_node_runs, small_data, tmp_path, monkeypatch, name):
+    ddp_out = two_node_runs / f"ddp-{name}"
+    ddp_dump = two_node_runs / "dump" / ddp_out.name
+    rank0, rank1 = (load_file(str(ddp_dump / f"rank{r}.safetensors")) for r in (0, 1))
+    assert all(torch.equal(rank0[k], rank1[k]) for k in rank0)
+    assert json.loads((ddp_dump / "rank1-writes.json").read_text()) == []
+
+    for i, reference in enumerate(DDP_RUNS[name][1]):
+        cfg = TrainConfig(**tiny_settings(tmp_path, f"ref{i}", small_data, **reference))
+        ref_dump = train_reference(cfg, tmp_path / "dump", monkeypatch)
+        assert_same_training(ddp_out, ddp_dump, Path(cfg.output_dir), ref_dump)
+
+
+@pytest.mark.slow
+def test_the_equivalence_check_is_sensitive(two_node_runs, small_data, tmp_path, monkeypatch):
+    """1 process x batch b (half the global batch) fails every check of assert_same_training by far."""
+    cfg = TrainConfig(**tiny_settings(tmp_path, "half", small_data, batch_size=2))
+    ref_dump = train_reference(cfg, tmp_path / "dump", monkeypatch)
+    ddp_out, half_out = two_node_runs / "ddp-plain", Path(cfg.output_dir)
+    (ddp_losses, _), (half_losses, _) = metrics(ddp_out), metrics(half_out)
+    assert min(abs(a - b) / abs(b) for a, b in zip(ddp_losses, half_losses)) > 1e-3
+    ddp_grads = load_file(str(two_node_runs / "dump" / "ddp-plain" / "rank0-grads.safetensors"))
+    assert max_elementwise_diff(ddp_grads, load_file(str(ref_dump / "rank0-grads.safetensors"))) > 1e-2
+    assert rel_diff(adapter(ddp_out), adapter(half_out)) > 1e-2
+
+
+# --- one gradient all-reduce per optimizer step ----------------------------------------------------------------------
+
+@pytest.fixture
+def one_rank_group(tmp_path, monkeypatch):
+    """A real gloo process group of one rank in this process (as torchrun would set it up), torn down after."""
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", str(free_port()))
+    yield
+    if torch_dist.is_initialized():
+        torch_dist.destroy_process_group()
+
+
+def counted_allreduces(cfg: TrainConfig, monkeypatch, without_no_sync: bool = False) -> int:
+    """Train `cfg` under DDP and count the gradient buckets DDP all-reduces, with a counting comm hook."""
+    dist = train.setup_distributed(cfg)
+    assert dist.ddp and torch_dist.get_backend() == "gloo"
+    train.seed_everything(cfg.seed)
+    tokenizer = train.load_tokenizer(cfg.model_path)
+    train_set, valid_set, _ = train.prepare_datasets(cfg, tokenizer)
+    model = train.build_lora_model(train.load_pretrained_model(cfg.model_path, dist.device, torch.float32), cfg,
+                                   cfg.model_path)
+    trainer = train.Trainer(cfg, dist, model, tokenizer, train_set, valid_set, "fp32")
+    assert isinstance(trainer.model, torch.nn.parallel.DistributedDataParallel)
+    # DDP reduces only what trains: the LoRA matrices.
+    reduced = [n for n, p in trainer.model.module.named_parameters() if p.requires_grad]
+    assert reduced and all("lora_" in n for n in reduced)
+    calls = []
+
+    def counting_allreduce(state, bucket):
+        calls.append(bucket.index())
+        return default_hooks.allreduce_hook(state, bucket)
+
+    trainer.model.register_comm_hook(None, counting_allreduce)
+    if without_no_sync:
+        monkeypatch.setattr(trainer.model, "no_sync", contextlib.nullcontext)
+    trainer.train()
+    torch_dist.destroy_process_group()
+    assert set(calls) == {0}  # the tiny model's adapter fits in one bucket
+    return len(calls)
+
+
+def test_one_gradient_allreduce_per_optimizer_step(tmp_path, small_data, one_rank_group, monkeypatch):
+    settings = tiny_settings(tmp_path, "out", small_data, ddp=True, grad_accum_steps=4, max_steps=3,
+                             save_steps=0)
+    assert counted_allreduces(TrainConfig(**settings), monkeypatch) == 3  # steps x buckets
+    # Sensitivity: without no_sync every micro-batch's backward all-reduces.
+    monkeypatch.setenv("MASTER_PORT", str(free_port()))
+    settings["output_dir"] = str(tmp_path / "out-no-sync")
+    assert counted_allreduces(TrainConfig(**settings), monkeypatch, without_no_sync=True) == 3 * 4
+
+
+def test_the_process_group_is_destroyed_when_a_ddp_run_fails(tmp_path, one_rank_group, monkeypatch, capsys):
+    """main()'s error path (here bad data, found after the group is up) still tears the group down."""
+    (tmp_path / "bad.json").write_text("[]", encoding="utf-8")
+    for key, value in {"DDP": "true", "MODEL_PATH": str(TINY_BLOOM), "DATA_PATH": str(tmp_path / "bad.json"),
+                       "OUTPUT_DIR": str(tmp_path / "out"), "CACHE_DIR": str(tmp_path / "cache")}.items():
+        monkeypatch.setenv(key, value)
+    assert train.main([]) == 1
+    assert not torch_dist.is_initialized()
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and errors[0].startswith("error: [rank 0] ") and "bad.json" in errors[0]

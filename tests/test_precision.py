@@ -1,0 +1,295 @@
+"""Mixed precision in train.py, on the CPU and the shipped tiny BLOOM: which precision MIX_PREC_TRAIN picks, that
+autocast really runs (training and evaluation), the GradScaler's step order and skipped steps, losses close to
+float32, float32 adapters, and a non-finite loss or gradient stopping the run without touching the checkpoints.
+
+The reference for the numbers is the same run in float32.
+"""
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import train
+from config import TrainConfig, load_config
+
+REPO = Path(__file__).resolve().parents[1]
+TINY_BLOOM = REPO / "models" / "tiny-bloom"
+SAMPLE = REPO / "data" / "alpaca_sample.json"
+
+
+@pytest.fixture(scope="module")
+def small_data(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("data") / "small.json"
+    path.write_text(json.dumps(json.loads(SAMPLE.read_text(encoding="utf-8"))[:48]), encoding="utf-8")
+    return path
+
+
+def tiny_settings(tmp_path: Path, data: Path, **overrides) -> dict:
+    """A 5-step run: no dropout, no warm-up (warm-up's first lr is 0), evaluation only at the end."""
+    settings = dict(model_path=str(TINY_BLOOM), data_path=str(data), output_dir=str(tmp_path / "out"),
+                    cache_dir=str(tmp_path / "cache"), max_length=128, batch_size=4, grad_accum_steps=1,
+                    lora_dropout=0.0, warmup_steps=0, size_valid_set=8, eval_freq=0, num_epochs=1, max_steps=5)
+    settings.update(overrides)
+    return settings
+
+
+def set_env(monkeypatch, settings: dict) -> None:
+    """Configure train.main() through the environment, as a user does."""
+    for var in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "MIX_PREC_TRAIN", "PRECISION",
+                "DDP", "DEBUG"):
+        monkeypatch.delenv(var, raising=False)
+    for key, value in settings.items():
+        monkeypatch.setenv(key.upper(), str(value))
+
+
+def make_trainer(cfg: TrainConfig, precision: str) -> train.Trainer:
+    dist = train.DistEnv()
+    train.seed_everything(cfg.seed)
+    tokenizer = train.load_tokenizer(cfg.model_path)
+    train_set, valid_set, _ = train.prepare_datasets(cfg, tokenizer)
+    model = train.build_lora_model(
+        train.load_pretrained_model(cfg.model_path, dist.device, train.base_weight_dtype(precision, dist.device)),
+        cfg, cfg.model_path)
+    return train.Trainer(cfg, dist, model, tokenizer, train_set, valid_set, precision)
+
+
+def step_rows(out: Path) -> list[dict]:
+    return [row for row in map(json.loads, (out / "metrics.jsonl").open()) if "loss" in row]
+
+
+def adapter(path: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(path / "adapter_model.safetensors"))
+
+
+# --- which precision ------------------------------------------------------------------------------------------------
+
+def fake_gpu(monkeypatch, native_bf16: bool) -> None:
+    """torch.cuda.is_bf16_supported as on an A100 (native) or a T4 (emulation only, which it reports by default)."""
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported",
+                        lambda including_emulation=True: native_bf16 or including_emulation)
+
+
+@pytest.mark.parametrize("env, device, native_bf16, expected", [
+    ({"MIX_PREC_TRAIN": "true"}, "cpu", False, "bf16"),
+    ({"MIX_PREC_TRAIN": "true"}, "cuda", True, "bf16"),    # A100/H100
+    ({"MIX_PREC_TRAIN": "true"}, "cuda", False, "fp16"),   # T4/V100: bf16 only emulated, so fp16 + GradScaler
+    ({}, "cuda", True, "fp32"),
+    ({"MIX_PREC_TRAIN": "true", "PRECISION": "fp32"}, "cuda", True, "fp32"),
+    ({"PRECISION": "fp16"}, "cpu", False, "fp16"),
+    ({"MIX_PREC_TRAIN": "false", "PRECISION": "bf16"}, "cuda", False, "bf16"),
+])
+def test_mix_prec_train_picks_the_hardwares_precision_and_precision_overrides(monkeypatch, env, device,
+                                                                             native_bf16, expected):
+    fake_gpu(monkeypatch, native_bf16)
+    assert train.resolve_precision(load_config([], env), torch.device(device)) == expected
+
+
+def test_base_weights_are_half_on_a_gpu_only_and_the_banner_says_so():
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    assert train.base_weight_dtype("fp16", cuda) == torch.float16
+    assert train.base_weight_dtype("bf16", cuda) == torch.bfloat16
+    assert train.base_weight_dtype("fp32", cuda) == torch.float32
+    assert {train.base_weight_dtype(p, cpu) for p in ("fp16", "bf16", "fp32")} == {torch.float32}
+    t4 = train.describe_precision(load_config([], {"MIX_PREC_TRAIN": "true"}), "fp16", cuda)
+    assert t4 == ("fp16 on cuda (MIX_PREC_TRAIN=true): fp16 autocast + GradScaler; base weights float16, "
+                  "LoRA float32")
+    assert train.describe_precision(load_config([], {"PRECISION": "bf16"}), "bf16", cpu) == (
+        "bf16 on cpu (PRECISION): bf16 autocast; base weights float32, LoRA float32")
+
+
+# --- autocast and the GradScaler -----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("precision, dtype", [("bf16", torch.bfloat16), ("fp16", torch.float16),
+                                              ("fp32", torch.float32)])
+def test_training_and_evaluation_run_under_the_same_autocast(tmp_path, small_data, precision, dtype):
+    trainer = make_trainer(TrainConfig(**tiny_settings(tmp_path, small_data, max_steps=1)), precision)
+    assert trainer.scaler.is_enabled() == (precision == "fp16")
+    assert all(p.dtype == torch.float32 for p in trainer.trainable_parameters())  # LoRA stays float32
+    seen = []
+    qkv = trainer.raw_model.model.transformer.h[0].self_attention.query_key_value
+    qkv.register_forward_hook(lambda module, args, output: seen.append((module.training, output.dtype)))
+    trainer.train()  # one step, then the final evaluation
+    assert {dtype} == {d for _, d in seen}
+    assert {True, False} == {training for training, _ in seen}
+
+
+def test_fp16_step_order_is_scale_backward_unscale_clip_step_update(tmp_path, small_data, monkeypatch):
+    trainer = make_trainer(TrainConfig(**tiny_settings(tmp_path, small_data, grad_accum_steps=2)), "fp16")
+    scaler, calls, clipped = trainer.scaler, [], []
+    assert scaler.get_scale() == 65536.0  # torch.amp.GradScaler("cpu"), loss scaling on
+
+    def spy(name, real):
+        def wrapper(*args, **kwargs):
+            calls.append(name)
+            return real(*args, **kwargs)
+        return wrapper
+
+    for name in ("scale", "unscale_", "step", "update"):
+        monkeypatch.setattr(scaler, name, spy(name, getattr(scaler, name)))
+    real_clip = torch.nn.utils.clip_grad_norm_
+
+    def clip(params, *args, **kwargs):
+        calls.append("clip")
+        params = list(params)
+        clipped.append([p.grad.clone() for p in params])
+        return real_clip(params, *args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", clip)
+    trainer.train_loader.sampler.set_epoch(0)
+    micro_batches = [b for _, b in zip(range(2), trainer.train_loader)]
+    trainer.optimizer_step(micro_batches)
+    assert calls == ["scale", "scale", "unscale_", "clip", "step", "update"]  # one scale per micro-batch
+
+    # Clipping sees unscaled gradients: about the float32 ones, not 65536 times larger.
+    fp32 = make_trainer(TrainConfig(**tiny_settings(tmp_path / "fp32", small_data, grad_accum_steps=2)), "fp32")
+    fp32.optimizer_step(micro_batches)
+    assert len(clipped) == 2
+    for half, full in zip(*clipped):
+        assert (half - full).abs().max() <= 0.05 * full.abs().max()
+
+
+# --- the runs: close to float32, float32 adapters ------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory, small_data) -> dict[str, Path]:
+    """5 steps each of fp32, MIX_PREC_TRAIN=true (bf16 on the CPU) and PRECISION=fp16; name -> OUTPUT_DIR."""
+    outputs = {}
+    for name, extra in {"fp32": {}, "mix": {"mix_prec_train": True}, "fp16": {"precision": "fp16"}}.items():
+        cfg = TrainConfig(**tiny_settings(tmp_path_factory.mktemp(name), small_data, **extra))
+        train.run(cfg, train.DistEnv())
+        outputs[name] = Path(cfg.output_dir)
+    return outputs
+
+
+@pytest.mark.parametrize("name", ["mix", "fp16"])
+def test_mixed_precision_losses_stay_finite_and_close_to_fp32(runs, name):
+    reference, rows = step_rows(runs["fp32"]), step_rows(runs[name])
+    assert len(rows) == len(reference) == 5
+    for row, ref in zip(rows, reference):
+        assert math.isfinite(row["loss"]) and math.isfinite(row["grad_norm"])
+        assert abs(row["loss"] - ref["loss"]) <= 0.02 * ref["loss"]
+    assert rows[-1]["skipped_steps"] == 0
+    evals = [json.loads(line)["eval_loss"] for line in (runs[name] / "metrics.jsonl").open() if "eval_loss" in line]
+    evals_fp32 = [json.loads(line)["eval_loss"] for line in (runs["fp32"] / "metrics.jsonl").open()
+                  if "eval_loss" in line]
+    assert abs(evals[-1] - evals_fp32[-1]) <= 0.02 * evals_fp32[-1]
+
+
+@pytest.mark.parametrize("name", ["fp32", "mix", "fp16"])
+def test_saved_adapters_are_float32_whatever_the_precision(runs, name):
+    saved = adapter(runs[name])
+    assert saved and all(t.dtype == torch.float32 and torch.isfinite(t).all() for t in saved.values())
+    assert any(k.endswith("lora_B.weight") and t.abs().max() > 0 for k, t in saved.items())
+
+
+# --- non-finite values ----------------------------------------------------------------------------------------------
+
+def test_nan_loss_without_a_scaler_stops_with_one_line_and_keeps_the_last_checkpoint(tmp_path, small_data,
+                                                                                     monkeypatch, capsys):
+    """bf16 (MIX_PREC_TRAIN on the CPU) has no GradScaler: a NaN loss at step 3 must end the run, exit code 1."""
+    calls = []
+    real_loss = train.sum_token_loss
+
+    def nan_at_step_3(logits, targets):
+        calls.append(1)  # one call per optimizer step here (no accumulation, evaluation only at the end)
+        loss = real_loss(logits, targets)
+        return loss * float("nan") if len(calls) == 3 else loss
+
+    monkeypatch.setattr(train, "sum_token_loss", nan_at_step_3)
+    settings = tiny_settings(tmp_path, small_data, save_steps=2, mix_prec_train="true")
+    set_env(monkeypatch, settings)
+    assert train.main([]) == 1
+
+    err_lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    out = Path(settings["output_dir"])
+    assert err_lines == [f"error: loss is nan at step 3 with bf16; stopping before the update. The last good "
+                         f"checkpoint is {out / 'checkpoint-2'}; try a lower LEARNING_RATE or PRECISION=fp32"]
+    assert sorted(p.name for p in out.iterdir()) == ["checkpoint-2", "metrics.jsonl"]  # no final adapter
+    kept = adapter(out / "checkpoint-2")
+    assert all(torch.isfinite(t).all() for t in kept.values())
+    state = torch.load(out / "checkpoint-2" / "trainer_state.pt", weights_only=True)
+    assert state["step"] == 2
+    assert [row["step"] for row in step_rows(out)] == [1, 2]
+
+
+def inf_gradient_at_step(monkeypatch, step: int) -> None:
+    """Make one LoRA gradient infinite in the backward pass of optimizer step `step` (no accumulation)."""
+    real_build = train.build_lora_model
+    backwards = []
+
+    def build(*args, **kwargs):
+        model = real_build(*args, **kwargs)
+        first_b = next(p for n, p in model.named_parameters() if "lora_B" in n)
+
+        def hook(grad):
+            backwards.append(1)
+            return grad * float("inf") if len(backwards) == step else grad
+
+        first_b.register_hook(hook)
+        return model
+
+    monkeypatch.setattr(train, "build_lora_model", build)
+
+
+def test_inf_gradient_without_a_scaler_stops_before_the_update(tmp_path, small_data, monkeypatch, capsys):
+    inf_gradient_at_step(monkeypatch, 2)
+    settings = tiny_settings(tmp_path, small_data, save_steps=1, precision="bf16")
+    set_env(monkeypatch, settings)
+    assert train.main([]) == 1
+    err_lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert len(err_lines) == 1 and err_lines[0].startswith("error: gradient norm is inf at step 2 with bf16")
+    out = Path(settings["output_dir"])
+    assert sorted(p.name for p in out.iterdir()) == ["checkpoint-1", "metrics.jsonl"]
+    assert all(torch.isfinite(t).all() for t in adapter(out / "checkpoint-1").values())
+
+
+def test_fp16_inf_gradient_is_skipped_counted_and_shown(tmp_path, small_data, monkeypatch, capsys):
+    inf_gradient_at_step(monkeypatch, 2)
+    settings = tiny_settings(tmp_path, small_data, save_steps=1, max_steps=4, precision="fp16")
+    set_env(monkeypatch, settings)
+    assert train.main([]) == 0
+    out = Path(settings["output_dir"])
+    rows = step_rows(out)
+    assert [row["skipped_steps"] for row in rows] == [0, 1, 1, 1]
+    assert math.isinf(rows[1]["grad_norm"]) and all(math.isfinite(r["grad_norm"]) for r in rows[2:])
+    # The skipped step left the adapter as it was; the others changed it.
+    one, two, three = (adapter(out / f"checkpoint-{k}") for k in (1, 2, 3))
+    assert all(torch.equal(one[k], two[k]) for k in one)
+    assert any(not torch.equal(two[k], three[k]) for k in two)
+    assert all(torch.isfinite(t).all() for t in adapter(out).values())
+    scaler_state = torch.load(out / "checkpoint-4" / "trainer_state.pt", weights_only=True)["scaler"]
+    assert scaler_state["scale"] == 65536.0 / 2  # backed off once
+    captured = capsys.readouterr()
+    assert "adapter saved to" in captured.out and "1 of 4 fp16 steps skipped by the GradScaler" in captured.out
+    assert "skipped=1" in captured.err  # the progress bar's postfix
+
+
+# --- the benchmark --------------------------------------------------------------------------------------------------
+
+def test_bench_precision_runs_and_writes_its_table(tmp_path, capsys):
+    """bench/bench_precision.py end to end on a toy shape (the real run takes minutes): every variant timed and its
+    loss checked against fp32, the table written with its command on top; memory measured in a fresh process."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("bench_precision", REPO / "bench" / "bench_precision.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    out = tmp_path / "precision.md"
+    argv = ["--hidden", "64", "--layers", "1", "--heads", "4", "--vocab", "256", "--seq", "32", "--repeats", "1",
+            "--warmup", "0", "--variants", "fp32,bf16 autocast,fp16 autocast", "--threads", "1", "--out", str(out)]
+    bench.main([*argv, "--no-memory"])
+    table = out.read_text()
+    assert table.strip() in capsys.readouterr().out  # printed as written
+    assert table.splitlines()[2].startswith("Reproduce: `python bench/bench_precision.py --hidden 64 ")
+    assert "'fp32,bf16 autocast,fp16 autocast'" in table.splitlines()[2]  # quoted for the shell
+    rows = [line for line in table.splitlines() if line.startswith("| ") and "variant" not in line]
+    assert [row.split(" | ")[0] for row in rows] == ["| fp32", "| bf16 autocast", "| fp16 autocast"]
+    assert all(abs(float(row.split(" | ")[6])) < 0.02 for row in rows)  # loss vs fp32
+    assert not list(tmp_path.glob("*.tmp"))
+
+    memory = bench.memory_in_fresh_process(bench.parse_args(argv), argv, "fp16 autocast")
+    assert memory["method"] in ("vmhwm", "ru_maxrss") and memory["peak"] > 100 * 2**20

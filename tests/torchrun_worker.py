@@ -1,0 +1,116 @@
+"""What tests/test_distributed.py launches under torchrun: train.py's own code, plus a record of what each rank did.
+
+    python -m torch.distributed.run --standalone --nproc_per_node=2 tests/torchrun_worker.py DUMP_DIR
+        train.main() exactly as `torchrun ... train.py` runs it, configured by the environment (DDP=true, ...).
+    python -m torch.distributed.run ... tests/torchrun_worker.py DUMP_DIR RUNS_JSON
+        RUNS_JSON is a list of TrainConfig keyword dicts; each is trained with train.run() in turn, in one process
+        group (one launch for several runs: starting torchrun costs more than a tiny run).
+
+Each rank writes, for each run, into DUMP_DIR/<name of the run's OUTPUT_DIR>/:
+    rank<r>.safetensors        its final adapter tensors, straight from its own model (not from OUTPUT_DIR);
+    rank<r>-grads.safetensors  the gradients handed to the optimizer at every step ("<step>/<parameter name>");
+    rank<r>-writes.json        every file-system change it made inside OUTPUT_DIR, seen by a Python audit hook
+                               (open for writing, mkdir, rename/replace, remove, rmtree; writes from C++/Rust
+                               code, such as safetensors' own file, show up through the folders they land in).
+The tests also use RecordingTrainer in-process, for the single-process references.
+Not collected by pytest (the name does not start with test_).
+"""
+
+import json
+import os
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+import torch  # noqa: E402
+import torch.distributed as torch_dist  # noqa: E402
+from safetensors.torch import save_file  # noqa: E402
+
+import train  # noqa: E402
+from config import TrainConfig  # noqa: E402
+
+RANK = int(os.environ.get("RANK", "0"))
+WRITES: dict[str, list] = {}  # OUTPUT_DIR -> [(event, path), ...] made by this rank
+WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_TRUNC
+
+
+def _inside_an_output_dir(path) -> str | None:
+    if isinstance(path, int):  # an open file descriptor
+        return None
+    path = os.path.abspath(os.fsdecode(path))
+    return next((out for out in WRITES if path == out or path.startswith(out + os.sep)), None)
+
+
+def _audit(event: str, args: tuple) -> None:
+    if event == "open":
+        path, mode, flags = args
+        writing = (isinstance(mode, str) and any(c in mode for c in "wax+")) or bool((flags or 0) & WRITE_FLAGS)
+        paths = [path] if writing else []
+    elif event in ("os.mkdir", "os.remove", "os.rmdir", "shutil.rmtree", "os.truncate"):
+        paths = [args[0]]
+    elif event == "os.rename":  # also raised by os.replace
+        paths = [args[0], args[1]]
+    else:
+        return
+    for path in paths:
+        out = path is not None and _inside_an_output_dir(path)
+        if out:
+            WRITES[out].append((event, os.fsdecode(path)))
+
+
+class RecordingTrainer(train.Trainer):
+    """train.Trainer that records the gradients of every optimizer step and, after the final save, leaves this
+    rank's adapter and records in `dump_dir`."""
+
+    dump_dir: Path | None = None  # set by main() or by the test
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.step_grads: dict[str, torch.Tensor] = {}
+        named = [(n, p) for n, p in self.raw_model.named_parameters() if p.requires_grad]
+        real_step = self.optimizer.step
+
+        def recording_step(*step_args, **step_kwargs):
+            # Called by GradScaler.step after all-reduce, unscale_ and clipping: what the update is made from.
+            self.step_grads.update({f"{self.step + 1}/{n}": p.grad.detach().clone() for n, p in named})
+            return real_step(*step_args, **step_kwargs)
+
+        self.optimizer.step = recording_step
+
+    def save_final_adapter(self) -> None:
+        super().save_final_adapter()
+        out = os.path.abspath(self.cfg.output_dir)
+        target = self.dump_dir / Path(out).name
+        target.mkdir(parents=True, exist_ok=True)
+        tensors = {k: v.detach().cpu().contiguous() for k, v in self.raw_model.adapter_state_dict().items()}
+        save_file(tensors, str(target / f"rank{RANK}.safetensors"))
+        save_file(self.step_grads, str(target / f"rank{RANK}-grads.safetensors"))
+        (target / f"rank{RANK}-writes.json").write_text(json.dumps(WRITES.get(out, [])))
+
+
+def main() -> int:
+    RecordingTrainer.dump_dir = Path(sys.argv[1]).resolve()
+    train.Trainer = RecordingTrainer  # run() builds its trainer through this module-level name
+    sys.addaudithook(_audit)
+    if len(sys.argv) == 2:
+        WRITES[os.path.abspath(os.environ["OUTPUT_DIR"])] = []
+        return train.main([])
+
+    configs = [TrainConfig(**kwargs) for kwargs in json.loads(sys.argv[2])]
+    for cfg in configs:
+        WRITES[os.path.abspath(cfg.output_dir)] = []
+    dist = train.setup_distributed(configs[0])
+    try:
+        for cfg in configs:
+            train.run(cfg, dist)
+    finally:
+        if torch_dist.is_initialized():
+            torch_dist.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    torch.set_num_threads(1)
+    sys.exit(main())
