@@ -35,6 +35,7 @@ from transformers import AutoTokenizer  # noqa: E402
 
 import alpaca_data as ad  # noqa: E402
 from prompter import Prompter  # noqa: E402
+from common import write_atomically  # noqa: E402
 
 COMMAND = "python bench/bench_data.py"
 
@@ -75,14 +76,6 @@ def timed(fn):
     cpu, start = time.process_time(), time.perf_counter()
     result = fn()
     return result, time.perf_counter() - start, time.process_time() - cpu
-
-
-def write_atomic(path: Path, text: str) -> None:
-    """Write `text` to `path` through a temp file and a rename, so readers never see a partial file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
 
 
 def main(argv=None):
@@ -143,7 +136,7 @@ the {args.repeat}-fold sample is {len(big_raw):,} records ({len(big):,} after dr
 Load average (1 min) when the timing started: {load_before:.1f} on {os.cpu_count()} CPUs; wall times grow \
 with it when other work shares the machine, CPU times much less.
 """
-    write_atomic(args.out, table)
+    write_atomically(args.out, table)
     print(table)
 
 

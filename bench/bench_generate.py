@@ -30,11 +30,8 @@ On a CPU shared with other jobs, `--threads 1` gives steadier numbers (see bench
 import argparse
 import copy
 import os
-import platform
-import shlex
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -49,6 +46,7 @@ from transformers import BloomConfig, BloomForCausalLM  # noqa: E402
 
 import inference  # noqa: E402
 from lora_model import LoraConfig, LoraModelForCasualLM  # noqa: E402
+from common import command_line, describe_device, synchronize, write_atomically  # noqa: E402
 
 VARIANTS = ("base", "merged", "unmerged")
 
@@ -91,17 +89,6 @@ def parse_args(argv=None):
     if args.model_path is None and args.hidden % args.heads:
         parser.error(f"--hidden {args.hidden} is not divisible by --heads {args.heads}")
     return args
-
-
-def command_line(argv=None) -> str:
-    """The command that reproduces this run, for the top of the results file."""
-    argv = sys.argv[1:] if argv is None else argv
-    return " ".join(["python", "bench/bench_generate.py", *map(shlex.quote, argv)])
-
-
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def load_base(args, device: torch.device, precision: str) -> torch.nn.Module:
@@ -176,12 +163,6 @@ def run(args, models, prompt: dict, device: torch.device) -> dict[str, list[floa
     return times
 
 
-def describe_device(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
-
-
 def markdown(args, argv, device: torch.device, precision: str, times: dict[str, list[float]],
              logit_diff: float, same_tokens: bool) -> str:
     tokens = args.batch * args.new_tokens
@@ -194,7 +175,7 @@ def markdown(args, argv, device: torch.device, precision: str, times: dict[str, 
     lines = [
         "# Generation speed: base vs merged LoRA vs unmerged LoRA",
         "",
-        f"Reproduce: `{command_line(argv)}`",
+        f"Reproduce: `{command_line('bench_generate.py', argv)}`",
         "",
         f"- Device: {args.device} ({describe_device(device)}), {precision}; torch {torch.__version__}, "
         f"transformers {transformers.__version__}.",
@@ -221,19 +202,6 @@ def markdown(args, argv, device: torch.device, precision: str, times: dict[str, 
               f"the same computation. unmerged / base = {ratio['unmerged']:.3f} (fastest runs: "
               f"{best_ratio['unmerged']:.3f}).", ""]
     return "\n".join(lines)
-
-
-def write_atomically(path: Path, text: str) -> None:
-    """Write to a temporary file beside `path`, then rename it into place."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile("w", dir=path.parent, prefix=path.name + ".", suffix=".tmp",
-                                     delete=False) as handle:
-        handle.write(text)
-    try:
-        os.replace(handle.name, path)
-    except BaseException:
-        os.unlink(handle.name)
-        raise
 
 
 def main(argv=None) -> None:

@@ -39,8 +39,6 @@ import argparse
 import contextlib
 import copy
 import os
-import platform
-import shlex
 import statistics
 import sys
 import time
@@ -58,6 +56,7 @@ from transformers import BloomConfig, BloomForCausalLM  # noqa: E402
 
 from lora_layer import LoraLayer  # noqa: E402
 from lora_model import LoraConfig, LoraModelForCasualLM  # noqa: E402
+from common import command_line, describe_device, synchronize, write_atomically  # noqa: E402
 
 VARIANTS = ("ours", "peft", "base")
 PRECISIONS = ("fp32", "bf16")
@@ -102,17 +101,6 @@ def parse_args(argv=None):
     if args.hidden % args.heads:
         parser.error(f"--hidden {args.hidden} is not divisible by --heads {args.heads}")
     return args
-
-
-def command_line(argv=None) -> str:
-    """The command that reproduces this run, for the top of the results file."""
-    argv = sys.argv[1:] if argv is None else argv
-    return " ".join(["python", "bench/bench_lora.py", *map(shlex.quote, argv)])
-
-
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def build_variants(args, device: torch.device) -> dict[str, torch.nn.Module]:
@@ -231,12 +219,6 @@ def time_layers(args, models, device: torch.device, precision: str) -> dict[str,
     return interleave(steps, args.layer_repeats, args.warmup)
 
 
-def describe_device(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
-
-
 def paired_ratio(times: dict[str, list[float]], numerator: str, denominator: str) -> float:
     """Median over rounds of the per-round ratio: a round's timings are adjacent in time, so slow drift in the
     machine's load cancels in each ratio."""
@@ -265,7 +247,7 @@ def markdown(args, argv, device: torch.device, model_results, layer_results) -> 
     lines = [
         "# LoRA forward + backward: ours vs PEFT vs frozen base",
         "",
-        f"Reproduce: `{command_line(argv)}`",
+        f"Reproduce: `{command_line('bench_lora.py', argv)}`",
         "",
         f"- Device: {args.device} ({describe_device(device)}); torch {torch.__version__}, "
         f"transformers {transformers.__version__}, peft {peft.__version__}.",
@@ -294,19 +276,6 @@ def markdown(args, argv, device: torch.device, model_results, layer_results) -> 
         "",
     ]
     return "\n".join(lines)
-
-
-def write_atomically(path: Path, text: str) -> None:
-    """Write to a temporary file beside `path`, then rename it into place. (Opened with plain `open`, not
-    tempfile, whose files are private (0600): the result should be readable like any other file.)"""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-    try:
-        temporary.write_text(text)
-        os.replace(temporary, path)
-    except BaseException:
-        temporary.unlink(missing_ok=True)
-        raise
 
 
 def main(argv=None) -> None:

@@ -43,10 +43,8 @@ Writes a markdown table to bench/results/precision.md (atomically), with the com
 import argparse
 import json
 import os
-import platform
 import re
 import resource
-import shlex
 import statistics
 import subprocess
 import sys
@@ -64,6 +62,7 @@ from transformers import BloomConfig, BloomForCausalLM  # noqa: E402
 
 import train  # noqa: E402
 from lora_model import LoraConfig, LoraModelForCasualLM  # noqa: E402
+from common import command_line, describe_device, synchronize, write_atomically  # noqa: E402
 
 # name: (PRECISION as train.py names it, dtype of the frozen base weights)
 VARIANTS = {
@@ -126,11 +125,6 @@ def parse_args(argv=None):
     return args
 
 
-def command_line(argv) -> str:
-    """The command that reproduces this run, for the top of the results file."""
-    return " ".join(["python", "bench/bench_precision.py", *map(shlex.quote, argv)])
-
-
 def unsupported(name: str, device: torch.device) -> str | None:
     """Why `name` cannot run on `device`, or None."""
     precision = VARIANTS[name][0]
@@ -168,11 +162,6 @@ def make_batch(args, device: torch.device) -> dict:
     targets = train.next_token_labels(batch)
     return {"input_ids": ids.to(device), "attention_mask": batch["attention_mask"].to(device),
             "targets": targets.to(device), "tokens": int((targets != train.IGNORE_INDEX).sum())}
-
-
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def step_function(model: LoraModelForCasualLM, precision: str, batch: dict, device: torch.device):
@@ -277,13 +266,6 @@ def memory_in_fresh_process(args, argv: list[str], name: str) -> dict:
 
 # --- report --------------------------------------------------------------------------------------------------------
 
-def describe_device(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return (f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
-            f"torch.backends.cpu.get_cpu_capability() = {torch.backends.cpu.get_cpu_capability()}")
-
-
 def markdown(args, argv, device, names, skipped, times, loss_diffs, memory) -> str:
     tokens = args.batch * args.seq
     gib = lambda n: f"{n / 2**30:.2f}"  # noqa: E731
@@ -299,7 +281,7 @@ def markdown(args, argv, device, names, skipped, times, loss_diffs, memory) -> s
     lines = [
         "# LoRA training step by precision: time and memory",
         "",
-        f"Reproduce: `{command_line(argv)}`",
+        f"Reproduce: `{command_line('bench_precision.py', argv)}`",
         "",
         f"- Device: {args.device} ({describe_device(device)}); torch {torch.__version__}, "
         f"transformers {transformers.__version__}.",
@@ -342,18 +324,6 @@ def markdown(args, argv, device, names, skipped, times, loss_diffs, memory) -> s
         lines += ["", f"Target (CPU): {target_name} >= {target}x faster than fp32: {verdict} "
                       f"({speedup[target_name]:.2f}x)."]
     return "\n".join(lines) + "\n"
-
-
-def write_atomically(path: Path, text: str) -> None:
-    """Write to a temporary file beside `path`, then rename it into place."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-    try:
-        temporary.write_text(text)
-        os.replace(temporary, path)
-    except BaseException:
-        temporary.unlink(missing_ok=True)
-        raise
 
 
 def main(argv=None) -> None:

@@ -17,7 +17,7 @@ import torch
 from safetensors.torch import load_file
 
 import train
-from alpaca_data import IGNORE_INDEX, PadCollator
+from alpaca_data import IGNORE_INDEX
 from config import ConfigError, TrainConfig, load_config
 
 REPO = Path(__file__).resolve().parents[1]

@@ -1,0 +1,45 @@
+"""What every benchmark in bench/ shares: the command line to reproduce a run, timing fences, the device's name
+and the atomic write of the results table."""
+
+import os
+import platform
+import shlex
+import sys
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "bench" / "results"
+
+
+def command_line(script: str, argv=None) -> str:
+    """The command that reproduces this run, for the top of the results file."""
+    argv = sys.argv[1:] if argv is None else argv
+    return " ".join(["python", f"bench/{script}", *map(shlex.quote, argv)])
+
+
+def synchronize(device: torch.device) -> None:
+    """Wait for queued GPU work, so that a timer measures it (CUDA calls return before the kernels finish)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def describe_device(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return (f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
+            f"CPU capability {torch.backends.cpu.get_cpu_capability()}")
+
+
+def write_atomically(path: Path, text: str) -> None:
+    """Write to a temporary file beside `path`, then rename it into place. (Plain `open`, not tempfile, whose
+    files are private (0600): a results table should be readable like any other file.)"""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        temporary.write_text(text, encoding="utf-8")
+        os.replace(temporary, path)
+    except BaseException:
+        temporary.unlink(missing_ok=True)
+        raise
