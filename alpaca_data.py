@@ -143,6 +143,8 @@ def _read_records_file(path: Path, label: str, suffix: str | None = None) -> lis
                 records.append(json.loads(line))
             except json.JSONDecodeError as e:
                 raise DataError(f"{label}: line {lineno}: invalid JSON at column {e.colno}: {e.msg}") from None
+            except ValueError as e:  # an integer of more than 4,300 digits, which Python refuses to convert
+                raise DataError(f"{label}: line {lineno}: unreadable JSON value ({str(e).split(':')[0]})") from None
             except RecursionError:
                 raise DataError(f"{label}: line {lineno}: JSON nested too deeply") from None
         return records
@@ -151,6 +153,8 @@ def _read_records_file(path: Path, label: str, suffix: str | None = None) -> lis
         data = json.loads(text)
     except json.JSONDecodeError as e:
         raise DataError(f"{label}: invalid JSON at line {e.lineno}, column {e.colno}: {e.msg}") from None
+    except ValueError as e:  # an integer of more than 4,300 digits, which Python refuses to convert
+        raise DataError(f"{label}: unreadable JSON value ({str(e).split(':')[0]})") from None
     except RecursionError:
         raise DataError(f"{label}: JSON nested too deeply") from None
     if not isinstance(data, list):

@@ -20,6 +20,7 @@ TRUE_WORDS = ("1", "true", "yes")
 FALSE_WORDS = ("0", "false", "no")
 PRECISIONS = ("fp32", "bf16", "fp16")
 DEFAULT_MODEL = "bigscience/bloom-1b7"
+MAX_INT = 2**31 - 1
 
 
 class ConfigError(ValueError):
@@ -55,12 +56,19 @@ class TrainConfig:
     size_valid_set: float = field(default=2000, metadata={"help": "validation records (count, or fraction < 1)"})
     seed: int = field(default=42, metadata={"help": "seed for data order, LoRA init and dropout"})
     eval_freq: int = field(default=200, metadata={"help": "evaluate every N optimizer steps (0: only per epoch)"})
-    save_steps: int = field(default=0, metadata={"help": "checkpoint every N optimizer steps (0: only per epoch)"})
+    save_steps: int = field(default=200, metadata={"help": "checkpoint every N optimizer steps, besides each "
+                                                           "epoch's end (0: only at epoch ends)"})
+    save_total_limit: int = field(default=0, metadata={"help": "keep only the newest N complete checkpoints "
+                                                               "(0: keep all)"})
     train_on_inputs: bool = field(default=True, metadata={"help": "false: prompt tokens carry no label"})
     group_by_length: bool = field(default=False, metadata={"help": "batch similar lengths together (less padding)"})
-    resume_from: str = field(default="", metadata={"help": "checkpoint folder to continue from"})
+    resume_from: str = field(default="", metadata={"help": "checkpoint folder to continue from, or 'latest': the "
+                                                            "newest complete one in OUTPUT_DIR (none yet: start "
+                                                            "at step 0, with a note)"})
     cache_dir: str = field(default=".cache", metadata={"help": "downloads and tokenized data"})
     num_workers: int = field(default=0, metadata={"help": "data-loader worker processes"})
+    ddp_timeout: int = field(default=1800, metadata={"help": "seconds a DDP process waits for the others in a "
+                                                             "collective before it gives up with an error"})
 
     def __post_init__(self) -> None:
         self._apply_debug_defaults()
@@ -71,15 +79,27 @@ class TrainConfig:
             self.data_path = str(DEBUG_SAMPLE) if self.debug else ALPACA_URL
 
     def _validate(self) -> None:
-        positive = ("max_length", "batch_size", "grad_accum_steps", "num_epochs", "lora_r")
+        positive = ("max_length", "batch_size", "grad_accum_steps", "num_epochs", "lora_r", "ddp_timeout")
         for name in positive:
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name.upper()} must be > 0, got {getattr(self, name)}")
-        non_negative = ("warmup_steps", "eval_freq", "save_steps", "num_workers", "weight_decay",
-                        "max_grad_norm", "size_valid_set")
+        non_negative = ("warmup_steps", "eval_freq", "save_steps", "save_total_limit", "num_workers",
+                        "weight_decay", "max_grad_norm", "size_valid_set")
         for name in non_negative:
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name.upper()} must be >= 0, got {getattr(self, name)}")
+        # Larger counts are never meant, and would fail later with an OverflowError from deep inside a library
+        # (itertools.islice, torch, NumPy's seed) instead of this line.
+        hints = typing.get_type_hints(type(self))
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if hints[f.name] is int and value > MAX_INT:
+                raise ConfigError(f"{f.name.upper()} must be at most {MAX_INT}, got {value}")
+        if not 0 <= self.seed < 2**32:
+            raise ConfigError(f"SEED must be in [0, {2**32 - 1}] (NumPy's range), got {self.seed}")
+        if self.max_length < 2:
+            raise ConfigError(f"MAX_LENGTH must be at least 2 (a prompt token and a response token), got "
+                              f"{self.max_length}")
         if self.max_steps == 0 or self.max_steps < -1:
             raise ConfigError(f"MAX_STEPS must be a positive step count or -1 (no limit), got {self.max_steps}")
         if not self.learning_rate > 0:
@@ -109,6 +129,26 @@ class TrainConfig:
 
 def _field_type(f: dataclasses.Field) -> type:
     return typing.get_type_hints(TrainConfig)[f.name]
+
+
+# What RESUME_FROM may change. A checkpoint continues its run exactly only if the resumed run computes the same
+# thing, so train.py refuses to resume when one of these differs from the checkpoint's value (as it does for
+# another number of processes, and for training data of other content). Optimizer settings are here too because
+# the optimizer's saved state would silently override a new LEARNING_RATE or WEIGHT_DECAY.
+RESUME_MUST_MATCH = (
+    "model_path", "target_modules", "lora_r", "lora_alpha", "lora_dropout",   # the adapter and its shapes
+    "max_length", "train_on_inputs", "size_valid_set", "seed",                # the examples and the split
+    "batch_size", "grad_accum_steps", "group_by_length",                      # the data order and batches
+    "learning_rate", "weight_decay", "warmup_steps", "max_grad_norm",         # the optimizer and schedule
+)
+# These change the run's length or arithmetic on purpose: more epochs (the cosine schedule is then recomputed for
+# the new total), or an fp16 T4 session followed by a bf16 A100 one. Allowed, with a note that the rest of the run
+# differs from an uninterrupted one.
+RESUME_MAY_CHANGE_WITH_NOTE = ("num_epochs", "max_steps", "mix_prec_train", "precision")
+# These never change the numbers: where files go, how often to evaluate or save, how data is loaded. DATA_PATH
+# may name another copy of the same data (the content is compared); DEBUG acts only through the settings above.
+RESUME_FREE = ("debug", "ddp", "data_path", "output_dir", "cache_dir", "num_workers", "eval_freq", "save_steps",
+               "save_total_limit", "ddp_timeout", "resume_from")
 
 
 def parse_value(name: str, raw: str, kind: type):

@@ -9,6 +9,21 @@
 
 All settings live in `config.TrainConfig` (env vars or flags; `python train.py --help`). The loop follows nanoGPT:
 distributed set-up in one block, `raw_model` for saving, `if dist.is_master` guards for printing and writing.
+
+Runs on borrowed machines end without warning (a Kaggle session's time limit, a reclaimed spot node), so a run
+must lose at most the steps since its last checkpoint, and must never leave a damaged checkpoint behind:
+  * every SAVE_STEPS steps and at each epoch's end, OUTPUT_DIR/checkpoint-<step>/ is written into a temporary
+    folder, flushed to disk (fsync) and renamed into place; its manifest.json (step, settings, each file's size
+    and SHA-256) is what marks it complete. SAVE_TOTAL_LIMIT=N keeps the newest N.
+  * RESUME_FROM=latest continues from the newest complete checkpoint exactly where the run stopped: adapter,
+    optimizer, learning-rate schedule, GradScaler, every random generator of every rank, and the position in the
+    data. Settings that would make the continued run another run are refused (config.RESUME_MUST_MATCH).
+  * SIGTERM (what a scheduler, torchrun or a spot reclaim sends) or Ctrl-C finishes the current optimizer step,
+    writes a checkpoint and exits with 128 + the signal number. Under DDP all ranks stop after the same step.
+  * A DDP rank that dies or hangs ends the others with an error (at the latest after DDP_TIMEOUT seconds)
+    instead of leaving them waiting for it.
+Exit codes: 0 finished; 1 bad setting or data, failed run, checkpoint not written, lost DDP peer; 143 (SIGTERM) or
+130 (Ctrl-C) stopped after writing a checkpoint; 130 also for a second Ctrl-C, which stops at once without one.
 """
 
 from __future__ import annotations
@@ -16,14 +31,19 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import datetime
+import hashlib
 import itertools
 import json
 import math
 import os
 import random
+import re
 import shutil
+import signal
 import sys
+import threading
 import time
+import typing
 from dataclasses import dataclass
 from pathlib import Path
 from typing import NoReturn
@@ -33,24 +53,42 @@ import torch
 import torch.distributed as torch_dist
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import DataLoader, DistributedSampler, Subset
+from torch.utils.data import DataLoader, DistributedSampler, Sampler, Subset
 from tqdm.auto import tqdm
 
 from alpaca_data import (IGNORE_INDEX, DataError, LengthGroupedSampler, PadCollator, data_stats_line, load_records,
-                         split_train_valid, tokenize_records, validate_records)
-from config import ConfigError, TrainConfig, load_config
+                         split_train_valid, tokenize_fingerprint, tokenize_records, validate_records)
+from config import RESUME_MUST_MATCH, ConfigError, TrainConfig, load_config
 from lora_model import (ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME, LoraConfig, LoraModelForCasualLM,
                         read_adapter_dir, replace_directory)
 from prompter import Prompter
 
 TRAINER_STATE_NAME = "trainer_state.pt"
+MANIFEST_NAME = "manifest.json"
+CHECKPOINT_FORMAT = 1  # bumped if the checkpoint layout changes; older ones are then refused, not misread
 METRICS_NAME = "metrics.jsonl"
 LOSS_CURVE_NAME = "loss_curve.png"
 CHECKPOINT_PREFIX = "checkpoint-"
+CHECKPOINT_RE = re.compile(rf"{CHECKPOINT_PREFIX}(\d+)")
+# What interrupted saves and deletions leave behind: staging folders (".checkpoint-20.tmp", and save_pretrained's
+# own "..checkpoint-20.tmp.tmp-<hex>") and checkpoints renamed for deletion (".checkpoint-20.old-<pid>").
+LEFTOVER_RE = re.compile(rf"\.+{CHECKPOINT_PREFIX}\d+\.(tmp|old)")
 
 
 class RunError(RuntimeError):
     """A problem found while running (model cannot load, loss became NaN); printed as one line."""
+
+
+class CheckpointError(ValueError):
+    """A checkpoint folder that is incomplete or damaged; the message names the file."""
+
+
+class TrainingStopped(Exception):
+    """SIGTERM or SIGINT stopped the run after a step; a checkpoint of that step was written."""
+
+    def __init__(self, signum: int, step: int, checkpoint: Path) -> None:
+        super().__init__(f"stopped by {signal.Signals(signum).name} after step {step}")
+        self.signum, self.step, self.checkpoint = signum, step, checkpoint
 
 
 # --- distributed set-up: everything DDP needs to know, in one place ----------------------------------------------
@@ -100,8 +138,11 @@ def setup_distributed(cfg: TrainConfig) -> DistEnv:
         device, backend = torch.device("cpu"), "gloo"
     # init_method defaults to env://: MASTER_ADDR/MASTER_PORT, set by torchrun (--standalone, or the c10d
     # rendezvous of a multi-node launch). device_id binds NCCL's communicator to this process's GPU.
+    # The timeout bounds how long a rank waits in a collective for a peer that hangs (a peer that dies usually
+    # breaks the connection and errors the collective at once). Long, because rank 0 alone writes checkpoints
+    # and each rank may first download or tokenize for minutes while the others wait at the first collective.
     torch_dist.init_process_group(backend=backend, rank=rank, world_size=world,
-                                  timeout=datetime.timedelta(minutes=10),
+                                  timeout=datetime.timedelta(seconds=cfg.ddp_timeout),
                                   device_id=device if device.type == "cuda" else None)
     return DistEnv(rank=rank, local_rank=local_rank, world_size=world, device=device, ddp=True)
 
@@ -192,10 +233,17 @@ def _model_load_message(model_path: str, err: Exception) -> str:
 
 
 def prepare_datasets(cfg: TrainConfig, tokenizer):
-    """Load, check and tokenize the records; split off the validation set. Raises DataError on bad data."""
+    """Load, check and tokenize the records; split off the validation set. Raises DataError on bad data.
+
+    The returned stats include `fingerprint`: a hash of the records' content, the tokenizer, the prompt template,
+    MAX_LENGTH and TRAIN_ON_INPUTS. A checkpoint stores it, so a resumed run can tell that its data are the same
+    even when DATA_PATH names another copy of them.
+    """
     records, stats = validate_records(load_records(cfg.data_path, cfg.cache_dir), cfg.data_path)
-    dataset = tokenize_records(records, tokenizer, Prompter(), cfg.max_length, cfg.train_on_inputs,
+    prompter = Prompter()
+    dataset = tokenize_records(records, tokenizer, prompter, cfg.max_length, cfg.train_on_inputs,
                                Path(cfg.cache_dir), stats=stats)
+    stats["fingerprint"], _ = tokenize_fingerprint(records, tokenizer, prompter, cfg.max_length, cfg.train_on_inputs)
     train_set, valid_set = split_train_valid(dataset, cfg.valid_size, cfg.seed)
     return train_set, valid_set, stats
 
@@ -256,6 +304,355 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def note(message: str) -> None:
+    """A remark that is not an error (the caller prints it on rank 0 only)."""
+    print(f"note: {message}", flush=True)
+
+
+def file_digest(path: Path) -> dict:
+    """Size and SHA-256 of a file, as the manifest records them."""
+    sha, size = hashlib.sha256(), 0
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            sha.update(block)
+            size += len(block)
+    return {"size": size, "sha256": sha.hexdigest()}
+
+
+def fsync_path(path: Path) -> None:
+    """Force a file's data, or a folder's list of names, onto the disk.
+
+    Without it a power cut or a reclaimed VM can leave a renamed checkpoint whose files are empty: the rename may
+    reach the disk before the data does.
+    """
+    if path.is_dir() and os.name != "posix":
+        return  # Windows cannot open a folder to flush it
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def checkpoint_step(path: Path) -> int:
+    return int(path.name[len(CHECKPOINT_PREFIX):])
+
+
+def checkpoint_dirs(output_dir: Path) -> list[Path]:
+    """Every checkpoint-<step> folder in `output_dir`, complete or not, newest (highest step) first."""
+    if not output_dir.is_dir():
+        return []
+    found = [p for p in output_dir.iterdir() if CHECKPOINT_RE.fullmatch(p.name) and p.is_dir()]
+    return sorted(found, key=checkpoint_step, reverse=True)
+
+
+def run_identity(cfg: TrainConfig, world_size: int, data_fingerprint: str) -> dict:
+    """What a checkpoint's run and a resumed run must share for the second to continue the first: the settings in
+    config.RESUME_MUST_MATCH, the number of processes (it decides which examples each rank trains on, and each
+    rank has its own dropout stream) and the training data's fingerprint."""
+    hints = typing.get_type_hints(TrainConfig)
+    identity = {}
+    for name in RESUME_MUST_MATCH:
+        value = getattr(cfg, name)
+        identity[name] = float(value) if hints[name] is float else value  # 16 and 16.0 are the same alpha
+    identity["target_modules"] = cfg.target_module_list  # "q, k" and "q,k" are the same targets
+    identity["world_size"] = world_size
+    identity["data"] = data_fingerprint
+    return identity
+
+
+def identity_hash(identity: dict) -> str:
+    return hashlib.sha256(json.dumps(identity, sort_keys=True).encode("utf-8")).hexdigest()[:16]
+
+
+def _manifest_is_well_formed(manifest) -> bool:
+    """The manifest has every field this version writes, and its settings hash matches its settings (an edit to the
+    recorded settings, made to force a resume past the check, is caught here)."""
+    if not (isinstance(manifest, dict) and manifest.get("format") == CHECKPOINT_FORMAT
+            and isinstance(manifest.get("files"), dict) and isinstance(manifest.get("identity"), dict)
+            and type(manifest.get("total_steps")) is int and isinstance(manifest.get("precision"), str)):
+        return False
+    files = manifest["files"]
+    required = (ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME, TRAINER_STATE_NAME)
+    return (all(name in files for name in required)
+            and all(Path(name).name == name and isinstance(entry, dict) and type(entry.get("size")) is int
+                    and isinstance(entry.get("sha256"), str) for name, entry in files.items())
+            and manifest.get("config_hash") == identity_hash(manifest["identity"]))
+
+
+def verify_checkpoint(checkpoint: Path) -> dict:
+    """Check a checkpoint folder against its manifest: every file present, of the recorded size and SHA-256.
+
+    Returns:
+        The manifest.
+
+    Raises:
+        CheckpointError: naming the missing, truncated or changed file (or the manifest itself).
+    """
+    if not checkpoint.is_dir():
+        raise CheckpointError("no such folder")
+    try:
+        manifest = json.loads((checkpoint / MANIFEST_NAME).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise CheckpointError(f"{MANIFEST_NAME} is missing: the checkpoint is incomplete (its writing was "
+                              "interrupted) or was not written by this train.py") from None
+    except (OSError, ValueError) as err:
+        raise CheckpointError(f"{MANIFEST_NAME} is unreadable ({err})") from None
+    if not _manifest_is_well_formed(manifest):
+        raise CheckpointError(f"{MANIFEST_NAME} was changed after the checkpoint was written, or comes from "
+                              "another version of train.py")
+    for name, expected in manifest["files"].items():
+        path = checkpoint / name
+        if not path.is_file():
+            raise CheckpointError(f"{name} is missing")
+        size = path.stat().st_size
+        if size != expected["size"]:
+            raise CheckpointError(f"{name} is {size:,} bytes but {MANIFEST_NAME} says {expected['size']:,}: the "
+                                  "file was truncated or changed after the checkpoint was written")
+        if file_digest(path)["sha256"] != expected["sha256"]:
+            raise CheckpointError(f"{name} does not match its SHA-256 in {MANIFEST_NAME}: the file was changed "
+                                  "after the checkpoint was written")
+    return manifest
+
+
+def find_latest_checkpoint(output_dir: Path, skipped: list[str] | None = None) -> Path | None:
+    """The newest complete checkpoint in `output_dir`, or None.
+
+    Incomplete or damaged folders are passed over (each with its reason appended to `skipped`): a run killed while
+    writing, or a disk that lost a file, must not leave a checkpoint that RESUME_FROM=latest picks and then cannot
+    load.
+    """
+    for checkpoint in checkpoint_dirs(output_dir):
+        try:
+            verify_checkpoint(checkpoint)
+            return checkpoint
+        except CheckpointError as err:
+            if skipped is not None:
+                skipped.append(f"{checkpoint.name} ({err})")
+    return None
+
+
+def write_manifest(folder: Path, manifest: dict) -> None:
+    """The manifest goes in last: a folder without one is, by definition, an incomplete checkpoint."""
+    manifest = {**manifest, "files": {p.name: file_digest(p) for p in sorted(folder.iterdir())}}
+    (folder / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
+
+
+def remove_leftovers(output_dir: Path) -> None:
+    """Delete what interrupted saves and deletions left (hidden staging and to-be-deleted folders)."""
+    for path in output_dir.iterdir():
+        if LEFTOVER_RE.match(path.name):
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def write_checkpoint(final: Path, model: LoraModelForCasualLM, state: dict, manifest: dict) -> None:
+    """Write a checkpoint folder so that it is complete or absent.
+
+    Everything goes into a hidden staging folder: the adapter, trainer_state.pt, then the manifest with every
+    file's size and SHA-256. The files and the folder are flushed to disk, and only then is the folder renamed to
+    `final` (a rename within a folder is atomic) and the parent folder flushed, which makes the rename durable.
+    A crash at any point leaves either no `final`, or a complete one; the staging folder is removed by the next
+    save.
+    """
+    output_dir = final.parent
+    output_dir.mkdir(parents=True, exist_ok=True)
+    remove_leftovers(output_dir)
+    staging = output_dir / f".{final.name}.tmp"
+    try:
+        model.save_pretrained(staging)
+        torch.save(state, staging / TRAINER_STATE_NAME)
+        write_manifest(staging, manifest)
+        for path in staging.iterdir():
+            fsync_path(path)
+        fsync_path(staging)
+        replace_directory(staging, final)
+        fsync_path(output_dir)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+
+
+def prune_checkpoints(output_dir: Path, keep: int, written: Path) -> list[Path]:
+    """SAVE_TOTAL_LIMIT: delete the complete checkpoints older than `written` beyond the newest `keep` (`written`
+    counts as one of them), oldest first.
+
+    Incomplete folders are left for a person to look at, and newer ones (an earlier run that got further before
+    this one resumed from an older checkpoint) are left too. Each is renamed to a hidden name before it is deleted,
+    so a kill halfway through a deletion never leaves a damaged checkpoint-<step> that looks like one.
+
+    Returns:
+        The checkpoints deleted, in that order.
+    """
+    older = [p for p in checkpoint_dirs(output_dir) if checkpoint_step(p) < checkpoint_step(written)]
+    complete = []
+    for path in older:
+        try:
+            verify_checkpoint(path)
+            complete.append(path)
+        except CheckpointError:
+            pass
+    doomed = complete[max(keep - 1, 0):][::-1]  # oldest first
+    for path in doomed:
+        trash = path.with_name(f".{path.name}.old-{os.getpid()}")
+        os.replace(path, trash)
+        shutil.rmtree(trash, ignore_errors=True)
+    return doomed
+
+
+def resume_conflicts(saved: dict, current: dict) -> list[str]:
+    """What differs between the checkpoint's run identity and this run's, one phrase each."""
+    conflicts = []
+    for key, value in current.items():
+        old = saved.get(key)
+        if old == value:
+            continue
+        if key == "world_size":
+            conflicts.append(f"{value} process(es) here but {old} in the checkpoint (each rank's share of the "
+                             "data and its dropout stream would differ)")
+        elif key == "data":
+            if saved.get("max_length") == current["max_length"] and (
+                    saved.get("train_on_inputs") == current["train_on_inputs"]):
+                conflicts.append("the training data differ (other records, tokenizer or prompt template)")
+        else:
+            show = (lambda v: ",".join(v)) if key == "target_modules" else repr
+            conflicts.append(f"{key.upper()} is {show(value)} here but {show(old)} in the checkpoint")
+    return conflicts
+
+
+def check_resumable(checkpoint: Path, identity: dict) -> dict:
+    """Refuse a checkpoint that is damaged or that this run would not continue.
+
+    Returns:
+        Its manifest.
+
+    Raises:
+        ConfigError: one line naming the damaged file, or every setting that differs.
+    """
+    try:
+        manifest = verify_checkpoint(checkpoint)
+    except CheckpointError as err:
+        raise ConfigError(f"RESUME_FROM={checkpoint}: {err}; resume from another checkpoint "
+                          "(RESUME_FROM=latest picks the newest complete one)") from None
+    conflicts = resume_conflicts(manifest["identity"], identity)
+    if conflicts:
+        raise ConfigError(f"RESUME_FROM={checkpoint}: this run would not continue the checkpoint's run: "
+                          f"{'; '.join(conflicts)}. Set them back, or start a new run in another OUTPUT_DIR")
+    return manifest
+
+
+def resolve_resume(cfg: TrainConfig, dist: DistEnv) -> Path | None:
+    """RESUME_FROM as a folder: "latest" becomes the newest complete checkpoint in OUTPUT_DIR.
+
+    "latest" with no checkpoint yet starts the run at step 0, with a note, rather than failing: a job that is
+    simply started again until it finishes (a Kaggle notebook re-run, a spot-instance script) can then always set
+    it. The note names the folder searched, so a mistyped OUTPUT_DIR shows. Under DDP rank 0 decides and tells
+    the others, so that all ranks resume from the same checkpoint.
+    """
+    if cfg.resume_from != "latest":
+        return Path(cfg.resume_from) if cfg.resume_from else None
+    skipped: list[str] = []
+    found = [find_latest_checkpoint(Path(cfg.output_dir), skipped) if dist.is_master else None]
+    if dist.ddp:
+        torch_dist.broadcast_object_list(found, src=0)
+    if dist.is_master:
+        for reason in skipped:
+            note(f"RESUME_FROM=latest: skipping {reason}")
+        if found[0] is None:
+            note(f"RESUME_FROM=latest: no complete checkpoint in {cfg.output_dir} yet; starting at step 0")
+    return found[0]
+
+
+def trim_metrics(path: Path, step: int) -> None:
+    """Drop the metrics.jsonl rows past `step`, and any line a kill cut short: the resumed run logs those steps
+    again, and the file (and the loss curve drawn from it) should read as one run."""
+    if not path.is_file():
+        return
+    kept = []
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+        try:
+            row = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(row, dict) and isinstance(row.get("step"), int) and row["step"] <= step:
+            kept.append(line + "\n")
+    staging = path.with_name(f".{path.name}.tmp")
+    staging.write_text("".join(kept), encoding="utf-8")
+    os.replace(staging, path)
+
+
+# --- stopping on a signal ----------------------------------------------------------------------------------------
+
+class StopSignals:
+    """While active, SIGTERM and SIGINT only record that the run should stop; the loop then finishes its step,
+    writes a checkpoint and exits.
+
+    torchrun forwards the SIGTERM it gets to every worker, so under DDP each rank records it; the ranks then agree
+    on stopping through an all-reduce after each step (a rank that stopped alone would leave the others waiting in
+    the next collective). torchrun SIGKILLs its workers 30 s after its own SIGTERM: where a step and a checkpoint
+    take longer, launch it with `--shutdown-timeout=<seconds>`. With `force_on_second_sigint`, a second Ctrl-C
+    stops at once, without a checkpoint (for a person at a terminal). Not under torchrun: it forwards a terminal's
+    Ctrl-C to workers that already got it from the terminal, so each would see two at once.
+    """
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+    def __init__(self, force_on_second_sigint: bool) -> None:
+        self.force_on_second_sigint = force_on_second_sigint
+        self.received = 0  # the first signal's number, 0 for none
+        self._previous: dict = {}
+
+    def __enter__(self) -> "StopSignals":
+        if threading.current_thread() is threading.main_thread():  # only the main thread may set handlers
+            for signum in self.SIGNALS:
+                self._previous[signum] = signal.signal(signum, self._handle)
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+
+    def _handle(self, signum: int, frame) -> None:
+        # No printing here: a handler runs between two bytecodes, possibly inside another print to the same stream.
+        if signum == signal.SIGINT and self.received == signal.SIGINT and self.force_on_second_sigint:
+            raise KeyboardInterrupt
+        self.received = self.received or signum
+
+
+WORKER_DIED = ("a data-loader worker process died ({}); the system may have killed it for lack of memory: lower "
+               "NUM_WORKERS (0 loads data in the training process) or BATCH_SIZE")
+
+
+@contextlib.contextmanager
+def data_worker_errors(num_workers: int):
+    """Fetching batches from worker processes: a worker that dies (the out-of-memory killer, most often) as a
+    one-line RunError. Depending on the moment, the DataLoader reports it as "DataLoader worker (pid N) is killed
+    by signal", or the pipe it was sending a batch through breaks."""
+    try:
+        yield
+    except (RuntimeError, ConnectionError, EOFError) as err:
+        if num_workers == 0 or (isinstance(err, RuntimeError) and not str(err).startswith("DataLoader worker")):
+            raise
+        raise RunError(WORKER_DIED.format(f"{type(err).__name__}: {err}" if not isinstance(err, RuntimeError)
+                                          else str(err).strip())) from None
+
+
+class SkipSampler(Sampler):
+    """A sampler's indices from position `skip` on. Resuming mid-epoch starts at the first example not yet trained
+    on, without loading and collating the batches before it (batch k is indices k*b..(k+1)*b-1 of the sampler)."""
+
+    def __init__(self, sampler) -> None:
+        self.sampler, self.skip = sampler, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.sampler.set_epoch(epoch)
+
+    def __iter__(self):
+        return itertools.islice(iter(self.sampler), self.skip, None)
+
+    def __len__(self) -> int:
+        return max(len(self.sampler) - self.skip, 0)
+
+
 # --- the trainer -------------------------------------------------------------------------------------------------
 
 class Trainer:
@@ -268,15 +665,22 @@ class Trainer:
         tokenizer: the model's tokenizer (for padding).
         train_set, valid_set: tokenized datasets.
         precision: "fp32", "bf16" or "fp16".
+        data_fingerprint: `prepare_datasets`' stats["fingerprint"]; recorded in checkpoints and compared on resume.
+
+    Raises:
+        ConfigError: RESUME_FROM names a damaged checkpoint, or one this run would not continue.
     """
 
     def __init__(self, cfg: TrainConfig, dist: DistEnv, model: LoraModelForCasualLM, tokenizer,
-                 train_set, valid_set, precision: str) -> None:
+                 train_set, valid_set, precision: str, data_fingerprint: str = "") -> None:
         self.cfg, self.dist, self.precision = cfg, dist, precision
         self.raw_model = model
         self.output_dir = Path(cfg.output_dir)
+        self.identity = run_identity(cfg, dist.world_size, data_fingerprint)
         self.train_loader, self.valid_loader = self.prepare_dataloader(train_set, valid_set, tokenizer)
-        self.micro_batches_per_epoch = len(self.train_loader)
+        self.train_sampler: SkipSampler = self.train_loader.sampler
+        # From the full sampler, not len(train_loader): that shrinks while a resumed epoch skips its start.
+        self.micro_batches_per_epoch = math.ceil(len(self.train_sampler.sampler) / cfg.batch_size)
         self.steps_per_epoch = math.ceil(self.micro_batches_per_epoch / cfg.grad_accum_steps)
         self.total_steps = cfg.num_epochs * self.steps_per_epoch
         if cfg.max_steps > 0:
@@ -294,8 +698,11 @@ class Trainer:
         self.batches_done = 0     # micro-batches of the current epoch already trained on
         self.skipped_steps = 0    # fp16 steps the GradScaler skipped for inf/NaN gradients
         self._saved_step = -1     # step of the last checkpoint this run wrote
-        if cfg.resume_from:
-            self.resume(Path(cfg.resume_from))
+        self.resumed_from: Path | None = None
+        self._signals: StopSignals | None = None  # set while train() runs
+        checkpoint = resolve_resume(cfg, dist)
+        if checkpoint is not None:
+            self.resume(checkpoint)
 
         # DDP wraps the LoRA model after injection, so only the adapter's gradients are all-reduced (DDP reduces
         # the parameters that require grad). broadcast_buffers=False: buffers, if the model has any (rotary
@@ -318,15 +725,17 @@ class Trainer:
             sampler = DistributedSampler(train_set, num_replicas=dist.world_size, rank=dist.rank, shuffle=True,
                                          seed=cfg.seed, drop_last=False)
         collate = PadCollator(tokenizer)
-        # A generator of its own: otherwise each new epoch's iterator draws from the global RNG, and a resumed run's
-        # dropout masks would drift from the uninterrupted run's.
-        train_loader = DataLoader(train_set, batch_size=cfg.batch_size, sampler=sampler, collate_fn=collate,
-                                  num_workers=cfg.num_workers, pin_memory=dist.device.type == "cuda",
+        # Generators of their own: otherwise each new iterator (every epoch, every evaluation) draws a seed from
+        # the global RNG, and a resumed run's dropout masks would drift from the uninterrupted run's (or depend on
+        # EVAL_FREQ, which may change on resume).
+        train_loader = DataLoader(train_set, batch_size=cfg.batch_size, sampler=SkipSampler(sampler),
+                                  collate_fn=collate, num_workers=cfg.num_workers,
+                                  pin_memory=dist.device.type == "cuda",
                                   generator=torch.Generator().manual_seed(cfg.seed))
         # Every rank evaluates its own slice once (no padding repeats); the loss sums are all-reduced.
         valid_shard = Subset(valid_set, range(dist.rank, len(valid_set), dist.world_size))
         valid_loader = DataLoader(valid_shard, batch_size=cfg.batch_size, shuffle=False, collate_fn=collate,
-                                  num_workers=cfg.num_workers)
+                                  num_workers=cfg.num_workers, generator=torch.Generator().manual_seed(cfg.seed))
         return train_loader, valid_loader
 
     def _build_optimizer(self) -> torch.optim.Optimizer:
@@ -345,7 +754,18 @@ class Trainer:
     # --- the loop ---
 
     def train(self) -> dict:
-        """Run until num_epochs or max_steps; returns the last evaluation's metrics."""
+        """Run until num_epochs or max_steps; returns the last evaluation's metrics.
+
+        Raises:
+            TrainingStopped: SIGTERM/SIGINT arrived; the step in progress was finished and checkpointed.
+        """
+        with StopSignals(force_on_second_sigint=not self.dist.ddp) as self._signals:
+            try:
+                return self._train_loop()
+            finally:
+                self._signals = None  # evaluate() outside train() is never abandoned
+
+    def _train_loop(self) -> dict:
         cfg, dist = self.cfg, self.dist
         self.raw_model.train()
         last_eval: dict = {}
@@ -353,15 +773,18 @@ class Trainer:
         with tqdm(total=self.total_steps, initial=self.step, disable=not dist.is_master, desc="train",
                   dynamic_ncols=True) as progress:
             while self.epoch < cfg.num_epochs and self.step < self.total_steps:
-                self.train_loader.sampler.set_epoch(self.epoch)
-                batches = itertools.islice(iter(self.train_loader), self.batches_done, None)
-                while self.step < self.total_steps:
-                    micro_batches = list(itertools.islice(batches, cfg.grad_accum_steps))
-                    if not micro_batches:
-                        break
+                batches = self._epoch_batches()
+                epoch_done = False
+                while not epoch_done and self.step < self.total_steps:
+                    micro_batches = self._next_micro_batches(batches)
                     started = time.perf_counter()
                     metrics = self.optimizer_step(micro_batches)
                     self.batches_done += len(micro_batches)
+                    # The data position moves to the next epoch at once, so that a checkpoint of this step resumes
+                    # there (and not at the end of an epoch already trained).
+                    epoch_done = self.batches_done >= self.micro_batches_per_epoch
+                    if epoch_done:
+                        self.epoch, self.batches_done = self.epoch + 1, 0
                     metrics["tokens_per_s"] = metrics.pop("tokens") / (time.perf_counter() - started)
                     self._log(metrics)
                     progress.update(1)
@@ -370,15 +793,37 @@ class Trainer:
                     if self.scaler.is_enabled():
                         postfix["skipped"] = self.skipped_steps  # fp16 steps the GradScaler threw away
                     progress.set_postfix(postfix)
-                    if cfg.eval_freq and self.step % cfg.eval_freq == 0:
+                    if epoch_done or (cfg.eval_freq and self.step % cfg.eval_freq == 0):
                         last_eval = self.evaluate()
-                    if cfg.save_steps and self.step % cfg.save_steps == 0:
+                    if epoch_done or (cfg.save_steps and self.step % cfg.save_steps == 0):
                         self.save_checkpoint()
-                if self.batches_done >= self.micro_batches_per_epoch:
-                    self.epoch, self.batches_done = self.epoch + 1, 0
-                    last_eval = self._evaluate_once(last_eval)
-                    self.save_checkpoint()
-        return self._evaluate_once(last_eval)  # MAX_STEPS can end the run mid-epoch
+                    self._stop_if_asked()
+            last_eval = self._evaluate_once(last_eval)  # MAX_STEPS can end the run mid-epoch
+            self._stop_if_asked()  # a signal during that evaluation
+        return last_eval
+
+    def _epoch_batches(self):
+        """An iterator over this rank's micro-batches of the current epoch, from the current data position."""
+        self.train_sampler.set_epoch(self.epoch)
+        self.train_sampler.skip = self.batches_done * self.cfg.batch_size
+        return iter(self.train_loader)
+
+    def _next_micro_batches(self, batches) -> list[dict]:
+        with data_worker_errors(self.cfg.num_workers):
+            return list(itertools.islice(batches, self.cfg.grad_accum_steps))
+
+    def _stop_if_asked(self) -> None:
+        """After each step: if any rank got SIGTERM/SIGINT, every rank writes the checkpoint and stops.
+
+        One all-reduce of one number per step (MAX over ranks, so one rank's signal stops all): the ranks must
+        decide together, after the same step, or one would wait forever in a collective the others never join.
+        """
+        flag = torch.tensor([self._signals.received], device=self.dist.device)
+        if self.dist.ddp:
+            torch_dist.all_reduce(flag, op=torch_dist.ReduceOp.MAX)
+        signum = int(flag.item())
+        if signum:
+            raise TrainingStopped(signum, self.step, self.save_checkpoint())
 
     def _evaluate_once(self, last_eval: dict) -> dict:
         return last_eval if last_eval.get("step") == self.step else self.evaluate()
@@ -442,19 +887,28 @@ class Trainer:
 
     @torch.no_grad()
     def evaluate(self) -> dict:
-        """Validation loss (token mean over all ranks' shards) and perplexity."""
+        """Validation loss (token mean over all ranks' shards) and perplexity.
+
+        A stop signal abandons it (on a real validation set it can take minutes, longer than torchrun waits
+        before it kills its workers); it then returns {} and logs nothing.
+        """
         device = self.dist.device
         self.raw_model.eval()
-        totals = torch.zeros(2, device=device, dtype=torch.float64)  # [loss sum, label tokens]
-        for batch in self.valid_loader:
-            batch = {k: v.to(device) for k, v in batch.items()}
-            with autocast_context(self.precision, device):
-                logits = self.raw_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-            totals[0] += sum_token_loss(logits, next_token_labels(batch)).double()
-            totals[1] += count_label_tokens(batch)
+        totals = torch.zeros(3, device=device, dtype=torch.float64)  # [loss sum, label tokens, ranks that gave up]
+        with data_worker_errors(self.cfg.num_workers):
+            for batch in self.valid_loader:
+                if self._signals is not None and self._signals.received:
+                    totals[2] = 1
+                    break
+                batch = {k: v.to(device) for k, v in batch.items()}
+                with autocast_context(self.precision, device):
+                    logits = self.raw_model(input_ids=batch["input_ids"],
+                                            attention_mask=batch["attention_mask"]).logits
+                totals[0] += sum_token_loss(logits, next_token_labels(batch)).double()
+                totals[1] += count_label_tokens(batch)
         self.raw_model.train()
-        loss_sum, tokens = all_reduce_sum(totals, self.dist).tolist()
-        if tokens == 0:
+        loss_sum, tokens, abandoned = all_reduce_sum(totals, self.dist).tolist()
+        if tokens == 0 or abandoned:
             return {}
         loss = loss_sum / tokens
         metrics = {"step": self.step, "epoch": self.epoch, "eval_loss": loss,
@@ -481,54 +935,89 @@ class Trainer:
             torch_dist.all_gather_object(rng_states, rng_state())
         return {
             "step": self.step, "epoch": self.epoch, "batches_done": self.batches_done,
-            "skipped_steps": self.skipped_steps, "world_size": self.dist.world_size,
+            "skipped_steps": self.skipped_steps,
             "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
             "scaler": self.scaler.state_dict(), "rng": rng_states,
-            "config": dataclasses.asdict(self.cfg),
         }
 
     def save_checkpoint(self) -> Path:
-        """Write `OUTPUT_DIR/checkpoint-<step>/` (adapter in PEFT layout + trainer_state.pt) atomically.
-        Every rank must call it (the RNG states are gathered); only rank 0 writes."""
+        """Write `OUTPUT_DIR/checkpoint-<step>/` (adapter in PEFT layout + trainer_state.pt + manifest.json), complete
+        or not at all (see `write_checkpoint`), then apply SAVE_TOTAL_LIMIT. Every rank must call it (the RNG
+        states are gathered); only rank 0 writes.
+
+        Raises:
+            RunError: on every rank, when rank 0 could not write (disk full, read-only folder); the checkpoints
+                already on disk are untouched.
+        """
         final = self.output_dir / f"{CHECKPOINT_PREFIX}{self.step}"
         if self._saved_step == self.step:
-            return final  # SAVE_STEPS and the end of an epoch can fall on the same step
-        self._saved_step = self.step
+            return final  # SAVE_STEPS, the end of an epoch and a stop signal can fall on the same step
         state = self.trainer_state()
+        error = ""
         if self.dist.is_master:
-            staging = self.output_dir / f".{final.name}.tmp"
-            self.raw_model.save_pretrained(staging)
-            torch.save(state, staging / TRAINER_STATE_NAME)
-            replace_directory(staging, final)
-        if self.dist.ddp:
-            torch_dist.barrier()  # nobody runs ahead (or exits) before the checkpoint is complete
+            manifest = {"format": CHECKPOINT_FORMAT, "step": self.step, "epoch": self.epoch,
+                        "batches_done": self.batches_done, "total_steps": self.total_steps,
+                        "precision": self.precision, "config_hash": identity_hash(self.identity),
+                        "identity": self.identity, "config": dataclasses.asdict(self.cfg)}
+            try:
+                write_checkpoint(final, self.raw_model, state, manifest)
+            except OSError as err:
+                reason = f"[Errno {err.errno}] {err.strerror}" if err.strerror else str(err)
+                error = f"cannot write checkpoint to {final}: {reason}"
+            else:
+                self._prune_checkpoints(final)
+        # Every rank learns whether rank 0's write worked, so all stop together if it did not. This all-reduce is
+        # also the barrier that keeps any rank from running ahead of (or exiting before) an unfinished checkpoint.
+        failed = all_reduce_sum(torch.tensor([float(bool(error))], device=self.dist.device), self.dist)
+        if failed.item():
+            raise RunError(f"{error or f'rank 0 could not write {final}'}; the last complete checkpoint is "
+                           f"{self.latest_checkpoint() or 'none'}")
+        self._saved_step = self.step
         return final
 
+    def _prune_checkpoints(self, written: Path) -> None:
+        if self.cfg.save_total_limit <= 0:
+            return
+        try:
+            prune_checkpoints(self.output_dir, self.cfg.save_total_limit, written)
+        except OSError as err:  # the new checkpoint is safe; failing to delete an old one must not end the run
+            note(f"SAVE_TOTAL_LIMIT: could not delete an old checkpoint: {err}")
+
     def latest_checkpoint(self) -> Path | None:
-        found = [p for p in self.output_dir.glob(f"{CHECKPOINT_PREFIX}*") if (p / TRAINER_STATE_NAME).is_file()]
-        return max(found, key=lambda p: int(p.name[len(CHECKPOINT_PREFIX):]), default=None)
+        """The newest complete checkpoint in OUTPUT_DIR (None if there is none)."""
+        return find_latest_checkpoint(self.output_dir)
 
     def resume(self, checkpoint: Path) -> None:
-        """Restore adapter, optimizer, schedule, scaler, RNG and data position from a checkpoint."""
-        state_path = checkpoint / TRAINER_STATE_NAME
-        if not state_path.is_file():
-            raise ConfigError(f"RESUME_FROM={str(checkpoint)!r}: no {TRAINER_STATE_NAME} there; point it at a "
-                              f"{CHECKPOINT_PREFIX}<step> folder inside an OUTPUT_DIR")
+        """Restore adapter, optimizer, schedule, scaler, RNG and data position from a checkpoint.
+
+        Raises:
+            ConfigError: the checkpoint is damaged, or was trained with settings that this run would change.
+        """
+        manifest = check_resumable(checkpoint, self.identity)
         try:
             _, tensors = read_adapter_dir(checkpoint)
             self.raw_model.load_adapter_weights(tensors, source=str(checkpoint))
         except (OSError, ValueError) as err:
             raise ConfigError(f"RESUME_FROM: {err}") from None
-        state = torch.load(state_path, map_location="cpu", weights_only=True)
-        if state["world_size"] != self.dist.world_size:
-            raise ConfigError(f"RESUME_FROM: checkpoint was written by {state['world_size']} process(es), this run "
-                              f"has {self.dist.world_size}; the data order would differ")
+        state = torch.load(checkpoint / TRAINER_STATE_NAME, map_location="cpu", weights_only=True)
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
-        self.scaler.load_state_dict(state["scaler"])
+        # A checkpoint from a run without fp16 has an empty scaler state; an fp16 run then starts a fresh scale.
+        if state["scaler"] or not self.scaler.is_enabled():
+            self.scaler.load_state_dict(state["scaler"])
         self.step, self.epoch = state["step"], state["epoch"]
         self.batches_done, self.skipped_steps = state["batches_done"], state["skipped_steps"]
         set_rng_state(state["rng"][self.dist.rank])
+        self.resumed_from = checkpoint
+        if self.dist.is_master:
+            if manifest["total_steps"] != self.total_steps:
+                note(f"the run now ends at step {self.total_steps} instead of {manifest['total_steps']} (NUM_EPOCHS "
+                     "or MAX_STEPS changed): the learning-rate schedule is recomputed for the new length, so the "
+                     "rest of the run differs from an uninterrupted one")
+            if manifest["precision"] != self.precision:
+                note(f"precision is {self.precision} here but was {manifest['precision']}: the rest of the run "
+                     "differs slightly from an uninterrupted one")
+            trim_metrics(self.output_dir / METRICS_NAME, self.step)
 
     def save_final_adapter(self) -> None:
         """The finished adapter, directly in OUTPUT_DIR (loadable with PeftModel.from_pretrained(base, OUTPUT_DIR)).
@@ -551,7 +1040,11 @@ def plot_loss_curve(metrics_path: Path, png_path: Path) -> None:
     matplotlib.use("Agg")  # no display needed
     import matplotlib.pyplot as plt
 
-    rows = [json.loads(line) for line in metrics_path.read_text(encoding="utf-8").splitlines()]
+    rows = []
+    for line in metrics_path.read_text(encoding="utf-8", errors="replace").splitlines():
+        with contextlib.suppress(ValueError):  # a line cut short by a kill
+            rows.append(json.loads(line))
+    rows = [r for r in rows if isinstance(r, dict) and "step" in r]
     train = [(r["step"], r["loss"]) for r in rows if "loss" in r]
     valid = [(r["step"], r["eval_loss"]) for r in rows if "eval_loss" in r]
     fig, ax = plt.subplots(figsize=(7, 4))
@@ -586,22 +1079,40 @@ def print_banner(cfg: TrainConfig, dist: DistEnv, precision: str, stats: dict, t
         f"batch        {cfg.batch_size} x {cfg.grad_accum_steps} accumulation x {dist.world_size} processes = "
         f"{effective_batch} examples per optimizer step; {trainer.total_steps:,} steps",
         f"output       {cfg.output_dir}",
+        "checkpoints  " + (f"every {cfg.save_steps} steps and " if cfg.save_steps else "")
+        + "at each epoch's end; " + (f"the newest {cfg.save_total_limit} kept" if cfg.save_total_limit
+                                      else "all kept"),
     ]
+    if trainer.resumed_from is not None:
+        lines.append(f"resumed      from {trainer.resumed_from}: step {trainer.step}, epoch {trainer.epoch + 1}, "
+                     f"{trainer.batches_done} of its {trainer.micro_batches_per_epoch} micro-batches done")
     print("\n".join(lines), flush=True)
 
 
 def run(cfg: TrainConfig, dist: DistEnv) -> dict:
-    """Everything after set-up. Errors in the data or settings surface before the model loads and before
-    anything is written to OUTPUT_DIR."""
+    """Everything after set-up. Errors in the data or settings (a damaged or incompatible RESUME_FROM included)
+    surface before the model loads and before anything is written to OUTPUT_DIR.
+
+    Raises:
+        TrainingStopped: a stop signal; the checkpoint is written.
+    """
     seed_everything(cfg.seed)
     precision = resolve_precision(cfg, dist.device)
     tokenizer = load_tokenizer(cfg.model_path)
     train_set, valid_set, stats = prepare_datasets(cfg, tokenizer)
+    checkpoint = resolve_resume(cfg, dist)
+    if checkpoint is not None:
+        check_resumable(checkpoint, run_identity(cfg, dist.world_size, stats["fingerprint"]))
+    elif dist.is_master and not cfg.resume_from and checkpoint_dirs(Path(cfg.output_dir)):
+        note(f"{cfg.output_dir} already holds checkpoints up to {checkpoint_dirs(Path(cfg.output_dir))[0].name}; "
+             "this run starts at step 0 (RESUME_FROM=latest would continue the earlier run instead)")
+    cfg = dataclasses.replace(cfg, resume_from=str(checkpoint) if checkpoint is not None else "")
     model = load_pretrained_model(cfg.model_path, dist.device, base_weight_dtype(precision, dist.device))
     lora_model = build_lora_model(model, cfg, cfg.model_path)  # same seed on every rank: identical LoRA init
     # Dropout masks should differ between ranks; the offset keeps each rank's stream reproducible.
     torch.manual_seed(cfg.seed + dist.rank)
-    trainer = Trainer(cfg, dist, lora_model, tokenizer, train_set, valid_set, precision)
+    trainer = Trainer(cfg, dist, lora_model, tokenizer, train_set, valid_set, precision,
+                      data_fingerprint=stats["fingerprint"])
     if dist.is_master:
         print_banner(cfg, dist, precision, stats, trainer, lora_model)
     metrics = trainer.train()
@@ -613,17 +1124,67 @@ def run(cfg: TrainConfig, dist: DistEnv) -> dict:
     return metrics
 
 
+def communication_failure(err: RuntimeError) -> str | None:
+    """The gist of an error from a collective whose peer died or hung (gloo, NCCL); None for any other error.
+
+    gloo raises a plain RuntimeError such as "[.../gloo/transport/tcp/pair.cc:537] Read error [127.0.0.1]:3490:
+    Connection reset by peer. This is typically caused by ..."; this returns "Read error [...]: Connection reset
+    by peer".
+    """
+    text = str(err).strip()
+    if not (isinstance(err, torch_dist.DistError) or "gloo" in text.lower() or "nccl" in text.lower()):
+        return None
+    first_line = re.sub(r"^\[[^\]]*\]\s*", "", text.splitlines()[0] if text else type(err).__name__)
+    return first_line.split(". ")[0].rstrip(".")
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Entry point; returns the exit code (1 for a bad setting, bad data or a failed run)."""
-    dist = None
+    """Entry point; returns the exit code: 0 finished; 1 bad setting, bad data, failed run, checkpoint not written
+    or lost DDP peer; 128 + the signal's number (143 SIGTERM, 130 SIGINT) when a signal stopped the run after
+    writing a checkpoint, and 130 for a second Ctrl-C (stops at once, without one).
+
+    Every failure is one line on stderr, prefixed with the rank under DDP, and no traceback, except for bugs.
+    """
+    dist = cfg = None
+
+    def error(message: str) -> None:
+        rank = f"[rank {dist.rank}] " if dist is not None and dist.ddp else ""
+        print(f"error: {rank}{message}", file=sys.stderr, flush=True)
+
+    def last_checkpoint() -> str:
+        found = cfg and find_latest_checkpoint(Path(cfg.output_dir))
+        return f"; the last complete checkpoint is {found or 'none'}" if cfg else ""
+
     try:
         cfg = load_config(argv)
         dist = setup_distributed(cfg)
         run(cfg, dist)
         return 0
+    except TrainingStopped as stop:
+        if dist.is_master:
+            print(f"{stop}: checkpoint written to {stop.checkpoint}; continue with RESUME_FROM=latest",
+                  file=sys.stderr, flush=True)
+        return 128 + stop.signum
+    except KeyboardInterrupt:
+        error(f"interrupted by Ctrl-C, without a checkpoint{last_checkpoint()}")
+        return 130
     except (ConfigError, DataError, RunError) as err:
-        rank = f"[rank {dist.rank}] " if dist is not None and dist.ddp else ""
-        print(f"error: {rank}{err}", file=sys.stderr, flush=True)
+        error(str(err))
+        return 1
+    except OSError as err:  # disk full or folder read-only while writing metrics or the final adapter
+        error(f"{err}{last_checkpoint()}")
+        return 1
+    except RuntimeError as err:
+        if str(err).startswith("DataLoader worker"):
+            # Raised by the DataLoader's SIGCHLD handler, wherever the main thread is at that moment.
+            error(WORKER_DIED.format(str(err).strip()) + last_checkpoint())
+            return 1
+        gist = communication_failure(err) if dist is not None and dist.ddp else None
+        if gist is None:
+            raise  # a bug: keep its traceback
+        waited = f" for DDP_TIMEOUT={cfg.ddp_timeout} s" if "time" in gist.lower() else ""
+        error(f"lost contact with another process ({gist}): it died or hung{waited}; its own error line, if it "
+              f"printed one, says why{last_checkpoint()}")
         return 1
     finally:
         if torch_dist.is_available() and torch_dist.is_initialized():

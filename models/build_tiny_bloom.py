@@ -4,6 +4,10 @@ The result, ``models/tiny-bloom/``, is a toy: a byte-level BPE tokenizer and a f
 both trained for a few minutes on the 2,000-record Alpaca sample. It exists so that the LoRA pipeline can
 be run end to end without downloading ``bigscience/bloom-1b7``; it is not a useful language model.
 
+The tokenizer is trained on the records in the Alpaca template, but the model is pre-trained on them as plain
+text (instruction, input and output as paragraphs): like a real base model it knows the words but not the
+instruction template, which is what LoRA fine-tuning then has to learn.
+
 Usage::
 
     python models/build_tiny_bloom.py [--out models/tiny-bloom] [--steps N]
@@ -48,8 +52,8 @@ HIDDEN_SIZE = 128
 N_LAYER = 4
 N_HEAD = 4
 SEQ_LEN = 256
-BATCH_SIZE = 16
-DEFAULT_STEPS = 400
+BATCH_SIZE = 8
+DEFAULT_STEPS = 800
 PEAK_LR = 3e-3
 WARMUP_STEPS = 20
 WEIGHT_DECAY = 0.01
@@ -121,14 +125,14 @@ def alpaca_prompt(instruction, input_text=""):
     return PROMPT_NO_INPUT.format(instruction=instruction)
 
 
-def load_texts(path):
-    """Read Alpaca records and return each as full training text (prompt followed by the output).
+def load_records(path):
+    """Read and check the Alpaca records.
 
     Args:
         path: JSON file holding a list of ``{"instruction", "input", "output"}`` objects.
 
     Returns:
-        A list of strings, one per record, in file order, without the EOS token.
+        The records, in file order.
 
     Raises:
         SystemExit: If the file is missing or a record lacks one of the three keys.
@@ -136,13 +140,31 @@ def load_texts(path):
     if not path.is_file():
         raise SystemExit(f"Alpaca data file not found: {path}")
     records = json.loads(path.read_text(encoding="utf-8"))
-    texts = []
     for i, record in enumerate(records):
         missing = {"instruction", "input", "output"} - set(record)
         if missing:
             raise SystemExit(f"{path}: record #{i} lacks keys {sorted(missing)}")
-        texts.append(alpaca_prompt(record["instruction"], record["input"]) + record["output"])
-    return texts
+    return records
+
+
+def template_text(record):
+    """One record as the fine-tuning pipeline sees it: Alpaca prompt followed by the output (no EOS).
+
+    Used for the tokenizer only, so that the template's words ("### Instruction:", "Below is an instruction
+    ...") get tokens of their own, as they would in a real base model's vocabulary.
+    """
+    return alpaca_prompt(record["instruction"], record["input"]) + record["output"]
+
+
+def plain_text(record):
+    """One record as plain text: instruction, input (when present) and output as paragraphs (no EOS).
+
+    This is the pre-training text. It has none of the template's wording or ``###`` markers, so the model
+    learns the words of the data but not the instruction format: that is left for LoRA fine-tuning to teach,
+    as with a real base model.
+    """
+    paragraphs = [record["instruction"], record["input"], record["output"]]
+    return "\n\n".join(p for p in paragraphs if p)
 
 
 def train_tokenizer(texts, vocab_size=VOCAB_SIZE):
@@ -334,8 +356,15 @@ def write_model_card(out_dir, info):
 
 A **toy** BLOOM model for testing this repository's LoRA pipeline offline (unit tests, the offline quick
 start). It is about {info['n_params'] / 1e6:.1f}M parameters, trained for a few minutes on CPU: it writes
-English-looking words in the Alpaca response format, but its answers are not meaningful. It is **not a
-useful language model**; use `bigscience/bloom-1b7` for real fine-tuning.
+English-looking words, but what it writes is not meaningful. It is **not a useful language model**; use
+`bigscience/bloom-1b7` for real fine-tuning.
+
+Like a real base model, it has read the words of the Alpaca data but never the Alpaca instruction template:
+it was pre-trained on the records as **plain text** (see below). The template and the response format are
+what LoRA fine-tuning teaches it, so the offline quick start's validation loss visibly falls (measured
+with this build: 4.70, 4.57, 4.54 at steps 20, 40, 60). An earlier version was pre-trained on the very
+records of the quick start in the template itself; fine-tuning then had nothing left to learn and the eval
+loss stayed flat to within 0.002 (3.058, 3.057, 3.057).
 
 ## How it was built
 
@@ -348,16 +377,23 @@ tokenizer training): the same command on the same machine and library versions g
 `tokenizer.json` and `model.safetensors`. Other CPUs or library versions may differ in the last bits.
 
 1. **Tokenizer**: byte-level BPE trained with the `tokenizers` library on the Alpaca sample's full texts
-   (prompt in the Alpaca template + output), vocabulary {info['vocab_size']}. Same pipeline as BLOOM's tokenizer: no
-   normalizer, BLOOM's regex split, byte-level pre-tokenizer and decoder (any UTF-8 text round-trips), no
+   (prompt in the Alpaca template + output, so that the template's words tokenize as compactly as in a
+   real vocabulary; some of its tokens, such as `###` and ` Response:`, never occur in the pre-training
+   text, so the model has to learn them in fine-tuning), vocabulary {info['vocab_size']}. Same pipeline as
+   BLOOM's tokenizer: no normalizer, BLOOM's regex split, byte-level pre-tokenizer and decoder (any UTF-8 text round-trips), no
    special tokens added when encoding. Special tokens at BLOOM's ids: `<unk>`=0, `<s>`=1, `</s>`=2, `<pad>`=3;
    padding on the left, as BLOOM.
 2. **Model**: `BloomForCausalLM` (ALiBi positions, pre-LayerNorm, embedding LayerNorm, GELU MLP with 4x width,
    tied input/output embeddings, no dropout), float32, initialised from seed {SEED}.
 3. **Pre-training**: {info['steps']} AdamW steps (peak lr {PEAK_LR}, {WARMUP_STEPS} warm-up steps, cosine decay, weight decay
    {WEIGHT_DECAY}, gradient clipping 1.0), batches of {BATCH_SIZE} x {SEQ_LEN} tokens packed from the {info['n_blocks']} blocks of the
-   Alpaca sample (each record = Alpaca prompt + output + `</s>`). Final training loss (mean of the last
-   {LOG_EVERY} steps): {info['final_loss']:.3f}.
+   Alpaca sample as plain text: each record is its instruction, input (when there is one) and output as
+   paragraphs separated by a blank line, then `</s>`, with none of the template's wording ("Below is an
+   instruction ...") or its `### Instruction:` / `### Input:` / `### Response:` markers. Final training loss
+   (mean of the last {LOG_EVERY} steps): {info['final_loss']:.3f}.
+
+   Nothing is held out: the model has seen the words of the quick start's validation records. That is
+   intended: what fine-tuning learns here is the format, which the model has not seen for any record.
 
 ## Architecture
 
@@ -429,15 +465,16 @@ def build(out_dir, steps, data_path):
     torch.set_num_threads(NUM_THREADS)
     torch.use_deterministic_algorithms(True)
 
-    texts = load_texts(data_path)
+    records = load_records(data_path)
     t0 = time.perf_counter()
-    tokenizer = train_tokenizer(texts)
+    tokenizer = train_tokenizer([template_text(record) for record in records])
     hf_tokenizer = save_tokenizer(tokenizer, out_dir)
     vocab_size = tokenizer.get_vocab_size()
     print(f"tokenizer: {vocab_size} tokens, trained in {time.perf_counter() - t0:.1f}s", flush=True)
 
-    blocks = pack_blocks(hf_tokenizer, texts)
-    print(f"data: {len(texts)} records -> {blocks.numel():,} tokens in {len(blocks)} blocks of {SEQ_LEN}", flush=True)
+    blocks = pack_blocks(hf_tokenizer, [plain_text(record) for record in records])
+    print(f"data: {len(records)} records as plain text -> {blocks.numel():,} tokens in {len(blocks)} blocks "
+          f"of {SEQ_LEN}", flush=True)
 
     model = BloomForCausalLM(build_config(vocab_size))
     n_params = sum(p.numel() for p in model.parameters())

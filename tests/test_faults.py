@@ -1,0 +1,697 @@
+"""Surviving faults: kills at random moments, a crash in the middle of a checkpoint, SIGTERM, a dead DDP rank, a dead
+data-loader worker, a full disk, damaged or incompatible checkpoints, and malformed input.
+
+The reference for every resumed run is the same command run without interruption: a run killed and resumed (once
+or several times) must end with the same adapter, bit for bit, and must have logged the same loss at every step.
+Every killed run is a real `python train.py` (or torchrun) process, killed from outside; the moment is random
+(from a seeded generator), after step 15 as seen in metrics.jsonl.
+"""
+
+import contextlib
+import dataclasses
+import errno
+import io
+import json
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+import torch
+from hypothesis import HealthCheck, assume, example, given, settings
+from hypothesis import strategies as st
+from safetensors.torch import load_file
+
+import config
+import train
+from alpaca_data import DataError, load_records, validate_records
+from config import ConfigError, TrainConfig, load_config
+
+REPO = Path(__file__).resolve().parents[1]
+TINY_BLOOM = REPO / "models" / "tiny-bloom"
+SAMPLE = REPO / "data" / "alpaca_sample.json"
+CRASH_WORKER = REPO / "tests" / "crash_worker.py"
+STEPS = 40
+
+# 72 records: 8 for validation, 64 to train on. One process: 32 micro-batches of 2 per epoch, 2 per step, so 16
+# steps per epoch; two ranks: 8 steps per epoch. The 40 steps cross epoch ends (checkpoints at 8/16/...), and
+# dropout is on, so an exact resume needs every RNG state back.
+RUN_SETTINGS = {"MODEL_PATH": str(TINY_BLOOM), "MAX_LENGTH": "128", "BATCH_SIZE": "2", "GRAD_ACCUM_STEPS": "2",
+                "SIZE_VALID_SET": "8", "MAX_STEPS": str(STEPS), "NUM_EPOCHS": "5", "SAVE_STEPS": "10",
+                "EVAL_FREQ": "15", "WARMUP_STEPS": "5", "LORA_DROPOUT": "0.1"}
+EXIT_TIMEOUT_S = 30  # a signalled run must be gone within this
+RUN_TIMEOUT_S = 300
+
+
+# --- launching and killing real runs ----------------------------------------------------------------------------------
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """In-process runs on one thread, as the subprocesses (OMP_NUM_THREADS=1): on a shared 2-core machine a
+    2-thread pool that waits for a busy core makes a tiny run many times slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("data") / "small.json"
+    path.write_text(json.dumps(json.loads(SAMPLE.read_text(encoding="utf-8"))[:72]), encoding="utf-8")
+    return path
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory) -> Path:
+    """One tokenization cache for every run of this module (its writes are atomic, so runs may share it)."""
+    return tmp_path_factory.mktemp("cache")
+
+
+def run_env(data: Path, cache: Path, out: Path, **extra: str) -> dict:
+    env = {**os.environ, **RUN_SETTINGS, "DATA_PATH": str(data), "CACHE_DIR": str(cache), "OUTPUT_DIR": str(out),
+           "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
+           "TOKENIZERS_PARALLELISM": "false", **extra}
+    for var in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "DEBUG", "DDP", "RESUME_FROM",
+                "MIX_PREC_TRAIN", "PRECISION", "CRASH_BEFORE"):
+        if var not in extra:
+            env.pop(var, None)
+    if sys.platform == "linux":
+        env["GLOO_SOCKET_IFNAME"] = "lo"
+    return env
+
+
+class Run:
+    """One training process (or torchrun and its workers) in its own session, its output in a log file.
+
+    The process is reaped only in close(), after its session has been killed: until then its pid, which is the
+    session's group id, cannot be reused, so the kill reaches only what is left of this run.
+    """
+
+    def __init__(self, args: list[str], env: dict, log: Path) -> None:
+        self.log_path = log
+        self._log = open(log, "w")
+        self.proc = subprocess.Popen([sys.executable, *args], cwd=REPO, env=env, stdout=self._log,
+                                     stderr=subprocess.STDOUT, start_new_session=True)
+        self.out = Path(env["OUTPUT_DIR"])
+
+    def text(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def running(self) -> bool:
+        if self.proc.returncode is not None:
+            return False
+        return os.waitid(os.P_PID, self.proc.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is None
+
+    def wait_for(self, what: str, condition, timeout: float = RUN_TIMEOUT_S) -> None:
+        deadline = time.monotonic() + timeout
+        while not condition():
+            assert self.running(), f"the run ended before {what}:\n" + self.text()[-3000:]
+            assert time.monotonic() < deadline, f"no {what} after {timeout} s:\n" + self.text()[-3000:]
+            time.sleep(0.02)
+
+    def wait_for_step(self, step: int) -> None:
+        self.wait_for(f"step {step}", lambda: max(logged_steps(self.out), default=0) >= step)
+
+    def wait_for_text(self, text: str) -> None:
+        self.wait_for(repr(text), lambda: text in self.text())
+
+    def wait(self, timeout: float = RUN_TIMEOUT_S) -> int | None:
+        """The exit code, or None if the run was still going after `timeout`; what is left of it is killed."""
+        deadline = time.monotonic() + timeout
+        while self.running() and time.monotonic() < deadline:
+            time.sleep(0.02)
+        finished = not self.running()
+        self.close()
+        return self.proc.returncode if finished else None
+
+    def close(self) -> None:
+        """Kill whatever is left of the run (its whole session), reap it and close the log."""
+        if self.proc.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait()
+        self._log.close()
+
+
+@contextlib.contextmanager
+def runs():
+    """Every Run appended to the yielded list is killed on the way out, whatever happened."""
+    started: list[Run] = []
+    try:
+        yield started
+    finally:
+        for run in started:
+            run.close()
+
+
+def train_py(env: dict, log: Path) -> Run:
+    return Run(["train.py"], env, log)
+
+
+def torchrun(env: dict, log: Path) -> Run:
+    return Run(["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train.py"],
+               {**env, "DDP": "true"}, log)
+
+
+def worker_processes(run: Run) -> dict[int, psutil.Process]:
+    """torchrun's worker processes, by rank."""
+    workers = {int(p.environ()["RANK"]): p for p in psutil.Process(run.proc.pid).children(recursive=True)
+               if "RANK" in p.environ()}
+    assert sorted(workers) == [0, 1], workers
+    return workers
+
+
+def logged_steps(out: Path) -> list[int]:
+    rows = metric_rows(out)
+    return [row["step"] for row in rows if "loss" in row]
+
+
+def metric_rows(out: Path) -> list[dict]:
+    path = out / "metrics.jsonl"
+    if not path.is_file():
+        return []
+    rows = []
+    for line in path.read_text(errors="replace").splitlines():
+        with contextlib.suppress(ValueError):  # a line being written
+            rows.append(json.loads(line))
+    return rows
+
+
+def step_numbers(out: Path) -> list[tuple]:
+    """(step, loss, lr, grad_norm) of every logged optimizer step."""
+    return [(r["step"], r["loss"], r["lr"], r["grad_norm"]) for r in metric_rows(out) if "loss" in r]
+
+
+def adapter(path: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(path / "adapter_model.safetensors"))
+
+
+def max_abs_diff(a: dict, b: dict) -> float:
+    assert a.keys() == b.keys() and a
+    return max((a[k] - b[k]).abs().max().item() for k in a)
+
+
+def visible_checkpoints(out: Path) -> list[str]:
+    return sorted((p.name for p in train.checkpoint_dirs(out)), key=lambda n: int(n.split("-")[1]))
+
+
+def leftovers(out: Path) -> list[str]:
+    return sorted(p.name for p in out.iterdir() if p.name.startswith("."))
+
+
+def assert_same_run(resumed: Path, straight: Path) -> float:
+    """The resumed run logged every step once, with the uninterrupted run's numbers, and ended with its adapter."""
+    assert [s[0] for s in step_numbers(resumed)] == list(range(1, STEPS + 1))
+    assert step_numbers(resumed) == step_numbers(straight)  # loss, lr and gradient norm at every step
+    diff = max_abs_diff(adapter(resumed), adapter(straight))
+    assert diff <= 1e-6
+    return diff
+
+
+def kill_after_step(run: Run, step: int, rng: random.Random, sig: signal.Signals, target: int | None = None) -> float:
+    """Wait for `step` in metrics.jsonl, then a random moment (up to ~5 steps), then send `sig`; returns when."""
+    run.wait_for_step(step)
+    time.sleep(rng.uniform(0.0, 0.5))
+    assert run.running(), "the run finished before it could be killed:\n" + run.text()[-2000:]
+    os.kill(target or run.proc.pid, sig)
+    return time.monotonic()
+
+
+class Straight:
+    """The uninterrupted reference run, started in the background as soon as a test asks for it."""
+
+    def __init__(self, run: Run) -> None:
+        self.run = run
+
+    def result(self) -> Path:
+        """Its OUTPUT_DIR, once it has finished."""
+        code = self.run.wait()
+        assert code == 0, self.run.text()[-3000:]
+        return self.run.out
+
+
+@pytest.fixture(scope="module")
+def straight(tmp_path_factory, data, cache):
+    root = tmp_path_factory.mktemp("straight")
+    started = Straight(train_py(run_env(data, cache, root / "out"), root / "log.txt"))
+    yield started
+    started.run.close()
+
+
+@pytest.fixture(scope="module")
+def straight_ddp(tmp_path_factory, data, cache):
+    root = tmp_path_factory.mktemp("straight_ddp")
+    started = Straight(torchrun(run_env(data, cache, root / "out"), root / "log.txt"))
+    yield started
+    started.run.close()
+
+
+# --- kills, crashes and signals: the run always resumes exactly -------------------------------------------------------
+
+@pytest.mark.slow
+def test_one_process_survives_sigkill_a_crash_mid_checkpoint_and_sigterm(tmp_path, data, cache, straight):
+    """`python train.py`, interrupted three ways and resumed each time with RESUME_FROM=latest, ends bit-identical
+    to the uninterrupted run."""
+    rng = random.Random(6)
+    out = tmp_path / "out"
+    env = run_env(data, cache, out)
+    with runs() as started:
+        # 1. SIGKILL at a random moment after step 15.
+        started.append(first := train_py(env, tmp_path / "1.txt"))
+        kill_after_step(first, 15, rng, signal.SIGKILL)
+        assert first.wait() == -signal.SIGKILL
+        killed_at = max(logged_steps(out))
+        assert 15 <= killed_at < STEPS
+
+        # 2. Resumed; the process dies while writing its first checkpoint (after trainer_state.pt, before the
+        #    manifest). That half-written checkpoint must never be picked.
+        before = train.find_latest_checkpoint(out)
+        started.append(crash := Run([str(CRASH_WORKER)], {**env, "RESUME_FROM": "latest",
+                                                         "CRASH_BEFORE": "manifest"}, tmp_path / "2.txt"))
+        assert crash.wait() == 137, crash.text()[-3000:]
+        assert f"resumed      from {before}" in crash.text()
+        assert [p for p in leftovers(out) if p.endswith(".tmp")], leftovers(out)  # the staging folder, half done
+        assert train.find_latest_checkpoint(out) == before
+
+        # 3. Resumed from the checkpoint before the crash; SIGTERM a random moment after two more steps: the step
+        #    in progress is finished, checkpointed, and the process exits with 143 within 30 s.
+        started.append(third := train_py({**env, "RESUME_FROM": "latest"}, tmp_path / "3.txt"))
+        third.wait_for_text(f"resumed      from {before}")
+        third.wait_for(f"step {train.checkpoint_step(before) + 2} of the resumed run",
+                       lambda: max(logged_steps(out)) >= train.checkpoint_step(before) + 2)
+        signalled = kill_after_step(third, 0, rng, signal.SIGTERM)
+        assert third.wait(EXIT_TIMEOUT_S) == 128 + signal.SIGTERM
+        assert time.monotonic() - signalled < EXIT_TIMEOUT_S
+        stopped = max(logged_steps(out))
+        checkpoint = out / f"checkpoint-{stopped}"
+        assert f"stopped by SIGTERM after step {stopped}: checkpoint written to {checkpoint}" in third.text()
+        assert train.find_latest_checkpoint(out) == checkpoint
+        assert not leftovers(out)  # the crash's staging folder was cleared by the next save
+
+        # 4. Resumed to the end, with settings that may change on resume changed: evaluation, data-loading
+        #    workers, and SAVE_TOTAL_LIMIT.
+        started.append(last := train_py({**env, "RESUME_FROM": "latest", "EVAL_FREQ": "7", "NUM_WORKERS": "1",
+                                         "SAVE_TOTAL_LIMIT": "2"}, tmp_path / "4.txt"))
+        assert last.wait() == 0, last.text()[-3000:]
+        assert f"resumed      from {checkpoint}: step {stopped}" in last.text()
+
+    diff = assert_same_run(out, straight.result())
+    print(f"single process: SIGKILL at step {killed_at}, resumed from {before.name} and crashed in its first save, "
+          f"resumed again, SIGTERM after step {stopped}; max |resumed - straight| = {diff}")
+    assert diff == 0.0  # bit-identical
+    kept = visible_checkpoints(out)
+    assert len(kept) == 2 and kept[-1] == f"checkpoint-{STEPS}" and not leftovers(out)  # SAVE_TOTAL_LIMIT=2
+
+
+@pytest.mark.slow
+def test_two_ranks_survive_sigterm_and_a_killed_worker(tmp_path, data, cache, straight_ddp):
+    """`DDP=true torchrun --nproc_per_node=2 train.py`: SIGTERM to torchrun makes both ranks checkpoint the same step
+    and exit; SIGKILL of one worker makes the other report it and exit; the resumed run ends bit-identical."""
+    rng = random.Random(7)
+    out = tmp_path / "out"
+    env = run_env(data, cache, out)
+    with runs() as started:
+        # 1. SIGTERM to torchrun a random moment after step 15; it forwards the signal to both workers. Both
+        #    finish the step, write its checkpoint together and exit, well before torchrun's 30 s grace is over.
+        started.append(first := torchrun(env, tmp_path / "1.txt"))
+        first.wait_for_step(15)
+        workers = worker_processes(first)
+        signalled = kill_after_step(first, 15, rng, signal.SIGTERM)
+        assert first.wait(EXIT_TIMEOUT_S) not in (None, 0), first.text()[-3000:]  # torchrun fails on the signal
+        assert time.monotonic() - signalled < EXIT_TIMEOUT_S
+        assert not psutil.wait_procs(list(workers.values()), timeout=5)[1]  # no worker left behind
+        stopped = max(logged_steps(out))
+        checkpoint = out / f"checkpoint-{stopped}"
+        assert f"stopped by SIGTERM after step {stopped}: checkpoint written to {checkpoint}" in first.text()
+        assert train.find_latest_checkpoint(out) == checkpoint
+        assert "error:" not in first.text() and "closing signal SIGKILL" not in first.text()
+
+        # 2. Resumed; a random moment after two more steps, one worker is killed. The other must notice (an error
+        #    line of its own, not only torchrun's clean-up) and everything must be gone within 60 s.
+        started.append(second := torchrun({**env, "RESUME_FROM": "latest"}, tmp_path / "2.txt"))
+        second.wait_for_text(f"resumed      from {checkpoint}")
+        second.wait_for(f"step {stopped + 2}", lambda: max(logged_steps(out)) >= stopped + 2)
+        workers = worker_processes(second)
+        victim = rng.choice([0, 1])
+        killed = kill_after_step(second, 0, rng, signal.SIGKILL, target=workers[victim].pid)
+        assert second.wait(60) not in (None, 0), second.text()[-3000:]
+        assert time.monotonic() - killed < 60
+        assert not psutil.wait_procs(list(workers.values()), timeout=5)[1]
+        survivor = 1 - victim
+        assert f"error: [rank {survivor}] lost contact with another process" in second.text(), second.text()[-3000:]
+
+        # 3. Resumed to the end.
+        started.append(last := torchrun({**env, "RESUME_FROM": "latest"}, tmp_path / "3.txt"))
+        assert last.wait() == 0, last.text()[-3000:]
+
+    diff = assert_same_run(out, straight_ddp.result())
+    print(f"two ranks: SIGTERM at step {stopped}, rank {victim} killed; max |resumed - straight| = {diff}")
+    assert diff == 0.0  # bit-identical
+
+
+def test_a_signal_is_recorded_and_a_second_ctrl_c_stops_at_once():
+    """What StopSignals promises a person at a terminal; under torchrun (no forcing) a second Ctrl-C is ignored,
+    because torchrun forwards the terminal's Ctrl-C to workers that already got it."""
+    for force in (True, False):
+        with train.StopSignals(force_on_second_sigint=force) as signals:
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(0.05)  # the handler runs at the next bytecode after delivery
+            assert signals.received == signal.SIGTERM
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.05)
+            assert signals.received == signal.SIGTERM  # the first signal is the one reported
+        with train.StopSignals(force_on_second_sigint=force) as signals:
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.05)
+            assert signals.received == signal.SIGINT
+            with pytest.raises(KeyboardInterrupt) if force else contextlib.nullcontext():
+                os.kill(os.getpid(), signal.SIGINT)
+                time.sleep(0.05)
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handlers restored
+
+
+# --- damaged, incomplete and incompatible checkpoints -----------------------------------------------------------------
+
+def copy_checkpoint(straight: Straight, step: int, dest: Path) -> Path:
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copytree(straight.result() / f"checkpoint-{step}", dest)
+    return dest
+
+
+def truncate(path: Path) -> None:
+    path.write_bytes(path.read_bytes()[:-100])
+
+
+def flip_last_byte(path: Path) -> None:
+    content = bytearray(path.read_bytes())
+    content[-1] ^= 0xFF
+    path.write_bytes(bytes(content))
+
+
+def edit_manifest_settings(path: Path) -> None:
+    manifest = json.loads(path.read_text())
+    manifest["identity"]["lora_r"] = 16  # as if to force a resume past the settings check
+    path.write_text(json.dumps(manifest))
+
+
+def test_latest_picks_the_newest_complete_checkpoint_and_resumes_from_it(tmp_path, straight, data, cache,
+                                                                          monkeypatch, capsys):
+    """What kills and crashes leave behind, crafted: latest skips each of them and the run resumes from the newest
+    checkpoint that loads."""
+    out = tmp_path / "out"
+    copy_checkpoint(straight, 10, out / "checkpoint-10")
+    truncate(copy_checkpoint(straight, 16, out / "checkpoint-16") / "trainer_state.pt")
+    (copy_checkpoint(straight, 20, out / "checkpoint-20") / "manifest.json").unlink()  # never completed
+    copy_checkpoint(straight, 30, out / ".checkpoint-30.tmp")  # complete, but never renamed into place
+    (copy_checkpoint(straight, 32, out / "checkpoint-32") / "adapter_model.safetensors").unlink()
+    (out / "checkpoint-40").write_text("not a folder")
+    original = straight.result() / "checkpoint-16"
+    skipped: list[str] = []
+    assert train.find_latest_checkpoint(out, skipped) == out / "checkpoint-10"
+    assert skipped == ["checkpoint-32 (adapter_model.safetensors is missing)",
+                       "checkpoint-20 (manifest.json is missing: the checkpoint is incomplete (its writing was "
+                       "interrupted) or was not written by this train.py)",
+                       f"checkpoint-16 (trainer_state.pt is {(out / 'checkpoint-16/trainer_state.pt').stat().st_size:,}"
+                       f" bytes but manifest.json says {(original / 'trainer_state.pt').stat().st_size:,}: the file "
+                       "was truncated or changed after the checkpoint was written)"]
+
+    for key, value in run_env(data, cache, out, RESUME_FROM="latest", MAX_STEPS="12").items():
+        monkeypatch.setenv(key, value)
+    for var in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(var, raising=False)
+    assert train.main([]) == 0
+    printed = capsys.readouterr().out
+    assert "note: RESUME_FROM=latest: skipping checkpoint-16 (trainer_state.pt is" in printed
+    assert f"resumed      from {out / 'checkpoint-10'}: step 10" in printed
+    assert logged_steps(out) == [11, 12]  # metrics.jsonl is new here: only the resumed steps
+
+
+def test_latest_with_no_checkpoint_starts_at_step_0_with_a_note(tmp_path, data, cache, monkeypatch, capsys):
+    for key, value in run_env(data, cache, tmp_path / "out", RESUME_FROM="latest", MAX_STEPS="1").items():
+        monkeypatch.setenv(key, value)
+    assert train.main([]) == 0
+    assert f"note: RESUME_FROM=latest: no complete checkpoint in {tmp_path / 'out'} yet; starting at step 0" in (
+        capsys.readouterr().out)
+    assert logged_steps(tmp_path / "out") == [1]
+
+
+@pytest.mark.parametrize("damage, file, message", [
+    (truncate, "adapter_model.safetensors", "adapter_model.safetensors is {size} bytes but manifest.json says"),
+    (flip_last_byte, "trainer_state.pt", "trainer_state.pt does not match its SHA-256 in manifest.json"),
+    (flip_last_byte, "adapter_config.json", "adapter_config.json does not match its SHA-256 in manifest.json"),
+    (Path.unlink, "manifest.json", "manifest.json is missing: the checkpoint is incomplete"),
+    (edit_manifest_settings, "manifest.json", "manifest.json was changed after the checkpoint was written"),
+], ids=["truncated", "edited-state", "edited-config", "no-manifest", "edited-manifest"])
+def test_a_damaged_checkpoint_is_refused_naming_the_file(tmp_path, straight, data, cache, monkeypatch, capsys, damage,
+                                                         file, message):
+    checkpoint = copy_checkpoint(straight, 10, tmp_path / "checkpoint-10")
+    damage(checkpoint / file)
+    size = (checkpoint / file).stat().st_size if (checkpoint / file).exists() else 0
+    for key, value in run_env(data, cache, tmp_path / "out", RESUME_FROM=str(checkpoint)).items():
+        monkeypatch.setenv(key, value)
+    assert train.main([]) == 1
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and errors[0].startswith(f"error: RESUME_FROM={checkpoint}: "
+                                                     f"{message.format(size=f'{size:,}')}"), errors
+    assert errors[0].endswith("resume from another checkpoint (RESUME_FROM=latest picks the newest complete one)")
+    assert not (tmp_path / "out").exists()  # refused before anything is written
+
+
+def test_resuming_with_other_settings_is_refused_naming_each(tmp_path, straight, data, cache, monkeypatch, capsys):
+    other_data = tmp_path / "other.json"
+    records = json.loads(data.read_text())
+    records[20]["output"] += " (edited)"
+    other_data.write_text(json.dumps(records))
+    checkpoint = copy_checkpoint(straight, 10, tmp_path / "checkpoint-10")
+    for key, value in run_env(other_data, cache, tmp_path / "out", RESUME_FROM=str(checkpoint), LORA_R="4",
+                              BATCH_SIZE="4", TARGET_MODULES="query_key_value,dense").items():
+        monkeypatch.setenv(key, value)
+    assert train.main([]) == 1
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert errors == [f"error: RESUME_FROM={checkpoint}: this run would not continue the checkpoint's run: "
+                      "TARGET_MODULES is query_key_value,dense here but query_key_value in the checkpoint; "
+                      "LORA_R is 4 here but 8 in the checkpoint; BATCH_SIZE is 4 here but 2 in the checkpoint; "
+                      "the training data differ (other records, tokenizer or prompt template). Set them back, or "
+                      "start a new run in another OUTPUT_DIR"]
+
+
+def test_save_total_limit_deletes_only_older_complete_checkpoints_oldest_first(tmp_path, straight):
+    out = tmp_path / "out"
+    for step in (10, 16, 20, 30, 40):
+        copy_checkpoint(straight, step, out / f"checkpoint-{step}")
+    (out / "checkpoint-16" / "manifest.json").unlink()  # incomplete: left for a person to look at
+    # checkpoint-30 was just written; checkpoint-40 is newer (an earlier run got further): left alone.
+    assert train.prune_checkpoints(out, 2, out / "checkpoint-30") == [out / "checkpoint-10"]
+    assert visible_checkpoints(out) == ["checkpoint-16", "checkpoint-20", "checkpoint-30", "checkpoint-40"]
+    copy_checkpoint(straight, 10, out / "checkpoint-10")
+    assert train.prune_checkpoints(out, 1, out / "checkpoint-30") == [out / "checkpoint-10", out / "checkpoint-20"]
+    assert visible_checkpoints(out) == ["checkpoint-16", "checkpoint-30", "checkpoint-40"] and not leftovers(out)
+
+
+def test_resuming_mid_epoch_skips_batches_without_collating_them():
+    """SkipSampler starts the epoch at the first unseen example: the same batches as skipping them after loading,
+    but the skipped ones are never collated."""
+    calls = []
+
+    def collate(items):
+        calls.append(items)
+        return items
+
+    dataset = list(range(23))
+    for sampler in (torch.utils.data.DistributedSampler(dataset, num_replicas=2, rank=1, shuffle=True, seed=3),
+                    train.LengthGroupedSampler([i % 7 for i in dataset], 3, num_replicas=2, rank=0, seed=3)):
+        skipping = train.SkipSampler(sampler)
+        loader = torch.utils.data.DataLoader(dataset, batch_size=3, sampler=skipping, collate_fn=collate)
+        skipping.set_epoch(2)
+        full = list(loader)
+        calls.clear()
+        skipping.skip = 2 * 3  # two micro-batches done
+        assert list(loader) == full[2:] and len(calls) == len(full) - 2
+
+
+def test_every_setting_is_classified_for_resume():
+    """A new setting must be placed in one of the three groups (must match, may change with a note, free)."""
+    groups = config.RESUME_MUST_MATCH + config.RESUME_MAY_CHANGE_WITH_NOTE + config.RESUME_FREE
+    assert sorted(groups) == sorted(f.name for f in dataclasses.fields(TrainConfig))
+
+
+def test_the_same_data_under_another_path_resumes(tmp_path, straight, data, cache, monkeypatch, capsys):
+    """DATA_PATH may move (another machine, another mount): the content is compared, not the path. The run's new
+    length is allowed, with a note."""
+    moved = tmp_path / "moved" / "data.jsonl"
+    moved.parent.mkdir()
+    moved.write_text("\n".join(json.dumps(r) for r in json.loads(data.read_text())))
+    checkpoint = copy_checkpoint(straight, 10, tmp_path / "checkpoint-10")
+    for key, value in run_env(moved, cache, tmp_path / "out", RESUME_FROM=str(checkpoint), MAX_STEPS="11").items():
+        monkeypatch.setenv(key, value)
+    assert train.main([]) == 0
+    assert ("note: the run now ends at step 11 instead of 40 (NUM_EPOCHS or MAX_STEPS changed): the learning-rate "
+            "schedule is recomputed") in capsys.readouterr().out
+    assert logged_steps(tmp_path / "out") == [11]
+
+
+# --- write errors, dead data-loader workers, DDP timeout --------------------------------------------------------------
+
+def test_a_full_disk_keeps_the_last_checkpoint_and_says_so_in_one_line(tmp_path, data, cache, monkeypatch, capsys):
+    """The disk fills up while checkpoint-4 is written (simulated: torch.save raises ENOSPC the second time)."""
+    real_save, saves = torch.save, []
+
+    def save_until_the_disk_is_full(obj, path, *args, **kwargs):
+        saves.append(path)
+        if len(saves) == 2:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+        return real_save(obj, path, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "save", save_until_the_disk_is_full)
+    out = tmp_path / "out"
+    for key, value in run_env(data, cache, out, SAVE_STEPS="2", MAX_STEPS="6").items():
+        monkeypatch.setenv(key, value)
+    assert train.main([]) == 1
+    captured = capsys.readouterr()
+    errors = [line for line in captured.err.splitlines() if line.startswith("error:")]
+    assert errors == [f"error: cannot write checkpoint to {out / 'checkpoint-4'}: [Errno 28] No space left on "
+                      f"device; the last complete checkpoint is {out / 'checkpoint-2'}"]
+    assert "Traceback" not in captured.err
+    assert visible_checkpoints(out) == ["checkpoint-2"] and not leftovers(out)
+    train.verify_checkpoint(out / "checkpoint-2")
+
+
+class DyingCollator(train.PadCollator):
+    """Kills its own data-loader worker process (as the out-of-memory killer would) at its third batch."""
+
+    calls = 0
+
+    def __call__(self, features):
+        DyingCollator.calls += 1  # counted per process: each worker has its own copy
+        if torch.utils.data.get_worker_info() is not None and DyingCollator.calls == 3:
+            os.kill(os.getpid(), signal.SIGKILL)
+        return super().__call__(features)
+
+
+def test_a_dead_data_loader_worker_is_one_line(tmp_path, data, cache, monkeypatch, capsys):
+    monkeypatch.setattr(train, "PadCollator", DyingCollator)
+    for key, value in run_env(data, cache, tmp_path / "out", NUM_WORKERS="1", MAX_STEPS="5").items():
+        monkeypatch.setenv(key, value)
+    assert train.main([]) == 1
+    captured = capsys.readouterr()
+    errors = [line for line in captured.err.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1, captured.err[-3000:]
+    # Depending on the moment, "DataLoader worker (pid N) is killed by signal: Killed." or a broken pipe.
+    assert errors[0].startswith("error: a data-loader worker process died (")
+    assert "the system may have killed it for lack of memory: lower NUM_WORKERS" in errors[0]
+    assert "Traceback" not in captured.err
+
+
+def test_ddp_timeout_is_the_process_group_timeout(monkeypatch):
+    """DDP_TIMEOUT bounds how long a rank waits for a hung peer: it is the timeout of every collective."""
+    import datetime
+
+    seen = {}
+    monkeypatch.setattr(train.torch_dist, "init_process_group", lambda **kwargs: seen.update(kwargs))
+    for var, value in {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1",
+                       "MASTER_PORT": "29999"}.items():
+        monkeypatch.setenv(var, value)
+    train.setup_distributed(load_config([], {"DDP": "true", "DDP_TIMEOUT": "42"}))
+    assert seen["timeout"] == datetime.timedelta(seconds=42)
+    assert load_config([], {}).ddp_timeout == 1800
+    with pytest.raises(ConfigError, match="DDP_TIMEOUT must be > 0, got 0"):
+        load_config([], {"DDP_TIMEOUT": "0"})
+
+
+# --- malformed input: accepted, or refused with one line --------------------------------------------------------------
+
+FIELDS = [f.name for f in dataclasses.fields(TrainConfig)]
+ODD_VALUES = st.one_of(
+    st.text(max_size=12),
+    st.integers(-2**70, 2**70).map(str),
+    st.floats().map(repr),
+    st.sampled_from(["", " ", "true", "No", "latest", "-1", "0", "1e400", "nan", "-inf", "1_000", "0x10", "\u0663",
+                     "4294967296", "2147483648", "1" * 5000, "fp16", "all-linear", " , ", "\x00"]),
+)
+
+
+@settings(max_examples=300, deadline=None, derandomize=True)
+@given(env=st.dictionaries(st.sampled_from(FIELDS).map(str.upper), ODD_VALUES, max_size=4),
+       flags=st.dictionaries(st.sampled_from(FIELDS), ODD_VALUES, max_size=2))
+def test_config_parsing_accepts_or_refuses_in_one_line(env, flags):
+    argv = [f"--{name}={value}" for name, value in flags.items()]
+    try:
+        cfg = load_config(argv, env)
+    except ConfigError as err:
+        assert "\n" not in str(err) and str(err)
+        return
+    assert cfg.batch_size > 0 and 0 <= cfg.seed < 2**32  # an accepted config is a valid one
+
+
+JSON_VALUES = st.recursive(st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=8),
+                           lambda inner: st.lists(inner, max_size=3) | st.dictionaries(
+                               st.sampled_from(["instruction", "input", "output", "x"]), inner, max_size=4),
+                           max_leaves=12)
+FILE_BYTES = st.one_of(
+    st.binary(max_size=120),
+    JSON_VALUES.map(lambda v: json.dumps(v).encode()),
+    JSON_VALUES.map(lambda v: json.dumps(v).encode()[:-1]),  # cut short
+    st.lists(JSON_VALUES, max_size=3).map(lambda rows: "\n".join(json.dumps(r) for r in rows).encode()),
+)
+
+
+@settings(max_examples=300, deadline=None, derandomize=True)
+@given(content=FILE_BYTES, suffix=st.sampled_from([".json", ".jsonl", ".txt"]))
+@example(content=b"[" + b"1" * 5000 + b"]", suffix=".json")  # Python refuses to convert so long an integer
+@example(content=b"[" * 100000, suffix=".json")
+def test_data_loading_accepts_or_refuses_in_one_line(content, suffix):
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / f"data{suffix}"
+        path.write_bytes(content)
+        try:
+            validate_records(load_records(str(path), tmp), str(path))
+        except DataError as err:
+            assert "\n" not in str(err) and str(err)
+
+
+BAD_RECORDS = st.lists(JSON_VALUES, min_size=0, max_size=3).map(lambda rows: json.dumps(rows).encode())
+
+
+def refused_before_training(env: dict, content: bytes) -> bool:
+    try:
+        load_config([], env)
+    except ConfigError:
+        return True
+    with tempfile.TemporaryDirectory() as tmp:
+        (Path(tmp) / "data.json").write_bytes(content)
+        try:
+            validate_records(load_records(str(Path(tmp) / "data.json"), tmp), "data.json")
+        except DataError:
+            return True
+    return False
+
+
+@settings(max_examples=8, deadline=None, derandomize=True,
+          suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much])
+@given(env=st.dictionaries(st.sampled_from(FIELDS).map(str.upper), ODD_VALUES, max_size=2),
+       content=st.one_of(FILE_BYTES, BAD_RECORDS))
+def test_train_main_refuses_bad_input_in_one_line_and_writes_nothing(env, content):
+    env = {k: v for k, v in env.items() if k not in ("DATA_PATH", "OUTPUT_DIR", "CACHE_DIR", "MODEL_PATH", "DDP")}
+    assume(refused_before_training(env, content))
+    with tempfile.TemporaryDirectory() as tmp, pytest.MonkeyPatch.context() as mp:
+        (Path(tmp) / "data.json").write_bytes(content)
+        for var in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", *(f.upper() for f in FIELDS)):
+            mp.delenv(var, raising=False)
+        for key, value in {**env, "MODEL_PATH": str(TINY_BLOOM), "DATA_PATH": str(Path(tmp) / "data.json"),
+                           "OUTPUT_DIR": str(Path(tmp) / "out"), "CACHE_DIR": str(Path(tmp) / "cache")}.items():
+            if "\x00" not in value:
+                mp.setenv(key, value)
+        stderr = io.StringIO()
+        with contextlib.redirect_stderr(stderr), contextlib.redirect_stdout(io.StringIO()):
+            code = train.main([])
+        lines = stderr.getvalue().splitlines()
+        assert code == 1 and len([line for line in lines if line.startswith("error: ")]) == 1, lines
+        assert not (Path(tmp) / "out").exists()
