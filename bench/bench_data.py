@@ -35,7 +35,7 @@ from transformers import AutoTokenizer  # noqa: E402
 
 import alpaca_data as ad  # noqa: E402
 from prompter import Prompter  # noqa: E402
-from common import write_atomically  # noqa: E402
+from bench.common import write_atomically  # noqa: E402
 
 COMMAND = "python bench/bench_data.py"
 

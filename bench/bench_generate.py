@@ -46,7 +46,7 @@ from transformers import BloomConfig, BloomForCausalLM  # noqa: E402
 
 import inference  # noqa: E402
 from lora_model import LoraConfig, LoraModelForCasualLM  # noqa: E402
-from common import command_line, describe_device, synchronize, write_atomically  # noqa: E402
+from bench.common import command_line, describe_device, synchronize, write_atomically  # noqa: E402
 
 VARIANTS = ("base", "merged", "unmerged")
 

@@ -56,7 +56,7 @@ from transformers import BloomConfig, BloomForCausalLM  # noqa: E402
 
 from lora_layer import LoraLayer  # noqa: E402
 from lora_model import LoraConfig, LoraModelForCasualLM  # noqa: E402
-from common import command_line, describe_device, synchronize, write_atomically  # noqa: E402
+from bench.common import command_line, describe_device, synchronize, write_atomically  # noqa: E402
 
 VARIANTS = ("ours", "peft", "base")
 PRECISIONS = ("fp32", "bf16")

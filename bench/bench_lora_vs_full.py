@@ -34,7 +34,7 @@ import torch.nn.functional as F  # noqa: E402
 from transformers import BloomConfig, BloomForCausalLM  # noqa: E402
 
 from lora_model import LoraConfig, LoraModelForCasualLM  # noqa: E402
-from common import command_line, synchronize, write_atomically  # noqa: E402
+from bench.common import command_line, synchronize, write_atomically  # noqa: E402
 
 BLOOM_1B7 = dict(vocab_size=250880, hidden_size=2048, n_layer=24, n_head=16)
 
