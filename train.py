@@ -31,6 +31,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import datetime
+import gc
 import hashlib
 import itertools
 import json
@@ -1188,6 +1189,9 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     finally:
         if torch_dist.is_available() and torch_dist.is_initialized():
+            # Free the DDP wrapper (left in an exception's frames) before its process group: a gloo group
+            # destroyed under a live DDP reducer can deadlock when the reducer is freed later.
+            gc.collect()
             torch_dist.destroy_process_group()
 
 

@@ -7,6 +7,7 @@ torchrun launches are the slow part (~20 s each on 2 cores), so one launch train
 """
 
 import contextlib
+import gc
 import json
 import os
 import signal
@@ -108,7 +109,8 @@ def metrics(out: Path) -> tuple[list[float], float]:
     return [r["loss"] for r in rows if "loss" in r], [r["eval_loss"] for r in rows if "eval_loss" in r][-1]
 
 
-def assert_same_training(ddp_out: Path, ddp_dump: Path, ref_out: Path, ref_dump: Path, steps: int = 3) -> None:
+def assert_same_training(ddp_out: Path, ddp_dump: Path, ref_out: Path, ref_dump: Path, steps: int = 3,
+                         weight_tolerance: float = 1e-5) -> None:
     """The 2-rank run and the single-process reference train the same thing, step for step.
 
     What DDP must get right is held to 1e-5 (relative): the gradients of step 1 (taken at identical weights), every
@@ -117,7 +119,8 @@ def assert_same_training(ddp_out: Path, ddp_dump: Path, ref_out: Path, ref_dump:
     and the update lr * m / (sqrt(v) + eps) turns a difference dg in an element whose gradient is near eps = 1e-8
     into a change of up to lr * dg / eps. With B starting at zero such elements are common: B is ~lr after step 1,
     so A's gradients at step 2 are tiny. Measured on the tiny model: losses ~1e-7; weights ~5e-7 (plain), ~3e-6
-    (accumulation), ~1.2e-5 (grouped) in norm.
+    (accumulation), ~1.2e-5 (grouped) in norm. So the weights are held to the issue's 1e-5 for plain and
+    accumulation, and to 1e-4 (`weight_tolerance`) for grouped batches, whose ranks pad differently.
     """
     ddp_losses, ddp_eval = metrics(ddp_out)
     ref_losses, ref_eval = metrics(ref_out)
@@ -137,8 +140,8 @@ def assert_same_training(ddp_out: Path, ddp_dump: Path, ref_out: Path, ref_dump:
         else:
             assert rel_diff(ddp_step, ref_step) <= 1e-4, step
         name = f"checkpoint-{step}"
-        assert rel_diff(adapter(ddp_out / name), adapter(ref_out / name)) <= 1e-4, name
-    assert rel_diff(adapter(ddp_out), adapter(ref_out)) <= 1e-4
+        assert rel_diff(adapter(ddp_out / name), adapter(ref_out / name)) <= weight_tolerance, name
+    assert rel_diff(adapter(ddp_out), adapter(ref_out)) <= weight_tolerance
 
 
 # --- launch errors ------------------------------------------------------------------------------------------------
@@ -235,7 +238,8 @@ def test_two_nodes_match_one_process_with_the_whole_batch(two_node_runs, small_d
     for i, reference in enumerate(DDP_RUNS[name][1]):
         cfg = TrainConfig(**tiny_settings(tmp_path, f"ref{i}", small_data, **reference))
         ref_dump = train_reference(cfg, tmp_path / "dump", monkeypatch)
-        assert_same_training(ddp_out, ddp_dump, Path(cfg.output_dir), ref_dump)
+        assert_same_training(ddp_out, ddp_dump, Path(cfg.output_dir), ref_dump,
+                             weight_tolerance=1e-4 if name == "grouped" else 1e-5)
 
 
 @pytest.mark.slow
@@ -290,6 +294,10 @@ def counted_allreduces(cfg: TrainConfig, monkeypatch, without_no_sync: bool = Fa
     if without_no_sync:
         monkeypatch.setattr(trainer.model, "no_sync", contextlib.nullcontext)
     trainer.train()
+    # Free the DDP wrapper before its process group: destroying a gloo group under a live reducer can deadlock
+    # when the reducer is freed afterwards.
+    del trainer, model
+    gc.collect()
     torch_dist.destroy_process_group()
     assert set(calls) == {0}  # the tiny model's adapter fits in one bucket
     return len(calls)
