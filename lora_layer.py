@@ -211,10 +211,16 @@ class Linear(nn.Module, LoraLayer):
         if self.disabled or self.merged:
             return result
         lora_input = self.lora_dropout(_cast_for_adapter(x, self.lora_A.weight.dtype))
+        after_a = self.lora_A(lora_input)
         # Scaling the small (out x r) B instead of the (tokens x out) product: same sum, one pass less over
         # the layer's output.
-        update = F.linear(self.lora_A(lora_input), self.lora_B.weight * self.scaling)
-        return result + update.to(result.dtype)
+        scaled_b = self.lora_B.weight * self.scaling
+        if after_a.dtype != result.dtype:  # e.g. a float16 base without autocast: the update is cast back
+            return result + F.linear(after_a, scaled_b).to(result.dtype)
+        # result + after_a @ scaled_b^T in one addmm: the (tokens x out) update is never materialised on its own.
+        out_features = result.shape[-1]
+        summed = torch.addmm(result.reshape(-1, out_features), after_a.reshape(-1, after_a.shape[-1]), scaled_b.T)
+        return summed.view(result.shape)
 
     def extra_repr(self) -> str:
         return f"r={self.r}, lora_alpha={self.lora_alpha}, scaling={self.scaling:.4g}, merged={self.merged}"

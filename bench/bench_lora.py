@@ -83,7 +83,7 @@ def parse_args(argv=None):
     parser.add_argument("--dropout", type=float, default=0.05)
     parser.add_argument("--target", default="query_key_value", help="comma-separated target module names")
     parser.add_argument("--precision", default="fp32,bf16", help="comma-separated: fp32, bf16 (autocast)")
-    parser.add_argument("--repeats", type=int, default=10, help="timed rounds (each times every variant once)")
+    parser.add_argument("--repeats", type=int, default=24, help="timed rounds (each times every variant once)")
     parser.add_argument("--layer-repeats", type=int, default=40, help="timed rounds of the single-layer test")
     parser.add_argument("--warmup", type=int, default=2, help="untimed rounds first")
     parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
@@ -142,15 +142,24 @@ def autocast(precision: str, device: torch.device):
 def check_same_logits(models, inputs, precision: str, device: torch.device) -> float:
     """Max |ours - PEFT| of the logits in eval mode (dropout off); raises if they are not the same model.
 
-    Exactly 0 when alpha / r is a power of two (the default 16 / 8): ours scales B, PEFT scales the layer output,
-    and multiplying by a power of two does not round."""
-    with torch.no_grad(), autocast(precision, device):
-        ours = models["ours"].eval()(**inputs).logits.float()
-        ref = models["peft"].eval()(**inputs).logits.float()
-    diff = (ours - ref).abs().max().item()
-    tolerance = 1e-4 if precision == "fp32" else 5e-2
-    if not diff <= tolerance:
-        raise SystemExit(f"ours and PEFT disagree ({precision}): max |logit diff| {diff:.3g} > {tolerance}")
+    float32: exactly 0 when alpha / r is a power of two (the default 16 / 8): ours scales B, PEFT scales the layer
+    output, and multiplying by a power of two does not round. bf16: the two round differently (ours adds the update
+    inside one addmm, PEFT rounds the update to bf16 and then adds), about one bf16 step of the largest logits
+    apart, so what is checked is that ours is as close to the float32 logits as PEFT is."""
+    with torch.no_grad():
+        with autocast(precision, device):
+            ours = models["ours"].eval()(**inputs).logits.float()
+            ref = models["peft"].eval()(**inputs).logits.float()
+        diff = (ours - ref).abs().max().item()
+        if precision == "fp32":
+            if not diff <= 1e-4:
+                raise SystemExit(f"ours and PEFT disagree (fp32): max |logit diff| {diff:.3g} > 1e-4")
+            return diff
+        exact = models["ours"](**inputs).logits.float()
+    ours_error, ref_error = ((logits - exact).abs().mean().item() for logits in (ours, ref))
+    if not ours_error <= 1.05 * ref_error:
+        raise SystemExit(f"ours is less accurate than PEFT in {precision}: mean |logit - fp32 logit| {ours_error:.3g}"
+                         f" vs PEFT's {ref_error:.3g}")
     return diff
 
 
@@ -225,9 +234,19 @@ def paired_ratio(times: dict[str, list[float]], numerator: str, denominator: str
     return statistics.median(a / b for a, b in zip(times[numerator], times[denominator]))
 
 
+def ratio_spread(times: dict[str, list[float]], numerator: str, denominator: str) -> str:
+    """The middle half (quartiles) of the per-round ratios: how far the median could move by noise alone."""
+    ratios = [a / b for a, b in zip(times[numerator], times[denominator])]
+    if len(ratios) < 4:
+        return "n/a"
+    low, _, high = statistics.quantiles(ratios, n=4)
+    return f"{low:.3f}-{high:.3f}"
+
+
 def table_rows(results: dict[str, dict[str, list[float]]], with_logit_diff: bool) -> list[str]:
     ms = lambda seconds: f"{1000 * seconds:.1f}" if seconds < 0.1 else f"{1000 * seconds:.0f}"  # noqa: E731
-    header = "| precision | ours | PEFT | base | ours / PEFT | ours over base | PEFT over base |"
+    header = ("| precision | ours | PEFT | base | ours / PEFT | ours / PEFT, middle half of rounds | ours over base "
+              "| PEFT over base |")
     lines = [header + (" max logit diff |" if with_logit_diff else ""),
              "|---" * (header.count("|") - 1 + with_logit_diff) + "|"]
     for precision, times in results.items():
@@ -236,7 +255,7 @@ def table_rows(results: dict[str, dict[str, list[float]]], with_logit_diff: bool
         ours_peft, ours_base, peft_base = (paired_ratio(times, a, b)
                                            for a, b in (("ours", "peft"), ("ours", "base"), ("peft", "base")))
         row = (f"| {precision} | {cell['ours']} | {cell['peft']} | {cell['base']} | {ours_peft:.3f} "
-               f"| {100 * (ours_base - 1):+.1f}% | {100 * (peft_base - 1):+.1f}% |")
+               f"| {ratio_spread(times, 'ours', 'peft')} | {100 * (ours_base - 1):+.1f}% | {100 * (peft_base - 1):+.1f}% |")
         lines.append(row + (f" {times['logit_diff'][0]:.1e} |" if with_logit_diff else ""))
     return lines
 
@@ -259,7 +278,8 @@ def markdown(args, argv, device: torch.device, model_results, layer_results) -> 
         f"{'the input embeddings' if args.base_grad_from == 'embeddings' else 'the first targeted layer'} "
         "(see bench_lora.py's docstring).",
         "- Times: median [min-max] in ms. Ratios and overheads: median over rounds of the per-round ratio "
-        "(each round times all three variants back to back, in rotating order).",
+        "(each round times all three variants back to back, in rotating order); the middle half of the per-round "
+        "ratios shows how much of a difference is noise.",
         "",
         f"## Whole model ({args.repeats} rounds after {args.warmup} warm-up rounds)",
         "",

@@ -567,3 +567,25 @@ def test_parameter_counts_and_printout_equal_peft_for_bloom_1b7(capsys):
     ours.print_trainable_parameters()
     assert capsys.readouterr().out == expected
     assert expected.startswith("trainable params: 1,572,864 || all params: ")
+
+
+# --- the benchmark still runs ----------------------------------------------------------------------------------------
+
+def test_bench_lora_runs_and_writes_its_table(tmp_path, capsys):
+    """bench/bench_lora.py end to end on a toy shape: ours and PEFT agree, every variant is timed, the table (with
+    the spread of the per-round ratios) is written with its command on top."""
+    from bench import bench_lora
+
+    out = tmp_path / "lora.md"
+    bench_lora.main(["--hidden", "32", "--layers", "1", "--heads", "4", "--vocab", "64", "--batch", "1", "--seq",
+                     "8", "--repeats", "4", "--layer-repeats", "4", "--warmup", "0", "--threads", "1",
+                     "--out", str(out)])
+    table = out.read_text()
+    assert table.strip() in capsys.readouterr().out
+    assert "Reproduce: `python bench/bench_lora.py --hidden 32 " in table
+    rows = [line.split(" | ") for line in table.splitlines() if line.startswith("| fp32") or line.startswith("| bf16")]
+    assert len(rows) == 4  # whole model and one layer, two precisions each
+    for row in rows:
+        low, high = (float(v) for v in row[5].split("-"))
+        assert 0 < low <= float(row[4]) <= high  # the median lies in the middle half
+    assert not list(tmp_path.glob("*.tmp"))
