@@ -14,6 +14,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+import checkpoint  # noqa: E402
 import train  # noqa: E402
 
 CRASH_EXIT_CODE = 137  # what a shell reports for SIGKILL
@@ -25,12 +26,12 @@ def die(*args, **kwargs) -> None:
 
 
 if __name__ == "__main__":
-    # write_checkpoint looks both names up in train's namespace when it calls them.
+    # write_checkpoint looks both names up in checkpoint's namespace when it calls them.
     point = os.environ["CRASH_BEFORE"]
     if point == "manifest":
-        train.write_manifest = die
+        checkpoint.write_manifest = die
     elif point == "rename":
-        train.replace_directory = die
+        checkpoint.replace_directory = die
     else:
         sys.exit(f"CRASH_BEFORE must be manifest or rename, got {point!r}")
     sys.exit(train.main())

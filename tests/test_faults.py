@@ -32,6 +32,7 @@ from safetensors.torch import load_file
 import config
 import train
 from alpaca_data import DataError, load_records, validate_records
+from checkpoint import checkpoint_dirs, checkpoint_step, find_latest_checkpoint, prune_checkpoints, verify_checkpoint
 from config import ConfigError, TrainConfig, load_config
 
 REPO = Path(__file__).resolve().parents[1]
@@ -200,7 +201,7 @@ def max_abs_diff(a: dict, b: dict) -> float:
 
 
 def visible_checkpoints(out: Path) -> list[str]:
-    return sorted((p.name for p in train.checkpoint_dirs(out)), key=lambda n: int(n.split("-")[1]))
+    return sorted((p.name for p in checkpoint_dirs(out)), key=lambda n: int(n.split("-")[1]))
 
 
 def leftovers(out: Path) -> list[str]:
@@ -273,27 +274,27 @@ def test_one_process_survives_sigkill_a_crash_mid_checkpoint_and_sigterm(tmp_pat
 
         # 2. Resumed; the process dies while writing its first checkpoint (after trainer_state.pt, before the
         #    manifest). That half-written checkpoint must never be picked.
-        before = train.find_latest_checkpoint(out)
+        before = find_latest_checkpoint(out)
         started.append(crash := Run([str(CRASH_WORKER)], {**env, "RESUME_FROM": "latest",
                                                          "CRASH_BEFORE": "manifest"}, tmp_path / "2.txt"))
         assert crash.wait() == 137, crash.text()[-3000:]
         assert f"resumed      from {before}" in crash.text()
         assert [p for p in leftovers(out) if p.endswith(".tmp")], leftovers(out)  # the staging folder, half done
-        assert train.find_latest_checkpoint(out) == before
+        assert find_latest_checkpoint(out) == before
 
         # 3. Resumed from the checkpoint before the crash; SIGTERM a random moment after two more steps: the step
         #    in progress is finished, checkpointed, and the process exits with 143 within 30 s.
         started.append(third := train_py({**env, "RESUME_FROM": "latest"}, tmp_path / "3.txt"))
         third.wait_for_text(f"resumed      from {before}")
-        third.wait_for(f"step {train.checkpoint_step(before) + 2} of the resumed run",
-                       lambda: max(logged_steps(out)) >= train.checkpoint_step(before) + 2)
+        third.wait_for(f"step {checkpoint_step(before) + 2} of the resumed run",
+                       lambda: max(logged_steps(out)) >= checkpoint_step(before) + 2)
         signalled = kill_after_step(third, 0, rng, signal.SIGTERM)
         assert third.wait(EXIT_TIMEOUT_S) == 128 + signal.SIGTERM
         assert time.monotonic() - signalled < EXIT_TIMEOUT_S
         stopped = max(logged_steps(out))
         checkpoint = out / f"checkpoint-{stopped}"
         assert f"stopped by SIGTERM after step {stopped}: checkpoint written to {checkpoint}" in third.text()
-        assert train.find_latest_checkpoint(out) == checkpoint
+        assert find_latest_checkpoint(out) == checkpoint
         assert not leftovers(out)  # the crash's staging folder was cleared by the next save
 
         # 4. Resumed to the end, with settings that may change on resume changed: evaluation, data-loading
@@ -331,7 +332,7 @@ def test_two_ranks_survive_sigterm_and_a_killed_worker(tmp_path, data, cache, st
         stopped = max(logged_steps(out))
         checkpoint = out / f"checkpoint-{stopped}"
         assert f"stopped by SIGTERM after step {stopped}: checkpoint written to {checkpoint}" in first.text()
-        assert train.find_latest_checkpoint(out) == checkpoint
+        assert find_latest_checkpoint(out) == checkpoint
         assert "error:" not in first.text() and "closing signal SIGKILL" not in first.text()
 
         # 2. Resumed; a random moment after two more steps, one worker is killed. The other must notice (an error
@@ -415,7 +416,7 @@ def test_latest_picks_the_newest_complete_checkpoint_and_resumes_from_it(tmp_pat
     (out / "checkpoint-40").write_text("not a folder")
     original = straight.result() / "checkpoint-16"
     skipped: list[str] = []
-    assert train.find_latest_checkpoint(out, skipped) == out / "checkpoint-10"
+    assert find_latest_checkpoint(out, skipped) == out / "checkpoint-10"
     assert skipped == ["checkpoint-32 (adapter_model.safetensors is missing)",
                        "checkpoint-20 (manifest.json is missing: the checkpoint is incomplete (its writing was "
                        "interrupted) or was not written by this train.py)",
@@ -489,10 +490,10 @@ def test_save_total_limit_deletes_only_older_complete_checkpoints_oldest_first(t
         copy_checkpoint(straight, step, out / f"checkpoint-{step}")
     (out / "checkpoint-16" / "manifest.json").unlink()  # incomplete: left for a person to look at
     # checkpoint-30 was just written; checkpoint-40 is newer (an earlier run got further): left alone.
-    assert train.prune_checkpoints(out, 2, out / "checkpoint-30") == [out / "checkpoint-10"]
+    assert prune_checkpoints(out, 2, out / "checkpoint-30") == [out / "checkpoint-10"]
     assert visible_checkpoints(out) == ["checkpoint-16", "checkpoint-20", "checkpoint-30", "checkpoint-40"]
     copy_checkpoint(straight, 10, out / "checkpoint-10")
-    assert train.prune_checkpoints(out, 1, out / "checkpoint-30") == [out / "checkpoint-10", out / "checkpoint-20"]
+    assert prune_checkpoints(out, 1, out / "checkpoint-30") == [out / "checkpoint-10", out / "checkpoint-20"]
     assert visible_checkpoints(out) == ["checkpoint-16", "checkpoint-30", "checkpoint-40"] and not leftovers(out)
 
 
@@ -561,7 +562,7 @@ def test_a_full_disk_keeps_the_last_checkpoint_and_says_so_in_one_line(tmp_path,
                       f"device; the last complete checkpoint is {out / 'checkpoint-2'}"]
     assert "Traceback" not in captured.err
     assert visible_checkpoints(out) == ["checkpoint-2"] and not leftovers(out)
-    train.verify_checkpoint(out / "checkpoint-2")
+    verify_checkpoint(out / "checkpoint-2")
 
 
 class DyingCollator(train.PadCollator):

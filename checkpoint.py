@@ -1,0 +1,303 @@
+"""Checkpoints that are complete or absent, and the checks that decide whether a run may resume from one.
+
+A checkpoint is OUTPUT_DIR/checkpoint-<step>/ holding:
+    adapter_config.json, adapter_model.safetensors   the adapter, in PEFT's layout (loadable on its own)
+    trainer_state.pt                                 optimizer, schedule, GradScaler, every rank's RNG, data position
+    manifest.json                                    step, run identity, and each file's size and SHA-256
+
+It is written into a hidden staging folder, flushed to disk and renamed into place; the manifest goes in last, so
+a folder without one is an interrupted save. Resuming checks every file against the manifest, and the run's
+identity (config.RESUME_MUST_MATCH, the number of processes, the data) against this run's. train.py decides when
+to save and what the trainer state holds; this module decides how it reaches the disk and when it is trusted.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import re
+import shutil
+import typing
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from config import RESUME_MUST_MATCH, ConfigError, TrainConfig
+from lora_model import ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME, LoraModelForCasualLM, replace_directory
+
+TRAINER_STATE_NAME = "trainer_state.pt"
+MANIFEST_NAME = "manifest.json"
+CHECKPOINT_FORMAT = 1  # bumped if the checkpoint layout changes; older ones are then refused, not misread
+CHECKPOINT_PREFIX = "checkpoint-"
+CHECKPOINT_RE = re.compile(rf"{CHECKPOINT_PREFIX}(\d+)")
+# What interrupted saves and deletions leave behind: staging folders (".checkpoint-20.tmp", and save_pretrained's
+# own "..checkpoint-20.tmp.tmp-<hex>") and checkpoints renamed for deletion (".checkpoint-20.old-<pid>").
+LEFTOVER_RE = re.compile(rf"\.+{CHECKPOINT_PREFIX}\d+\.(tmp|old)")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint folder that is incomplete or damaged; the message names the file."""
+
+
+# --- what a checkpoint holds besides the adapter ----------------------------------------------------------------
+
+def rng_state() -> dict:
+    """Every random generator this process uses, in types `torch.load(weights_only=True)` accepts."""
+    name, key, pos, has_gauss, cached = np.random.get_state()
+    return {
+        "python": random.getstate(),
+        "numpy": (name, torch.from_numpy(key.astype(np.int64)), pos, has_gauss, cached),
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None,
+    }
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    name, key, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, key.numpy().astype(np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+# --- files and folders ------------------------------------------------------------------------------------------
+
+def file_digest(path: Path) -> dict:
+    """Size and SHA-256 of a file, as the manifest records them."""
+    sha, size = hashlib.sha256(), 0
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            sha.update(block)
+            size += len(block)
+    return {"size": size, "sha256": sha.hexdigest()}
+
+
+def fsync_path(path: Path) -> None:
+    """Force a file's data, or a folder's list of names, onto the disk.
+
+    Without it a power cut or a reclaimed VM can leave a renamed checkpoint whose files are empty: the rename may
+    reach the disk before the data does.
+    """
+    if path.is_dir() and os.name != "posix":
+        return  # Windows cannot open a folder to flush it
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def checkpoint_step(path: Path) -> int:
+    return int(path.name[len(CHECKPOINT_PREFIX):])
+
+
+def checkpoint_dirs(output_dir: Path) -> list[Path]:
+    """Every checkpoint-<step> folder in `output_dir`, complete or not, newest (highest step) first."""
+    if not output_dir.is_dir():
+        return []
+    found = [p for p in output_dir.iterdir() if CHECKPOINT_RE.fullmatch(p.name) and p.is_dir()]
+    return sorted(found, key=checkpoint_step, reverse=True)
+
+
+# --- what makes a checkpoint trustworthy: the run's identity, the manifest --------------------------------------
+
+def run_identity(cfg: TrainConfig, world_size: int, data_fingerprint: str) -> dict:
+    """What a checkpoint's run and a resumed run must share for the second to continue the first: the settings in
+    config.RESUME_MUST_MATCH, the number of processes (it decides which examples each rank trains on, and each
+    rank has its own dropout stream) and the training data's fingerprint."""
+    hints = typing.get_type_hints(TrainConfig)
+    identity = {}
+    for name in RESUME_MUST_MATCH:
+        value = getattr(cfg, name)
+        identity[name] = float(value) if hints[name] is float else value  # 16 and 16.0 are the same alpha
+    identity["target_modules"] = cfg.target_module_list  # "q, k" and "q,k" are the same targets
+    identity["world_size"] = world_size
+    identity["data"] = data_fingerprint
+    return identity
+
+
+def identity_hash(identity: dict) -> str:
+    return hashlib.sha256(json.dumps(identity, sort_keys=True).encode("utf-8")).hexdigest()[:16]
+
+
+def _manifest_is_well_formed(manifest) -> bool:
+    """The manifest has every field this version writes, and its settings hash matches its settings (an edit to the
+    recorded settings, made to force a resume past the check, is caught here)."""
+    if not (isinstance(manifest, dict) and manifest.get("format") == CHECKPOINT_FORMAT
+            and isinstance(manifest.get("files"), dict) and isinstance(manifest.get("identity"), dict)
+            and type(manifest.get("total_steps")) is int and isinstance(manifest.get("precision"), str)):
+        return False
+    files = manifest["files"]
+    required = (ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME, TRAINER_STATE_NAME)
+    return (all(name in files for name in required)
+            and all(Path(name).name == name and isinstance(entry, dict) and type(entry.get("size")) is int
+                    and isinstance(entry.get("sha256"), str) for name, entry in files.items())
+            and manifest.get("config_hash") == identity_hash(manifest["identity"]))
+
+
+def verify_checkpoint(checkpoint: Path) -> dict:
+    """Check a checkpoint folder against its manifest: every file present, of the recorded size and SHA-256.
+
+    Returns:
+        The manifest.
+
+    Raises:
+        CheckpointError: naming the missing, truncated or changed file (or the manifest itself).
+    """
+    if not checkpoint.is_dir():
+        raise CheckpointError("no such folder")
+    try:
+        manifest = json.loads((checkpoint / MANIFEST_NAME).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise CheckpointError(f"{MANIFEST_NAME} is missing: the checkpoint is incomplete (its writing was "
+                              "interrupted) or was not written by this train.py") from None
+    except (OSError, ValueError) as err:
+        raise CheckpointError(f"{MANIFEST_NAME} is unreadable ({err})") from None
+    if not _manifest_is_well_formed(manifest):
+        raise CheckpointError(f"{MANIFEST_NAME} was changed after the checkpoint was written, or comes from "
+                              "another version of train.py")
+    for name, expected in manifest["files"].items():
+        path = checkpoint / name
+        if not path.is_file():
+            raise CheckpointError(f"{name} is missing")
+        size = path.stat().st_size
+        if size != expected["size"]:
+            raise CheckpointError(f"{name} is {size:,} bytes but {MANIFEST_NAME} says {expected['size']:,}: the "
+                                  "file was truncated or changed after the checkpoint was written")
+        if file_digest(path)["sha256"] != expected["sha256"]:
+            raise CheckpointError(f"{name} does not match its SHA-256 in {MANIFEST_NAME}: the file was changed "
+                                  "after the checkpoint was written")
+    return manifest
+
+
+def find_latest_checkpoint(output_dir: Path, skipped: list[str] | None = None) -> Path | None:
+    """The newest complete checkpoint in `output_dir`, or None.
+
+    Incomplete or damaged folders are passed over (each with its reason appended to `skipped`): a run killed while
+    writing, or a disk that lost a file, must not leave a checkpoint that RESUME_FROM=latest picks and then cannot
+    load.
+    """
+    for checkpoint in checkpoint_dirs(output_dir):
+        try:
+            verify_checkpoint(checkpoint)
+            return checkpoint
+        except CheckpointError as err:
+            if skipped is not None:
+                skipped.append(f"{checkpoint.name} ({err})")
+    return None
+
+
+# --- writing and pruning: complete or absent --------------------------------------------------------------------
+
+def write_manifest(folder: Path, manifest: dict) -> None:
+    """The manifest goes in last: a folder without one is, by definition, an incomplete checkpoint."""
+    manifest = {**manifest, "files": {p.name: file_digest(p) for p in sorted(folder.iterdir())}}
+    (folder / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
+
+
+def remove_leftovers(output_dir: Path) -> None:
+    """Delete what interrupted saves and deletions left (hidden staging and to-be-deleted folders)."""
+    for path in output_dir.iterdir():
+        if LEFTOVER_RE.match(path.name):
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def write_checkpoint(final: Path, model: LoraModelForCasualLM, state: dict, manifest: dict) -> None:
+    """Write a checkpoint folder so that it is complete or absent.
+
+    Everything goes into a hidden staging folder: the adapter, trainer_state.pt, then the manifest with every
+    file's size and SHA-256. The files and the folder are flushed to disk, and only then is the folder renamed to
+    `final` (a rename within a folder is atomic) and the parent folder flushed, which makes the rename durable.
+    A crash at any point leaves either no `final`, or a complete one; the staging folder is removed by the next
+    save.
+    """
+    output_dir = final.parent
+    output_dir.mkdir(parents=True, exist_ok=True)
+    remove_leftovers(output_dir)
+    staging = output_dir / f".{final.name}.tmp"
+    try:
+        model.save_pretrained(staging)
+        torch.save(state, staging / TRAINER_STATE_NAME)
+        write_manifest(staging, manifest)
+        for path in staging.iterdir():
+            fsync_path(path)
+        fsync_path(staging)
+        replace_directory(staging, final)
+        fsync_path(output_dir)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+
+
+def prune_checkpoints(output_dir: Path, keep: int, written: Path) -> list[Path]:
+    """SAVE_TOTAL_LIMIT: delete the complete checkpoints older than `written` beyond the newest `keep` (`written`
+    counts as one of them), oldest first.
+
+    Incomplete folders are left for a person to look at, and newer ones (an earlier run that got further before
+    this one resumed from an older checkpoint) are left too. Each is renamed to a hidden name before it is deleted,
+    so a kill halfway through a deletion never leaves a damaged checkpoint-<step> that looks like one.
+
+    Returns:
+        The checkpoints deleted, in that order.
+    """
+    older = [p for p in checkpoint_dirs(output_dir) if checkpoint_step(p) < checkpoint_step(written)]
+    complete = []
+    for path in older:
+        try:
+            verify_checkpoint(path)
+            complete.append(path)
+        except CheckpointError:
+            pass
+    doomed = complete[max(keep - 1, 0):][::-1]  # oldest first
+    for path in doomed:
+        trash = path.with_name(f".{path.name}.old-{os.getpid()}")
+        os.replace(path, trash)
+        shutil.rmtree(trash, ignore_errors=True)
+    return doomed
+
+
+# --- resuming ---------------------------------------------------------------------------------------------------
+
+def resume_conflicts(saved: dict, current: dict) -> list[str]:
+    """What differs between the checkpoint's run identity and this run's, one phrase each."""
+    conflicts = []
+    for key, value in current.items():
+        old = saved.get(key)
+        if old == value:
+            continue
+        if key == "world_size":
+            conflicts.append(f"{value} process(es) here but {old} in the checkpoint (each rank's share of the "
+                             "data and its dropout stream would differ)")
+        elif key == "data":
+            if saved.get("max_length") == current["max_length"] and (
+                    saved.get("train_on_inputs") == current["train_on_inputs"]):
+                conflicts.append("the training data differ (other records, tokenizer or prompt template)")
+        else:
+            show = (lambda v: ",".join(v)) if key == "target_modules" else repr
+            conflicts.append(f"{key.upper()} is {show(value)} here but {show(old)} in the checkpoint")
+    return conflicts
+
+
+def check_resumable(checkpoint: Path, identity: dict) -> dict:
+    """Refuse a checkpoint that is damaged or that this run would not continue.
+
+    Returns:
+        Its manifest.
+
+    Raises:
+        ConfigError: one line naming the damaged file, or every setting that differs.
+    """
+    try:
+        manifest = verify_checkpoint(checkpoint)
+    except CheckpointError as err:
+        raise ConfigError(f"RESUME_FROM={checkpoint}: {err}; resume from another checkpoint "
+                          "(RESUME_FROM=latest picks the newest complete one)") from None
+    conflicts = resume_conflicts(manifest["identity"], identity)
+    if conflicts:
+        raise ConfigError(f"RESUME_FROM={checkpoint}: this run would not continue the checkpoint's run: "
+                          f"{'; '.join(conflicts)}. Set them back, or start a new run in another OUTPUT_DIR")
+    return manifest
