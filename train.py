@@ -256,9 +256,10 @@ def next_token_labels(batch: dict) -> torch.Tensor:
 
 
 def sum_token_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Summed cross-entropy of `logits[:, :-1]` against `next_token_labels`, in float32."""
-    return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), targets.flatten(),
-                           ignore_index=IGNORE_INDEX, reduction="sum")
+    """Summed cross-entropy of `logits[:, :-1]` against `next_token_labels`, in float32 (or wider: the tests'
+    float64 runs stay float64)."""
+    wide = logits[:, :-1].flatten(0, 1).to(torch.promote_types(logits.dtype, torch.float32))
+    return F.cross_entropy(wide, targets.flatten(), ignore_index=IGNORE_INDEX, reduction="sum")
 
 
 def count_label_tokens(batch: dict) -> int:
@@ -580,7 +581,7 @@ class Trainer:
         global_tokens, global_real_tokens = all_reduce_sum(counts, dist).tolist()
         # DDP averages gradients over ranks; multiplying by world_size turns that average back into a sum.
         loss_weight = dist.world_size / max(global_tokens, 1)
-        loss_sum = torch.zeros((), device=device)
+        loss_sum = torch.zeros((), device=device, dtype=torch.float64)  # summed over micro-batches and ranks
         for i, batch in enumerate(micro_batches):
             is_last = i == len(micro_batches) - 1
             # Skip DDP's gradient all-reduce on all but the last micro-batch: one all-reduce per optimizer step.

@@ -4,7 +4,8 @@
         train.main() exactly as `torchrun ... train.py` runs it, configured by the environment (DDP=true, ...).
     python -m torch.distributed.run ... tests/torchrun_worker.py DUMP_DIR RUNS_JSON
         RUNS_JSON is a list of TrainConfig keyword dicts; each is trained with train.run() in turn, in one process
-        group (one launch for several runs: starting torchrun costs more than a tiny run).
+        group (one launch for several runs: starting torchrun costs more than a tiny run). A dict with
+        "float64": true trains that run with the whole model, adapters included, in float64 (see `float64_models`).
 
 Each rank writes, for each run, into DUMP_DIR/<name of the run's OUTPUT_DIR>/:
     rank<r>.safetensors        its final adapter tensors, straight from its own model (not from OUTPUT_DIR);
@@ -16,9 +17,11 @@ The tests also use RecordingTrainer in-process, for the single-process reference
 Not collected by pytest (the name does not start with test_).
 """
 
+import contextlib
 import json
 import os
 import sys
+import types
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -27,6 +30,7 @@ sys.path.insert(0, str(REPO))
 import torch  # noqa: E402
 import torch.distributed as torch_dist  # noqa: E402
 from safetensors.torch import save_file  # noqa: E402
+from transformers.models.bloom import modeling_bloom  # noqa: E402
 
 import train  # noqa: E402
 from config import TrainConfig  # noqa: E402
@@ -90,6 +94,36 @@ class RecordingTrainer(train.Trainer):
         (target / f"rank{RANK}-writes.json").write_text(json.dumps(WRITES.get(out, [])))
 
 
+@contextlib.contextmanager
+def float64_models():
+    """Within this block train.run() builds its model in float64, base and adapters, and pads on the right.
+
+    Not a precision train.py offers (it would only be slower): a test-only setting in which rounding is ~1e-16, so
+    that whatever difference is left between a DDP run and a single process is a real one. In float32, AdamW's
+    first steps magnify rounding (see tests/test_distributed.py) and hide small real differences in the noise.
+    BLOOM's attention takes its softmax in float32 whatever the model's dtype; here it is taken in float64, or its
+    rounding (~6e-8) would be all there is to see. Right padding, because a left-padded row's first positions see
+    only padding, and a row that is all mask (-1.8e308 in float64) is NaN after softmax."""
+    build, load_tokenizer, bloom_functional = train.build_lora_model, train.load_tokenizer, modeling_bloom.F
+
+    def right_padding_tokenizer(*args, **kwargs):
+        tokenizer = load_tokenizer(*args, **kwargs)
+        tokenizer.padding_side = "right"
+        return tokenizer
+
+    def softmax_in_input_dtype(input, dim=None, dtype=None, **kwargs):
+        return torch.nn.functional.softmax(input, dim=dim, **kwargs)
+
+    train.build_lora_model = lambda *args, **kwargs: build(*args, **kwargs).double()
+    train.load_tokenizer = right_padding_tokenizer
+    # Only modeling_bloom's own name F is replaced: the rest of torch keeps the real functional module.
+    modeling_bloom.F = types.SimpleNamespace(**{**vars(torch.nn.functional), "softmax": softmax_in_input_dtype})
+    try:
+        yield
+    finally:
+        train.build_lora_model, train.load_tokenizer, modeling_bloom.F = build, load_tokenizer, bloom_functional
+
+
 def main() -> int:
     RecordingTrainer.dump_dir = Path(sys.argv[1]).resolve()
     train.Trainer = RecordingTrainer  # run() builds its trainer through this module-level name
@@ -98,13 +132,15 @@ def main() -> int:
         WRITES[os.path.abspath(os.environ["OUTPUT_DIR"])] = []
         return train.main([])
 
-    configs = [TrainConfig(**kwargs) for kwargs in json.loads(sys.argv[2])]
+    runs = json.loads(sys.argv[2])
+    configs = [TrainConfig(**{k: v for k, v in kwargs.items() if k != "float64"}) for kwargs in runs]
     for cfg in configs:
         WRITES[os.path.abspath(cfg.output_dir)] = []
     dist = train.setup_distributed(configs[0])
     try:
-        for cfg in configs:
-            train.run(cfg, dist)
+        for cfg, kwargs in zip(configs, runs):
+            with float64_models() if kwargs.get("float64") else contextlib.nullcontext():
+                train.run(cfg, dist)
     finally:
         if torch_dist.is_initialized():
             torch_dist.destroy_process_group()
