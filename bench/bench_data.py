@@ -35,10 +35,7 @@ from transformers import AutoTokenizer  # noqa: E402
 
 import alpaca_data as ad  # noqa: E402
 from prompter import Prompter  # noqa: E402
-from bench.common import write_atomically  # noqa: E402
-
-COMMAND = "python bench/bench_data.py"
-
+from bench.common import command_line, write_atomically  # noqa: E402
 
 def parse_args(argv=None):
     """Parse the command line.
@@ -108,12 +105,12 @@ def main(argv=None):
         load_before = os.getloadavg()[0]
         cold, cold_s, cold_cpu = timed(run)
         warm, warm_s, warm_cpu = timed(run)
-        assert len(cold) == len(warm) == len(big)
+        assert len(cold) == len(warm)
 
     n_batches = -(-len(lengths) // args.batch_size)
     table = f"""# Data pipeline benchmark
 
-Reproduce: `{COMMAND}`
+Reproduce: `{command_line("bench_data.py", argv)}`
 
 Tokenizer `{Path(args.tokenizer).name}` (vocab {len(tokenizer):,}), max_length {args.max_length}, \
 TRAIN_ON_INPUTS false. {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs; torch {torch.__version__}, \

@@ -46,7 +46,7 @@ from transformers import BloomConfig, BloomForCausalLM  # noqa: E402
 
 import inference  # noqa: E402
 from lora_model import LoraConfig, LoraModelForCasualLM  # noqa: E402
-from bench.common import command_line, describe_device, synchronize, write_atomically  # noqa: E402
+from bench.common import command_line, describe_device, interleave, synchronize, write_atomically  # noqa: E402
 
 VARIANTS = ("base", "merged", "unmerged")
 
@@ -153,14 +153,8 @@ def check_merged_matches_unmerged(models, prompt: dict) -> tuple[float, bool]:
 
 def run(args, models, prompt: dict, device: torch.device) -> dict[str, list[float]]:
     """Interleaved timings: each round times every variant once, the order rotating from round to round."""
-    times = {name: [] for name in VARIANTS}
-    for round_index in range(args.warmup + args.repeats):
-        shift = round_index % len(VARIANTS)
-        for name in VARIANTS[shift:] + VARIANTS[:shift]:
-            seconds = time_generate(models[name], prompt, args, device)
-            if round_index >= args.warmup:
-                times[name].append(seconds)
-    return times
+    steps = {name: (lambda name=name: time_generate(models[name], prompt, args, device)) for name in VARIANTS}
+    return interleave(steps, args.repeats, args.warmup)
 
 
 def markdown(args, argv, device: torch.device, precision: str, times: dict[str, list[float]],

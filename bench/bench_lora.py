@@ -56,7 +56,7 @@ from transformers import BloomConfig, BloomForCausalLM  # noqa: E402
 
 from lora_layer import LoraLayer  # noqa: E402
 from lora_model import LoraConfig, LoraModelForCasualLM  # noqa: E402
-from bench.common import command_line, describe_device, synchronize, write_atomically  # noqa: E402
+from bench.common import command_line, describe_device, interleave, synchronize, write_atomically  # noqa: E402
 
 VARIANTS = ("ours", "peft", "base")
 PRECISIONS = ("fp32", "bf16")
@@ -161,19 +161,6 @@ def check_same_logits(models, inputs, precision: str, device: torch.device) -> f
         raise SystemExit(f"ours is less accurate than PEFT in {precision}: mean |logit - fp32 logit| {ours_error:.3g}"
                          f" vs PEFT's {ref_error:.3g}")
     return diff
-
-
-def interleave(steps: dict, rounds: int, warmup: int) -> dict[str, list[float]]:
-    """Time each step function once per round, the order rotating from round to round; drop warm-up rounds."""
-    names = list(steps)
-    times = {name: [] for name in names}
-    for round_index in range(warmup + rounds):
-        shift = round_index % len(names)
-        for name in names[shift:] + names[:shift]:
-            seconds = steps[name]()
-            if round_index >= warmup:
-                times[name].append(seconds)
-    return times
 
 
 def timed(step, model: torch.nn.Module, device: torch.device, precision: str):

@@ -34,7 +34,7 @@ import torch.nn.functional as F  # noqa: E402
 from transformers import BloomConfig, BloomForCausalLM  # noqa: E402
 
 from lora_model import LoraConfig, LoraModelForCasualLM  # noqa: E402
-from bench.common import command_line, synchronize, write_atomically  # noqa: E402
+from bench.common import command_line, interleave, synchronize, write_atomically  # noqa: E402
 
 BLOOM_1B7 = dict(vocab_size=250880, hidden_size=2048, n_layer=24, n_head=16)
 
@@ -80,18 +80,16 @@ def training_step(model, optimizer, input_ids: torch.Tensor) -> None:
 
 
 def time_rounds(args, variants: dict, input_ids: torch.Tensor, device: torch.device) -> dict[str, list[float]]:
-    times = {name: [] for name in variants}
-    names = list(variants)
-    for round_index in range(args.warmup + args.repeats):
-        order = names if round_index % 2 == 0 else names[::-1]
-        for name in order:
-            synchronize(device)
-            start = time.perf_counter()
-            training_step(*variants[name], input_ids)
-            synchronize(device)
-            if round_index >= args.warmup:
-                times[name].append(time.perf_counter() - start)
-    return times
+    """Interleaved timings of one training step (forward, backward, AdamW) of each variant."""
+    def timed_step(name: str) -> float:
+        synchronize(device)
+        start = time.perf_counter()
+        training_step(*variants[name], input_ids)
+        synchronize(device)
+        return time.perf_counter() - start
+
+    steps = {name: (lambda name=name: timed_step(name)) for name in variants}
+    return interleave(steps, args.repeats, args.warmup)
 
 
 def state_bytes(model, optimizer) -> tuple[int, int]:

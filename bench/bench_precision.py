@@ -62,7 +62,7 @@ from transformers import BloomConfig, BloomForCausalLM  # noqa: E402
 
 import train  # noqa: E402
 from lora_model import LoraConfig, LoraModelForCasualLM  # noqa: E402
-from bench.common import command_line, describe_device, synchronize, write_atomically  # noqa: E402
+from bench.common import command_line, describe_device, interleave, synchronize, write_atomically  # noqa: E402
 
 # name: (PRECISION as train.py names it, dtype of the frozen base weights)
 VARIANTS = {
@@ -212,21 +212,6 @@ def build_models(args, device: torch.device, names: list[str]) -> dict[str, Lora
     return {name: by_dtype[VARIANTS[name][1]] for name in names}
 
 
-def interleave(steps: dict, rounds: int, warmup: int) -> dict[str, list[float]]:
-    """Time each step function once per round, the order rotating from round to round; drop warm-up rounds."""
-    names = list(steps)
-    times = {name: [] for name in names}
-    for round_index in range(warmup + rounds):
-        shift = round_index % len(names)
-        for name in names[shift:] + names[:shift]:
-            seconds = steps[name]()
-            if round_index >= warmup:
-                times[name].append(seconds)
-        print(f"round {round_index + 1}/{warmup + rounds}" + (" (warm-up)" if round_index < warmup else ""),
-              file=sys.stderr, flush=True)
-    return times
-
-
 # --- memory, one variant per process -------------------------------------------------------------------------------
 
 def _proc_status_kib(field: str) -> int:
@@ -341,7 +326,7 @@ def main(argv=None) -> None:
     batch = make_batch(args, device)
     loss_diffs = check_losses(models, names, batch, device)
     steps = {name: step_function(models[name], VARIANTS[name][0], batch, device) for name in names}
-    times = interleave(steps, args.repeats, args.warmup)
+    times = interleave(steps, args.repeats, args.warmup, progress=True)
     del models, steps
     memory = {}
     if not args.no_memory:

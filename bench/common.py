@@ -1,5 +1,5 @@
-"""What every benchmark in bench/ shares: the command line to reproduce a run, timing fences, the device's name
-and the atomic write of the results table."""
+"""What every benchmark in bench/ shares: the command line to reproduce a run, interleaved timing rounds, timing
+fences, the device's name and the atomic write of the results table."""
 
 import os
 import platform
@@ -17,6 +17,27 @@ def command_line(script: str, argv=None) -> str:
     """The command that reproduces this run, for the top of the results file."""
     argv = sys.argv[1:] if argv is None else argv
     return " ".join(["python", f"bench/{script}", *map(shlex.quote, argv)])
+
+
+def interleave(steps: dict, rounds: int, warmup: int, progress: bool = False) -> dict[str, list[float]]:
+    """Call each step function (it returns the seconds it measured) once per round, the order rotating from round to
+    round, so that drift in a shared machine's load hits every variant alike; warm-up rounds are dropped.
+
+    Returns:
+        name -> the seconds of each timed round, in round order (so that ratios can be taken round by round).
+    """
+    names = list(steps)
+    times = {name: [] for name in names}
+    for round_index in range(warmup + rounds):
+        shift = round_index % len(names)
+        for name in names[shift:] + names[:shift]:
+            seconds = steps[name]()
+            if round_index >= warmup:
+                times[name].append(seconds)
+        if progress:
+            print(f"round {round_index + 1}/{warmup + rounds}" + (" (warm-up)" if round_index < warmup else ""),
+                  file=sys.stderr, flush=True)
+    return times
 
 
 def synchronize(device: torch.device) -> None:

@@ -640,3 +640,24 @@ def test_grouped_batches_are_far_more_uniform_than_random(tokenizer, sample, cac
     assert max(lengths) in [lengths[i] for i in grouped[0]]
     # Batches that are full keep their size; only the last can be short.
     assert all(len(b) == 8 for b in grouped[:-1]) and math.ceil(len(lengths) / 8) == len(grouped)
+
+
+# --- the benchmark still runs ----------------------------------------------------------------------------------------
+
+def test_bench_data_runs_and_writes_its_table(tmp_path, capsys):
+    """bench/bench_data.py end to end on the sample once (the real run repeats it 26 times): grouping by length
+    wastes less padding than random batches, the cached re-run is faster, the command is on top."""
+    from bench import bench_data
+
+    out = tmp_path / "data.md"
+    bench_data.main(["--repeat", "1", "--epochs", "1", "--max-length", "128", "--out", str(out)])
+    table = out.read_text()
+    assert table.strip() in capsys.readouterr().out
+    assert "Reproduce: `python bench/bench_data.py --repeat 1 --epochs 1 --max-length 128 --out " in table
+    value = {row.split(" | ")[0].lstrip("| "): row.split(" | ")[1] for row in table.splitlines() if row.count("|") == 4}
+    random_fraction = float(value["real-token fraction, random batches (DistributedSampler)"])
+    grouped_fraction = float(value["real-token fraction, LengthGroupedSampler"])
+    assert 0 < random_fraction < grouped_fraction <= 1
+    cold = next(float(v.split()[0]) for k, v in value.items() if k.startswith("tokenize "))
+    warm = float(value["same call again, loaded from cache, wall"].split()[0])
+    assert warm < cold
