@@ -241,9 +241,15 @@ def build_lora_model(model, cfg: TrainConfig, model_path: str) -> LoraModelForCa
     config = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
                         target_modules=cfg.target_module_list, base_model_name_or_path=model_path)
     try:
-        return LoraModelForCasualLM(model, config)
+        lora_model = LoraModelForCasualLM(model, config)
     except ValueError as err:
         raise ConfigError(f"TARGET_MODULES: {err}") from None
+    if cfg.gradient_checkpointing:
+        # Non-reentrant checkpointing: gradients reach the LoRA matrices inside a checkpointed block even though
+        # the block's input (from the frozen embeddings) does not require grad, which the old reentrant variant
+        # needs `enable_input_require_grads` for; it also replays dropout with the same random masks.
+        lora_model.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return lora_model
 
 
 def next_token_labels(batch: dict) -> torch.Tensor:
@@ -589,7 +595,8 @@ class Trainer:
             with sync_context:
                 batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
                 with autocast_context(self.precision, device):
-                    logits = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+                    logits = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                                        use_cache=False).logits  # a KV cache is for generating, not training
                 micro_loss = sum_token_loss(logits, next_token_labels(batch))
                 self.scaler.scale(micro_loss * loss_weight).backward()
             loss_sum += micro_loss.detach()
@@ -641,8 +648,8 @@ class Trainer:
                     break
                 batch = {k: v.to(device) for k, v in batch.items()}
                 with autocast_context(self.precision, device):
-                    logits = self.raw_model(input_ids=batch["input_ids"],
-                                            attention_mask=batch["attention_mask"]).logits
+                    logits = self.raw_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                                            use_cache=False).logits
                 totals[0] += sum_token_loss(logits, next_token_labels(batch)).double()
                 totals[1] += count_label_tokens(batch)
         self.raw_model.train()
@@ -816,7 +823,8 @@ def print_banner(cfg: TrainConfig, dist: DistEnv, precision: str, stats: dict, t
         f"precision    {describe_precision(cfg, precision, dist.device)}",
         f"processes    {dist.world_size}" + (f" (DDP, {torch_dist.get_backend()})" if dist.ddp else ""),
         f"batch        {cfg.batch_size} x {cfg.grad_accum_steps} accumulation x {dist.world_size} processes = "
-        f"{effective_batch} examples per optimizer step; {trainer.total_steps:,} steps",
+        f"{effective_batch} examples per optimizer step; {trainer.total_steps:,} steps"
+        + ("; gradient checkpointing" if cfg.gradient_checkpointing else ""),
         f"output       {cfg.output_dir}",
         "checkpoints  " + (f"every {cfg.save_steps} steps and " if cfg.save_steps else "")
         + "at each epoch's end; " + (f"the newest {cfg.save_total_limit} kept" if cfg.save_total_limit
@@ -909,6 +917,12 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     except (ConfigError, DataError, RunError) as err:
         error(str(err))
+        return 1
+    except torch.OutOfMemoryError:
+        error(f"out of {'GPU ' if dist is not None and dist.device.type == 'cuda' else ''}memory with BATCH_SIZE="
+              f"{cfg.batch_size} x MAX_LENGTH={cfg.max_length}: halve BATCH_SIZE and double GRAD_ACCUM_STEPS (the "
+              "same optimizer step), set GRADIENT_CHECKPOINTING=true, or lower MAX_LENGTH"
+              + last_checkpoint())
         return 1
     except OSError as err:  # disk full or folder read-only while writing metrics or the final adapter
         error(f"{err}{last_checkpoint()}")

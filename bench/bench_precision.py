@@ -17,6 +17,7 @@ Variants, each what train.py runs for some PRECISION / MIX_PREC_TRAIN setting:
   bf16 weights    bfloat16 base weights, bf16 autocast                    (MIX_PREC_TRAIN=true on an A100/H100)
   fp16 autocast   float32 weights, fp16 autocast, GradScaler              (PRECISION=fp16 on a CPU)
   fp16 weights    float16 base weights, fp16 autocast, GradScaler         (MIX_PREC_TRAIN=true on a T4; GPU only)
+  ... + checkpointing   the same with GRADIENT_CHECKPOINTING=true: activations recomputed in the backward pass
 The three float32-weight variants share one model (each with its own AdamW and GradScaler). bf16 variants are
 skipped on a GPU without native bf16.
 
@@ -61,18 +62,22 @@ import transformers  # noqa: E402
 from transformers import BloomConfig, BloomForCausalLM  # noqa: E402
 
 import train  # noqa: E402
-from lora_model import LoraConfig, LoraModelForCasualLM  # noqa: E402
+from config import TrainConfig  # noqa: E402
+from lora_model import LoraModelForCasualLM  # noqa: E402
 from bench.common import command_line, describe_device, interleave, synchronize, write_atomically  # noqa: E402
 
-# name: (PRECISION as train.py names it, dtype of the frozen base weights)
+# name: (PRECISION as train.py names it, dtype of the frozen base weights, GRADIENT_CHECKPOINTING)
 VARIANTS = {
-    "fp32": ("fp32", torch.float32),
-    "bf16 autocast": ("bf16", torch.float32),
-    "bf16 weights": ("bf16", torch.bfloat16),
-    "fp16 autocast": ("fp16", torch.float32),
-    "fp16 weights": ("fp16", torch.float16),
+    "fp32": ("fp32", torch.float32, False),
+    "bf16 autocast": ("bf16", torch.float32, False),
+    "bf16 weights": ("bf16", torch.bfloat16, False),
+    "fp16 autocast": ("fp16", torch.float32, False),
+    "fp16 weights": ("fp16", torch.float16, False),
+    "fp32 + checkpointing": ("fp32", torch.float32, True),
+    "bf16 weights + checkpointing": ("bf16", torch.bfloat16, True),
+    "fp16 weights + checkpointing": ("fp16", torch.float16, True),
 }
-CPU_DEFAULT = ["fp32", "bf16 autocast", "bf16 weights", "fp16 autocast"]
+CPU_DEFAULT = ["fp32", "bf16 autocast", "bf16 weights", "fp16 autocast", "fp32 + checkpointing"]
 REAL_SHAPE = dict(vocab=250880, hidden=2048, layers=24, heads=16)  # bigscience/bloom-1b7's config.json
 SPEEDUP_TARGET = ("bf16 autocast", 1.6)  # on a CPU with AVX-512 bf16 / AMX
 
@@ -97,8 +102,8 @@ def parse_args(argv=None):
     parser.add_argument("--seq", type=int, default=256)
     parser.add_argument("--r", type=int, default=8)
     parser.add_argument("--variants", default=None,
-                        help=f"comma-separated, of: {', '.join(VARIANTS)} (default: all on a GPU, the first four "
-                             "on a CPU)")
+                        help=f"comma-separated, of: {', '.join(VARIANTS)} (default: all on a GPU; on a CPU "
+                             f"{', '.join(CPU_DEFAULT)})")
     parser.add_argument("--repeats", type=int, default=7, help="timed rounds (each times every variant once)")
     parser.add_argument("--warmup", type=int, default=1, help="untimed rounds first")
     parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
@@ -130,7 +135,7 @@ def unsupported(name: str, device: torch.device) -> str | None:
     precision = VARIANTS[name][0]
     if device.type == "cuda" and precision == "bf16" and not torch.cuda.is_bf16_supported(including_emulation=False):
         return "this GPU has no native bf16"
-    if device.type == "cpu" and name == "fp16 weights":
+    if device.type == "cpu" and VARIANTS[name][1] == torch.float16:
         return "train.py keeps float32 base weights on a CPU"
     return None
 
@@ -144,10 +149,12 @@ def build_base(args, device: torch.device, dtype: torch.dtype) -> BloomForCausal
     return model.to(dtype)
 
 
-def add_lora(model: torch.nn.Module, args) -> LoraModelForCasualLM:
+def add_lora(model: torch.nn.Module, args, checkpointing: bool = False) -> LoraModelForCasualLM:
+    """LoRA as train.py adds it (build_lora_model), with non-zero B values."""
     torch.manual_seed(1)
-    config = LoraConfig(r=args.r, lora_alpha=2 * args.r, lora_dropout=0.05, target_modules=["query_key_value"])
-    lora_model = LoraModelForCasualLM(model, config)
+    settings = TrainConfig(lora_r=args.r, lora_alpha=2 * args.r, lora_dropout=0.05, target_modules="query_key_value",
+                           gradient_checkpointing=checkpointing)
+    lora_model = train.build_lora_model(model, settings, "random BLOOM")
     with torch.no_grad():  # B away from zero (its init), so the adapter takes part in the loss check
         for name, param in lora_model.named_parameters():
             if "lora_B" in name:
@@ -174,7 +181,8 @@ def step_function(model: LoraModelForCasualLM, precision: str, batch: dict, devi
         synchronize(device)
         start = time.perf_counter()
         with train.autocast_context(precision, device):
-            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                           use_cache=False).logits
         loss = train.sum_token_loss(logits, batch["targets"]) / batch["tokens"]
         scaler.scale(loss).backward()
         scaler.unscale_(optimizer)
@@ -203,16 +211,39 @@ def check_losses(models: dict, names: list[str], batch: dict, device: torch.devi
 
 
 def build_models(args, device: torch.device, names: list[str]) -> dict[str, LoraModelForCasualLM]:
-    """One LoRA model per base-weight dtype, shared by the variants with that dtype; identical adapter values."""
-    by_dtype = {}
+    """One LoRA model per (base-weight dtype, checkpointing), shared by the variants with those; identical adapter
+    values."""
+    shared = {}
     for name in names:
-        dtype = VARIANTS[name][1]
-        if dtype not in by_dtype:
-            by_dtype[dtype] = add_lora(build_base(args, device, dtype), args)
-    return {name: by_dtype[VARIANTS[name][1]] for name in names}
+        _, dtype, checkpointing = VARIANTS[name]
+        if (dtype, checkpointing) not in shared:
+            shared[dtype, checkpointing] = add_lora(build_base(args, device, dtype), args, checkpointing)
+    return {name: shared[VARIANTS[name][1:]] for name in names}
 
 
-# --- memory, one variant per process -------------------------------------------------------------------------------
+# --- memory ------------------------------------------------------------------------------------------------------
+
+def saved_for_backward_bytes(model: LoraModelForCasualLM, precision: str, batch: dict, device: torch.device) -> int:
+    """Bytes of the tensors autograd keeps from the forward pass for the backward pass (activations, and the
+    low-precision weight copies autocast makes), each storage counted once; the parameters themselves are not
+    counted. Exact and independent of the allocator, unlike a process's peak memory: this is the part that
+    gradient checkpointing shrinks (it keeps only each block's input and recomputes the rest)."""
+    parameters = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    kept: dict[int, int] = {}
+
+    def pack(tensor: torch.Tensor) -> torch.Tensor:
+        storage = tensor.untyped_storage()
+        if storage.data_ptr() not in parameters:
+            kept[storage.data_ptr()] = storage.nbytes()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        with train.autocast_context(precision, device):
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                           use_cache=False).logits
+        train.sum_token_loss(logits, batch["targets"])
+    return sum(kept.values())
+
 
 def _proc_status_kib(field: str) -> int:
     return int(re.search(rf"^{field}:\s+(\d+) kB", Path("/proc/self/status").read_text(), re.M).group(1))
@@ -221,7 +252,8 @@ def _proc_status_kib(field: str) -> int:
 def measure_memory(args) -> dict:
     """In this (fresh) process: build one variant, run two steps, return its peak memory in bytes."""
     device, name = torch.device(args.device), args.measure_memory
-    model = add_lora(build_base(args, device, VARIANTS[name][1]), args)
+    _, dtype, checkpointing = VARIANTS[name]
+    model = add_lora(build_base(args, device, dtype), args, checkpointing)
     batch = make_batch(args, device)
     step = step_function(model, VARIANTS[name][0], batch, device)
     if device.type == "cuda":
@@ -251,7 +283,7 @@ def memory_in_fresh_process(args, argv: list[str], name: str) -> dict:
 
 # --- report --------------------------------------------------------------------------------------------------------
 
-def markdown(args, argv, device, names, skipped, times, loss_diffs, memory) -> str:
+def markdown(args, argv, device, names, skipped, times, loss_diffs, saved, memory) -> str:
     tokens = args.batch * args.seq
     gib = lambda n: f"{n / 2**30:.2f}"  # noqa: E731
     median = {name: statistics.median(times[name]) for name in names}
@@ -262,7 +294,7 @@ def markdown(args, argv, device, names, skipped, times, loss_diffs, memory) -> s
                      "vmhwm": "peak RSS GiB (VmHWM) | of which the step GiB",
                      "ru_maxrss": "peak RSS GiB (ru_maxrss, whole process)", None: "peak memory"}[method]
     header = f"| variant | PRECISION | base weights | s / step median [min-max] | tokens/s | speed-up vs fp32 | " \
-             f"loss vs fp32 | {memory_header} |"
+             f"loss vs fp32 | saved for backward MiB | {memory_header} |"
     lines = [
         "# LoRA training step by precision: time and memory",
         "",
@@ -277,7 +309,8 @@ def markdown(args, argv, device, names, skipped, times, loss_diffs, memory) -> s
         f"GradScaler where fp16, unscale, clip, AdamW, update); LoRA r={args.r}, alpha={2 * args.r}, dropout 0.05 "
         "on query_key_value, adapters float32.",
         f"- {args.repeats} interleaved rounds after {args.warmup} warm-up round(s); speed-up = median over rounds "
-        "of the per-round ratio. Loss vs fp32: the same batch and adapter, eval mode.",
+        "of the per-round ratio. Loss vs fp32: the same batch and adapter, eval mode. Saved for backward: what "
+        "autograd keeps from the forward pass (activations; see saved_for_backward_bytes).",
         "- Memory: each variant alone in a fresh process, two steps; "
         + {"cuda": "torch.cuda.max_memory_allocated after the model is built (weights + activations + gradients "
                    "+ optimizer state).",
@@ -290,7 +323,7 @@ def markdown(args, argv, device, names, skipped, times, loss_diffs, memory) -> s
         "|---" * (header.count("|") - 1) + "|",
     ]
     for name in names:
-        precision, dtype = VARIANTS[name]
+        precision, dtype, _ = VARIANTS[name]
         t = times[name]
         if method == "vmhwm":
             mem = f"{gib(memory[name]['peak'])} | {gib(memory[name]['peak'] - memory[name]['before'])}"
@@ -300,7 +333,7 @@ def markdown(args, argv, device, names, skipped, times, loss_diffs, memory) -> s
             mem = "-"
         lines.append(f"| {name} | {precision} | {str(dtype).removeprefix('torch.')} | {median[name]:.3f} "
                      f"[{min(t):.3f}-{max(t):.3f}] | {tokens / median[name]:,.0f} | {speedup[name]:.2f}x "
-                     f"| {loss_diffs[name]:+.1e} | {mem} |")
+                     f"| {loss_diffs[name]:+.1e} | {saved[name] / 2**20:.3g} | {mem} |")
     for name, why in skipped.items():
         lines += ["", f"Skipped {name}: {why}."]
     target_name, target = SPEEDUP_TARGET
@@ -325,6 +358,7 @@ def main(argv=None) -> None:
     models = build_models(args, device, names)
     batch = make_batch(args, device)
     loss_diffs = check_losses(models, names, batch, device)
+    saved = {name: saved_for_backward_bytes(models[name], VARIANTS[name][0], batch, device) for name in names}
     steps = {name: step_function(models[name], VARIANTS[name][0], batch, device) for name in names}
     times = interleave(steps, args.repeats, args.warmup, progress=True)
     del models, steps
@@ -333,7 +367,7 @@ def main(argv=None) -> None:
         for name in names:
             memory[name] = memory_in_fresh_process(args, argv, name)
             print(f"memory of {name}: done", file=sys.stderr, flush=True)
-    table = markdown(args, argv, device, names, skipped, times, loss_diffs, memory)
+    table = markdown(args, argv, device, names, skipped, times, loss_diffs, saved, memory)
     write_atomically(args.out, table)
     print(table)
 

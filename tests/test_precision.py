@@ -280,16 +280,42 @@ def test_bench_precision_runs_and_writes_its_table(tmp_path, capsys):
     spec.loader.exec_module(bench)
     out = tmp_path / "precision.md"
     argv = ["--hidden", "64", "--layers", "1", "--heads", "4", "--vocab", "256", "--seq", "32", "--repeats", "1",
-            "--warmup", "0", "--variants", "fp32,bf16 autocast,fp16 autocast", "--threads", "1", "--out", str(out)]
+            "--warmup", "0", "--variants", "fp32,bf16 autocast,fp16 autocast,fp32 + checkpointing", "--threads", "1",
+            "--out", str(out)]
     bench.main([*argv, "--no-memory"])
     table = out.read_text()
     assert table.strip() in capsys.readouterr().out  # printed as written
     assert table.splitlines()[2].startswith("Reproduce: `python bench/bench_precision.py --hidden 64 ")
-    assert "'fp32,bf16 autocast,fp16 autocast'" in table.splitlines()[2]  # quoted for the shell
+    assert "'fp32,bf16 autocast,fp16 autocast,fp32 + checkpointing'" in table.splitlines()[2]  # quoted for the shell
     rows = [line for line in table.splitlines() if line.startswith("| ") and "variant" not in line]
-    assert [row.split(" | ")[0] for row in rows] == ["| fp32", "| bf16 autocast", "| fp16 autocast"]
+    assert [row.split(" | ")[0] for row in rows] == ["| fp32", "| bf16 autocast", "| fp16 autocast",
+                                                     "| fp32 + checkpointing"]
     assert all(abs(float(row.split(" | ")[6])) < 0.02 for row in rows)  # loss vs fp32
+    saved = {row.split(" | ")[0]: float(row.split(" | ")[7].replace(",", "")) for row in rows}
+    assert 0 < saved["| fp32 + checkpointing"] < saved["| fp32"] / 2  # activations recomputed, not kept
     assert not list(tmp_path.glob("*.tmp"))
 
     memory = bench.memory_in_fresh_process(bench.parse_args(argv), argv, "fp16 autocast")
     assert memory["method"] in ("vmhwm", "ru_maxrss") and memory["peak"] > 100 * 2**20
+
+
+def test_out_of_memory_is_one_line_with_what_to_change(tmp_path, small_data, monkeypatch, capsys):
+    """A (CUDA) out-of-memory error in step 2 ends the run with one line that names the settings to change and the
+    last complete checkpoint, exit 1, no traceback."""
+    real_step = train.Trainer.optimizer_step
+
+    def step_that_runs_out_of_memory(self, micro_batches):
+        if self.step == 1:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 1.96 GiB")
+        return real_step(self, micro_batches)
+
+    monkeypatch.setattr(train.Trainer, "optimizer_step", step_that_runs_out_of_memory)
+    settings = tiny_settings(tmp_path, small_data, save_steps=1)
+    set_env(monkeypatch, settings)
+    assert train.main([]) == 1
+    err = capsys.readouterr().err
+    err_lines = [line for line in err.splitlines() if line.startswith("error:")]
+    assert len(err_lines) == 1 and "Traceback" not in err
+    assert err_lines[0].startswith(f"error: out of memory with BATCH_SIZE={settings['batch_size']} x MAX_LENGTH=")
+    assert "GRAD_ACCUM_STEPS" in err_lines[0] and "GRADIENT_CHECKPOINTING=true" in err_lines[0]
+    assert err_lines[0].endswith(f"the last complete checkpoint is {Path(settings['output_dir']) / 'checkpoint-1'}")

@@ -230,6 +230,35 @@ def test_same_seed_gives_the_same_adapter_and_training_changes_it(tmp_path, smal
     assert any(k.endswith("lora_B.weight") and a[k].abs().max() > 0 for k in a)  # B left zero-init: it trained
 
 
+def test_gradient_checkpointing_recomputes_and_trains_the_same_adapter(tmp_path, small_data, monkeypatch):
+    """GRADIENT_CHECKPOINTING=true runs every adapted layer's forward twice per micro-batch (once more in the
+    backward pass, which is the memory saving), and, with dropout on, trains the adapter the plain run trains:
+    the recomputation replays the same dropout masks."""
+    forward_calls = []
+    build = train.build_lora_model
+
+    def counting_build(*args, **kwargs):
+        lora_model = build(*args, **kwargs)
+        for _, layer in lora_model.lora_layers():
+            layer.register_forward_hook(lambda *_: forward_calls.append(torch.is_grad_enabled()))
+        return lora_model
+
+    monkeypatch.setattr(train, "build_lora_model", counting_build)
+    runs = {}
+    for checkpointing in (False, True):
+        cfg = tiny_config(tmp_path / str(checkpointing), small_data, lora_dropout=0.05, max_steps=2,
+                          gradient_checkpointing=checkpointing)
+        forward_calls.clear()
+        train.run(cfg, train.DistEnv())
+        runs[checkpointing] = (adapter_tensors(Path(cfg.output_dir)), len(forward_calls))
+    (plain, plain_calls), (checkpointed, checkpointed_calls) = runs[False], runs[True]
+    layers, micro_batches = 4, 2  # the tiny BLOOM's query_key_value layers; 2 steps x 1 micro-batch
+    eval_calls = plain_calls - layers * micro_batches
+    assert checkpointed_calls - eval_calls == 2 * layers * micro_batches
+    assert max_rel_diff(checkpointed, plain) <= 1e-6
+    assert any(k.endswith("lora_B.weight") and plain[k].abs().max() > 0 for k in plain)
+
+
 def test_resume_from_checkpoint_continues_exactly(tmp_path, small_data):
     """Stopping after step 2 and resuming from checkpoint-2 ends where the uninterrupted run ends (dropout on, so
     the RNG state must be restored too)."""
