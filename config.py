@@ -148,10 +148,11 @@ RESUME_MUST_MATCH = (
 # the new total), or an fp16 T4 session followed by a bf16 A100 one. Allowed, with a note that the rest of the run
 # differs from an uninterrupted one.
 RESUME_MAY_CHANGE_WITH_NOTE = ("num_epochs", "max_steps", "mix_prec_train", "precision")
-# These never change the numbers: where files go, how often to evaluate or save, how data is loaded. DATA_PATH
-# may name another copy of the same data (the content is compared); DEBUG acts only through the settings above.
+# These never change the numbers: where files go, how often to evaluate or save, how data is loaded, whether
+# activations are kept or recomputed (GRADIENT_CHECKPOINTING: the same adapter, tested). DATA_PATH may name another
+# copy of the same data (the content is compared); DEBUG acts only through the settings above.
 RESUME_FREE = ("debug", "ddp", "data_path", "output_dir", "cache_dir", "num_workers", "eval_freq", "save_steps",
-               "save_total_limit", "ddp_timeout", "resume_from")
+               "save_total_limit", "ddp_timeout", "resume_from", "gradient_checkpointing")
 
 
 def parse_value(name: str, raw: str, kind: type):
