@@ -225,6 +225,9 @@ DDP_RUNS = {  # name: (overrides for the 2-rank run, single-process references w
     "plain-float64": ({**PLAIN, "float64": True}, [dict(batch_size=4, float64=True)]),
     "accum-float64": ({**ACCUM, "float64": True}, [dict(batch_size=4, grad_accum_steps=2, float64=True),
                                                    dict(batch_size=2, grad_accum_steps=4, float64=True)]),
+    # GRADIENT_CHECKPOINTING under DDP with no_sync: recomputed activations, the same adapter as a plain process.
+    "checkpointing-float64": ({**ACCUM, "gradient_checkpointing": True, "float64": True},
+                              [dict(batch_size=4, grad_accum_steps=2, float64=True)]),
 }
 WEIGHT_TOLERANCE = {"plain": 1e-5, "accum": 1e-4, "grouped": 1e-4}  # see assert_same_training
 
