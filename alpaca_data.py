@@ -59,6 +59,19 @@ _HF_DATASET_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 _GDRIVE_HOSTS = ("drive.google.com", "docs.google.com")
 
 
+def _parse_json(text: str, where: str, whole_file: bool):
+    """json.loads, with each way it can fail as one DataError that starts with `where`."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        at = f"line {e.lineno}, column {e.colno}" if whole_file else f"column {e.colno}"
+        raise DataError(f"{where}: invalid JSON at {at}: {e.msg}") from None
+    except ValueError as e:  # an integer of more than 4,300 digits, which Python refuses to convert
+        raise DataError(f"{where}: unreadable JSON value ({str(e).split(':')[0]})") from None
+    except RecursionError:
+        raise DataError(f"{where}: JSON nested too deeply") from None
+
+
 def _type_name(value: Any) -> str:
     """Name a value's type for an error message (`null` rather than `NoneType`, as in the JSON file)."""
     return "null" if value is None else type(value).__name__
@@ -139,24 +152,10 @@ def _read_records_file(path: Path, label: str, suffix: str | None = None) -> lis
         for lineno, line in enumerate(text.split("\n"), start=1):
             if not line.strip():
                 continue
-            try:
-                records.append(json.loads(line))
-            except json.JSONDecodeError as e:
-                raise DataError(f"{label}: line {lineno}: invalid JSON at column {e.colno}: {e.msg}") from None
-            except ValueError as e:  # an integer of more than 4,300 digits, which Python refuses to convert
-                raise DataError(f"{label}: line {lineno}: unreadable JSON value ({str(e).split(':')[0]})") from None
-            except RecursionError:
-                raise DataError(f"{label}: line {lineno}: JSON nested too deeply") from None
+            records.append(_parse_json(line, f"{label}: line {lineno}", whole_file=False))
         return records
 
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise DataError(f"{label}: invalid JSON at line {e.lineno}, column {e.colno}: {e.msg}") from None
-    except ValueError as e:  # an integer of more than 4,300 digits, which Python refuses to convert
-        raise DataError(f"{label}: unreadable JSON value ({str(e).split(':')[0]})") from None
-    except RecursionError:
-        raise DataError(f"{label}: JSON nested too deeply") from None
+    data = _parse_json(text, label, whole_file=True)
     if not isinstance(data, list):
         raise DataError(f"{label}: expected a JSON list of records at the top level, got {_type_name(data)}")
     return data

@@ -38,14 +38,7 @@ from prompter import Prompter  # noqa: E402
 from bench.common import command_line, write_atomically  # noqa: E402
 
 def parse_args(argv=None):
-    """Parse the command line.
-
-    Args:
-        argv: arguments without the program name; `None` reads `sys.argv`.
-
-    Returns:
-        The parsed `argparse.Namespace`.
-    """
+    """The command line (`argv` without the program name; None reads sys.argv)."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--tokenizer", default=str(ROOT / "models" / "tiny-bloom"), help="tokenizer folder or id")
     parser.add_argument("--max-length", type=int, default=512)

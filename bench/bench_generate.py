@@ -42,31 +42,22 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 import transformers  # noqa: E402
-from transformers import BloomConfig, BloomForCausalLM  # noqa: E402
+from transformers import BloomForCausalLM  # noqa: E402
 
 import inference  # noqa: E402
 from lora_model import LoraConfig, LoraModelForCasualLM  # noqa: E402
-from bench.common import command_line, describe_device, interleave, synchronize, write_atomically  # noqa: E402
+from bench.common import (add_model_shape_arguments, bloom_config, command_line, describe_device, interleave,
+                          synchronize, write_atomically)  # noqa: E402
 
 VARIANTS = ("base", "merged", "unmerged")
 
 
 def parse_args(argv=None):
-    """Parse the command line.
-
-    Args:
-        argv: arguments without the program name; `None` reads `sys.argv`.
-
-    Returns:
-        The parsed `argparse.Namespace`.
-    """
+    """The command line (`argv` without the program name; None reads sys.argv)."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model-path", help="real base model (hub id or folder); default: random BLOOM-shaped")
     parser.add_argument("--lora-weights", help="trained adapter folder; default: random adapter (--r, --alpha)")
-    parser.add_argument("--hidden", type=int, default=1024)
-    parser.add_argument("--layers", type=int, default=4)
-    parser.add_argument("--heads", type=int, default=16)
-    parser.add_argument("--vocab", type=int, default=4096)
+    add_model_shape_arguments(parser)
     parser.add_argument("--r", type=int, default=8)
     parser.add_argument("--alpha", type=float, default=16)
     parser.add_argument("--target", default="query_key_value", help="comma-separated target module names")
@@ -95,7 +86,7 @@ def load_base(args, device: torch.device, precision: str) -> torch.nn.Module:
     if args.model_path:
         return inference.load_base_model(args.model_path, device, precision)
     torch.manual_seed(0)
-    config = BloomConfig(vocab_size=args.vocab, hidden_size=args.hidden, n_layer=args.layers, n_head=args.heads)
+    config = bloom_config(args)
     return BloomForCausalLM(config).to(device, inference.DTYPES[precision]).eval()
 
 

@@ -52,30 +52,21 @@ sys.path.insert(0, str(ROOT))
 import peft  # noqa: E402
 import torch  # noqa: E402
 import transformers  # noqa: E402
-from transformers import BloomConfig, BloomForCausalLM  # noqa: E402
+from transformers import BloomForCausalLM  # noqa: E402
 
 from lora_layer import LoraLayer  # noqa: E402
 from lora_model import LoraConfig, LoraModelForCasualLM  # noqa: E402
-from bench.common import command_line, describe_device, interleave, synchronize, write_atomically  # noqa: E402
+from bench.common import (add_model_shape_arguments, bloom_config, command_line, describe_device, interleave,
+                          synchronize, write_atomically)  # noqa: E402
 
 VARIANTS = ("ours", "peft", "base")
 PRECISIONS = ("fp32", "bf16")
 
 
 def parse_args(argv=None):
-    """Parse the command line.
-
-    Args:
-        argv: arguments without the program name; `None` reads `sys.argv`.
-
-    Returns:
-        The parsed `argparse.Namespace`.
-    """
+    """The command line (`argv` without the program name; None reads sys.argv)."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--hidden", type=int, default=1024)
-    parser.add_argument("--layers", type=int, default=4)
-    parser.add_argument("--heads", type=int, default=16)
-    parser.add_argument("--vocab", type=int, default=4096)
+    add_model_shape_arguments(parser)
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--seq", type=int, default=256)
     parser.add_argument("--r", type=int, default=8)
@@ -106,7 +97,7 @@ def parse_args(argv=None):
 def build_variants(args, device: torch.device) -> dict[str, torch.nn.Module]:
     """ours / peft / base on copies of one randomly initialised BLOOM, with identical (non-zero) adapters."""
     torch.manual_seed(0)
-    config = BloomConfig(vocab_size=args.vocab, hidden_size=args.hidden, n_layer=args.layers, n_head=args.heads)
+    config = bloom_config(args)
     base = BloomForCausalLM(config)
     targets = [t.strip() for t in args.target.split(",")]
     lora_kwargs = dict(r=args.r, lora_alpha=args.alpha, lora_dropout=args.dropout, target_modules=targets)
@@ -215,15 +206,18 @@ def time_layers(args, models, device: torch.device, precision: str) -> dict[str,
     return interleave(steps, args.layer_repeats, args.warmup)
 
 
+def per_round_ratios(times: dict[str, list[float]], numerator: str, denominator: str) -> list[float]:
+    """A round's timings are adjacent in time, so slow drift in the machine's load cancels in each ratio."""
+    return [a / b for a, b in zip(times[numerator], times[denominator])]
+
+
 def paired_ratio(times: dict[str, list[float]], numerator: str, denominator: str) -> float:
-    """Median over rounds of the per-round ratio: a round's timings are adjacent in time, so slow drift in the
-    machine's load cancels in each ratio."""
-    return statistics.median(a / b for a, b in zip(times[numerator], times[denominator]))
+    return statistics.median(per_round_ratios(times, numerator, denominator))
 
 
 def ratio_spread(times: dict[str, list[float]], numerator: str, denominator: str) -> str:
     """The middle half (quartiles) of the per-round ratios: how far the median could move by noise alone."""
-    ratios = [a / b for a, b in zip(times[numerator], times[denominator])]
+    ratios = per_round_ratios(times, numerator, denominator)
     if len(ratios) < 4:
         return "n/a"
     low, _, high = statistics.quantiles(ratios, n=4)

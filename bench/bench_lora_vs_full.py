@@ -34,17 +34,15 @@ import torch.nn.functional as F  # noqa: E402
 from transformers import BloomConfig, BloomForCausalLM  # noqa: E402
 
 from lora_model import LoraConfig, LoraModelForCasualLM  # noqa: E402
-from bench.common import command_line, interleave, synchronize, write_atomically  # noqa: E402
+from bench.common import (add_model_shape_arguments, bloom_config, command_line, interleave, synchronize,
+                          write_atomically)  # noqa: E402
 
 BLOOM_1B7 = dict(vocab_size=250880, hidden_size=2048, n_layer=24, n_head=16)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--hidden", type=int, default=1024)
-    parser.add_argument("--layers", type=int, default=4)
-    parser.add_argument("--heads", type=int, default=16)
-    parser.add_argument("--vocab", type=int, default=4096)
+    add_model_shape_arguments(parser)
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--seq", type=int, default=256)
     parser.add_argument("--r", type=int, default=8)
@@ -59,7 +57,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 def build_variants(args, device: torch.device) -> dict:
     """{"full": (model, optimizer), "lora": (model, optimizer)} on copies of one random BLOOM."""
     torch.manual_seed(0)
-    config = BloomConfig(vocab_size=args.vocab, hidden_size=args.hidden, n_layer=args.layers, n_head=args.heads)
+    config = bloom_config(args)
     base = BloomForCausalLM(config)
     full = copy.deepcopy(base).to(device)
     lora = LoraModelForCasualLM(base, LoraConfig(r=args.r, lora_alpha=2 * args.r, lora_dropout=0.05,

@@ -59,12 +59,13 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 import transformers  # noqa: E402
-from transformers import BloomConfig, BloomForCausalLM  # noqa: E402
+from transformers import BloomForCausalLM  # noqa: E402
 
 import train  # noqa: E402
 from config import TrainConfig  # noqa: E402
 from lora_model import LoraModelForCasualLM  # noqa: E402
-from bench.common import command_line, describe_device, interleave, synchronize, write_atomically  # noqa: E402
+from bench.common import (add_model_shape_arguments, bloom_config, command_line, describe_device, interleave,
+                          synchronize, write_atomically)  # noqa: E402
 
 # name: (PRECISION as train.py names it, dtype of the frozen base weights, GRADIENT_CHECKPOINTING)
 VARIANTS = {
@@ -83,19 +84,9 @@ SPEEDUP_TARGET = ("bf16 autocast", 1.6)  # on a CPU with AVX-512 bf16 / AMX
 
 
 def parse_args(argv=None):
-    """Parse the command line.
-
-    Args:
-        argv: arguments without the program name; `None` reads `sys.argv`.
-
-    Returns:
-        The parsed `argparse.Namespace`, with `variants` as a list of names.
-    """
+    """The command line (`argv` without the program name; None reads sys.argv), `variants` as a list of names."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--hidden", type=int, default=1024)
-    parser.add_argument("--layers", type=int, default=4)
-    parser.add_argument("--heads", type=int, default=16)
-    parser.add_argument("--vocab", type=int, default=4096)
+    add_model_shape_arguments(parser)
     parser.add_argument("--real-shape", action="store_true",
                         help="BLOOM-1b7's shapes: vocab 250880, hidden 2048, 24 layers, 16 heads (overrides those)")
     parser.add_argument("--batch", type=int, default=4)
@@ -143,7 +134,7 @@ def unsupported(name: str, device: torch.device) -> str | None:
 def build_base(args, device: torch.device, dtype: torch.dtype) -> BloomForCausalLM:
     """A randomly initialised BLOOM in `dtype`, built directly on `device` (no 7 GB detour through the CPU)."""
     torch.manual_seed(0)
-    config = BloomConfig(vocab_size=args.vocab, hidden_size=args.hidden, n_layer=args.layers, n_head=args.heads)
+    config = bloom_config(args)
     with torch.device(device):
         model = BloomForCausalLM(config)
     return model.to(dtype)

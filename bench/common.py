@@ -1,6 +1,7 @@
-"""What every benchmark in bench/ shares: the command line to reproduce a run, interleaved timing rounds, timing
-fences, the device's name and the atomic write of the results table."""
+"""What every benchmark in bench/ shares: the random BLOOM-shaped model's arguments, the command line to reproduce a
+run, interleaved timing rounds, timing fences, the device's name and the atomic write of the results table."""
 
+import argparse
 import os
 import platform
 import shlex
@@ -8,9 +9,23 @@ import sys
 from pathlib import Path
 
 import torch
+from transformers import BloomConfig
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
+
+
+def add_model_shape_arguments(parser: argparse.ArgumentParser) -> None:
+    """--hidden, --layers, --heads, --vocab of the random BLOOM-shaped model. The vocabulary is small on purpose:
+    BLOOM's 250,880 tokens would make the lm_head matmul and the cross-entropy dominate a 4-layer model's step."""
+    parser.add_argument("--hidden", type=int, default=1024)
+    parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--heads", type=int, default=16)
+    parser.add_argument("--vocab", type=int, default=4096)
+
+
+def bloom_config(args: argparse.Namespace) -> BloomConfig:
+    return BloomConfig(vocab_size=args.vocab, hidden_size=args.hidden, n_layer=args.layers, n_head=args.heads)
 
 
 def command_line(script: str, argv=None) -> str:
