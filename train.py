@@ -50,12 +50,11 @@ from typing import NoReturn
 import numpy as np
 import torch
 import torch.distributed as torch_dist
-import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler, Sampler, Subset
 from tqdm.auto import tqdm
 
-from alpaca_data import (IGNORE_INDEX, DataError, LengthGroupedSampler, PadCollator, data_stats_line, load_records,
+from alpaca_data import (DataError, LengthGroupedSampler, PadCollator, data_stats_line, load_records,
                          split_train_valid, tokenize_fingerprint, tokenize_records, validate_records)
 from checkpoint import (CHECKPOINT_FORMAT, CHECKPOINT_PREFIX, TRAINER_STATE_NAME, check_resumable, checkpoint_dirs,
                         find_latest_checkpoint, identity_hash, prune_checkpoints, rng_state, run_identity,
@@ -63,6 +62,7 @@ from checkpoint import (CHECKPOINT_FORMAT, CHECKPOINT_PREFIX, TRAINER_STATE_NAME
 from config import ConfigError, TrainConfig, load_config
 from lora_model import ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME, LoraConfig, LoraModelForCasualLM, read_adapter_dir
 from prompter import Prompter
+from token_loss import count_label_tokens, next_token_labels, sum_token_loss
 
 METRICS_NAME = "metrics.jsonl"
 LOSS_CURVE_NAME = "loss_curve.png"
@@ -250,26 +250,6 @@ def build_lora_model(model, cfg: TrainConfig, model_path: str) -> LoraModelForCa
         # needs `enable_input_require_grads` for; it also replays dropout with the same random masks.
         lora_model.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     return lora_model
-
-
-def next_token_labels(batch: dict) -> torch.Tensor:
-    """Targets for positions 0..T-2: the label of the next token, or -100 where there is nothing to learn.
-
-    Position t predicts token t+1. A left-padded row's first real token follows a pad position; predicting it from
-    padding is meaningless (and would make the loss depend on how much padding the batch needed), so it is masked.
-    """
-    return batch["labels"][:, 1:].masked_fill(batch["attention_mask"][:, :-1] == 0, IGNORE_INDEX)
-
-
-def sum_token_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Summed cross-entropy of `logits[:, :-1]` against `next_token_labels`, in float32 (or wider: the tests'
-    float64 runs stay float64)."""
-    wide = logits[:, :-1].flatten(0, 1).to(torch.promote_types(logits.dtype, torch.float32))
-    return F.cross_entropy(wide, targets.flatten(), ignore_index=IGNORE_INDEX, reduction="sum")
-
-
-def count_label_tokens(batch: dict) -> int:
-    return int((next_token_labels(batch) != IGNORE_INDEX).sum())
 
 
 # --- seeds, notes, resuming (how checkpoints are written and checked: checkpoint.py) ------------------------------

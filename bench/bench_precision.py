@@ -21,9 +21,9 @@ Variants, each what train.py runs for some PRECISION / MIX_PREC_TRAIN setting:
 The three float32-weight variants share one model (each with its own AdamW and GradScaler). bf16 variants are
 skipped on a GPU without native bf16.
 
-A step is train.py's optimizer step, with train.py's own autocast_context and sum_token_loss: forward under
-autocast, the summed token loss divided by the token count, scaler.scale(loss).backward(), unscale_, clipping to
-norm 1.0, AdamW over the LoRA parameters, scaler.update(), zero_grad.
+A step is train.py's optimizer step, with train.py's own autocast_context and loss (token_loss.py): forward
+under autocast, the summed token loss divided by the token count, scaler.scale(loss).backward(), unscale_,
+clipping to norm 1.0, AdamW over the LoRA parameters, scaler.update(), zero_grad.
 
 Timing: warm-up rounds, then `--repeats` rounds, each timing every variant once, in an order that rotates from
 round to round, so that drift in a shared machine's load hits all variants alike. Reported: the median (and
@@ -44,8 +44,6 @@ Writes a markdown table to bench/results/precision.md (atomically), with the com
 import argparse
 import json
 import os
-import re
-import resource
 import statistics
 import subprocess
 import sys
@@ -63,9 +61,11 @@ from transformers import BloomForCausalLM  # noqa: E402
 
 import train  # noqa: E402
 from config import TrainConfig  # noqa: E402
+from alpaca_data import IGNORE_INDEX  # noqa: E402
 from lora_model import LoraModelForCasualLM  # noqa: E402
+from token_loss import next_token_labels, sum_token_loss  # noqa: E402
 from bench.common import (add_model_shape_arguments, bloom_config, command_line, describe_device, interleave,
-                          synchronize, write_atomically)  # noqa: E402
+                          peak_memory, synchronize, write_atomically)  # noqa: E402
 
 # name: (PRECISION as train.py names it, dtype of the frozen base weights, GRADIENT_CHECKPOINTING)
 VARIANTS = {
@@ -157,9 +157,9 @@ def make_batch(args, device: torch.device) -> dict:
     generator = torch.Generator().manual_seed(2)
     ids = torch.randint(0, args.vocab, (args.batch, args.seq), generator=generator)
     batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
-    targets = train.next_token_labels(batch)
+    targets = next_token_labels(batch)
     return {"input_ids": ids.to(device), "attention_mask": batch["attention_mask"].to(device),
-            "targets": targets.to(device), "tokens": int((targets != train.IGNORE_INDEX).sum())}
+            "targets": targets.to(device), "tokens": int((targets != IGNORE_INDEX).sum())}
 
 
 def step_function(model: LoraModelForCasualLM, precision: str, batch: dict, device: torch.device):
@@ -174,7 +174,7 @@ def step_function(model: LoraModelForCasualLM, precision: str, batch: dict, devi
         with train.autocast_context(precision, device):
             logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                            use_cache=False).logits
-        loss = train.sum_token_loss(logits, batch["targets"]) / batch["tokens"]
+        loss = sum_token_loss(logits, batch["targets"]) / batch["tokens"]
         scaler.scale(loss).backward()
         scaler.unscale_(optimizer)
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -195,7 +195,7 @@ def check_losses(models: dict, names: list[str], batch: dict, device: torch.devi
         model.eval()
         with torch.no_grad(), train.autocast_context(VARIANTS[name][0], device):
             logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        losses[name] = float(train.sum_token_loss(logits, batch["targets"])) / batch["tokens"]
+        losses[name] = float(sum_token_loss(logits, batch["targets"])) / batch["tokens"]
         model.train()
     reference = losses.get("fp32", next(iter(losses.values())))
     return {name: loss / reference - 1 for name, loss in losses.items()}
@@ -232,12 +232,8 @@ def saved_for_backward_bytes(model: LoraModelForCasualLM, precision: str, batch:
         with train.autocast_context(precision, device):
             logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                            use_cache=False).logits
-        train.sum_token_loss(logits, batch["targets"])
+        sum_token_loss(logits, batch["targets"])
     return sum(kept.values())
-
-
-def _proc_status_kib(field: str) -> int:
-    return int(re.search(rf"^{field}:\s+(\d+) kB", Path("/proc/self/status").read_text(), re.M).group(1))
 
 
 def measure_memory(args) -> dict:
@@ -247,21 +243,7 @@ def measure_memory(args) -> dict:
     model = add_lora(build_base(args, device, dtype), args, checkpointing)
     batch = make_batch(args, device)
     step = step_function(model, VARIANTS[name][0], batch, device)
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-        before = torch.cuda.memory_allocated(device)
-        step(), step()
-        return {"method": "cuda", "peak": torch.cuda.max_memory_allocated(device), "before": before}
-    try:
-        Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current resident size
-        before = _proc_status_kib("VmRSS") * 1024
-        step(), step()
-        return {"method": "vmhwm", "peak": _proc_status_kib("VmHWM") * 1024, "before": before}
-    except OSError:
-        step(), step()
-        scale = 1 if sys.platform == "darwin" else 1024  # ru_maxrss: bytes on macOS, KiB on Linux
-        return {"method": "ru_maxrss", "peak": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale,
-                "before": None}
+    return peak_memory(lambda: (step(), step()), device)
 
 
 def memory_in_fresh_process(args, argv: list[str], name: str) -> dict:

@@ -1,9 +1,12 @@
 """What every benchmark in bench/ shares: the random BLOOM-shaped model's arguments, the command line to reproduce a
-run, interleaved timing rounds, timing fences, the device's name and the atomic write of the results table."""
+run, interleaved timing rounds, timing fences, peak memory, the device's name and the atomic write of the results
+table."""
 
 import argparse
 import os
 import platform
+import re
+import resource
 import shlex
 import sys
 from pathlib import Path
@@ -59,6 +62,37 @@ def synchronize(device: torch.device) -> None:
     """Wait for queued GPU work, so that a timer measures it (CUDA calls return before the kernels finish)."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+def peak_memory(run, device: torch.device) -> dict:
+    """Call `run()` and return the peak memory it reached, in bytes, with the memory in use before it ("before").
+
+    On a GPU: torch.cuda.max_memory_allocated (tensors only, not the caching allocator's reserve). On a CPU: the
+    peak resident set size, VmHWM from /proc/self/status, reset first via /proc/self/clear_refs so that what came
+    before does not count; it includes the Python process and the torch libraries, hence "before". Where /proc is
+    missing (not Linux): resource.getrusage's ru_maxrss since the process started, "before" None. Run it in a fresh
+    process per variant: freed memory is not always returned to the system, so a second variant would see the
+    first's peak.
+    """
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        before = torch.cuda.memory_allocated(device)
+        run()
+        return {"method": "cuda", "peak": torch.cuda.max_memory_allocated(device), "before": before}
+    try:
+        Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current resident size
+        before = _proc_status_kib("VmRSS") * 1024
+        run()
+        return {"method": "vmhwm", "peak": _proc_status_kib("VmHWM") * 1024, "before": before}
+    except OSError:
+        run()
+        scale = 1 if sys.platform == "darwin" else 1024  # ru_maxrss: bytes on macOS, KiB on Linux
+        return {"method": "ru_maxrss", "peak": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale,
+                "before": None}
+
+
+def _proc_status_kib(field: str) -> int:
+    return int(re.search(rf"^{field}:\s+(\d+) kB", Path("/proc/self/status").read_text(), re.M).group(1))
 
 
 def describe_device(device: torch.device) -> str:

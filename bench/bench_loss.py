@@ -1,0 +1,201 @@
+"""Benchmark the training loss at BLOOM's vocabulary: token_loss.sum_token_loss against the usual way.
+
+Reproduce (from the repository root)::
+
+    python bench/bench_loss.py --threads 1          # CPU
+    python bench/bench_loss.py --device cuda        # a GPU (add --seq 512 for the assignment's MAX_LENGTH)
+
+The usual way is `F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), targets, reduction="sum")` (what
+transformers' ForCausalLMLoss does, and train.py did before token_loss.py): a shifted copy of the logits, a float32
+copy, a float32 log-softmax kept for backward. Ours computes the same loss from the logits as they are, in float32
+blocks, keeping one float per token.
+
+Input: logits of `--batch` x `--seq` x `--vocab` (default 4 x 256 x 250,880: BLOOM's vocabulary, the default
+BATCH_SIZE, about twice the mean Alpaca example), requiring grad, in float32 (PRECISION=fp32) or bfloat16 (what
+lm_head gives under bf16 autocast; fp16 costs the same bytes); random targets, 10 % of them skipped (-100).
+A step is the loss's forward and backward; the gradient of the logits is made either way.
+
+Timing: warm-up rounds, then `--repeats` interleaved rounds (the order rotating, so drift in the machine's load
+hits every variant alike); ratio = median over rounds of usual / ours. Before timing, the two losses and gradients
+are compared. Memory: each variant alone in a fresh process, one step; the peak above the memory in use once the
+logits exist (on a CPU the peak resident set size, VmHWM; on a GPU max_memory_allocated), given also in units of
+the logits' own size.
+
+Writes a markdown table to bench/results/loss.md (atomically) and prints it.
+"""
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+from alpaca_data import IGNORE_INDEX  # noqa: E402
+from token_loss import sum_token_loss  # noqa: E402
+from bench.common import (command_line, describe_device, interleave, peak_memory, synchronize,
+                          write_atomically)  # noqa: E402
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+def usual_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE_INDEX,
+                           reduction="sum")
+
+
+LOSSES = {"usual": usual_loss, "ours": sum_token_loss}
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--seq", type=int, default=256)
+    parser.add_argument("--vocab", type=int, default=250880)
+    parser.add_argument("--dtypes", default="fp32,bf16", help="comma-separated, of: fp32, bf16")
+    parser.add_argument("--repeats", type=int, default=7, help="timed rounds (each times every variant once)")
+    parser.add_argument("--warmup", type=int, default=1, help="untimed rounds first")
+    parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
+    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU); default: torch's")
+    parser.add_argument("--no-memory", action="store_true", help="skip the per-variant memory processes")
+    parser.add_argument("--measure-memory", metavar="VARIANT", help=argparse.SUPPRESS)  # internal: "ours bf16"
+    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "loss.md")
+    args = parser.parse_args(argv)
+    args.dtypes = [d.strip() for d in args.dtypes.split(",") if d.strip()]
+    if not args.dtypes or any(d not in DTYPES for d in args.dtypes):
+        parser.error(f"--dtypes must list some of {list(DTYPES)}, got {args.dtypes}")
+    if args.repeats < 1 or args.warmup < 0 or min(args.batch, args.seq - 1, args.vocab) < 1:
+        parser.error("--repeats, --batch, --vocab must be >= 1, --seq >= 2, --warmup >= 0")
+    return args
+
+
+def make_inputs(args, dtype: torch.dtype, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    generator = torch.Generator().manual_seed(0)
+    targets = torch.randint(0, args.vocab, (args.batch, args.seq - 1), generator=generator)
+    targets[torch.rand(targets.shape, generator=generator) < 0.1] = IGNORE_INDEX
+    with torch.device(device):  # drawn on the device: no CPU copy of the logits left behind
+        torch.manual_seed(1)
+        logits = (torch.randn(args.batch, args.seq, args.vocab) * 2).to(dtype).requires_grad_()
+    return logits, targets.to(device)
+
+
+def step_function(loss_fn, logits: torch.Tensor, targets: torch.Tensor, device: torch.device):
+    def run_step() -> float:
+        logits.grad = None
+        synchronize(device)
+        start = time.perf_counter()
+        loss_fn(logits, targets).backward()
+        synchronize(device)
+        return time.perf_counter() - start
+
+    return run_step
+
+
+def compare(logits: torch.Tensor, targets: torch.Tensor) -> tuple[float, float]:
+    """(relative loss difference, largest gradient difference relative to the largest gradient), ours vs usual."""
+    results = {}
+    for name, loss_fn in LOSSES.items():
+        logits.grad = None
+        loss = loss_fn(logits, targets)
+        loss.backward()
+        results[name] = (loss.item(), logits.grad.float())
+    (usual, usual_grad), (ours, ours_grad) = results["usual"], results["ours"]
+    logits.grad = None
+    return abs(ours / usual - 1), ((ours_grad - usual_grad).abs().max() / usual_grad.abs().max()).item()
+
+
+def measure_memory(args) -> dict:
+    """In this (fresh) process: one step of one variant ("ours bf16"); its peak memory in bytes."""
+    device = torch.device(args.device)
+    name, dtype_name = args.measure_memory.split()
+    logits, targets = make_inputs(args, DTYPES[dtype_name], device)
+    result = peak_memory(step_function(LOSSES[name], logits, targets, device), device)
+    return {**result, "logits": logits.numel() * logits.element_size()}
+
+
+def memory_in_fresh_process(argv: list[str], variant: str) -> dict:
+    command = [sys.executable, str(Path(__file__).resolve()), *argv, "--measure-memory", variant]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=1800)
+    if result.returncode != 0:
+        raise SystemExit(f"memory run of {variant!r} failed:\n{result.stderr[-2000:]}")
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def markdown(args, argv, device, times, checks, memory) -> str:
+    gib = lambda n: f"{n / 2**30:.2f}"  # noqa: E731
+    header = ("| logits | loss | s / step median [min-max] | usual / ours time | vs usual: loss, gradient | "
+              "peak memory above the logits GiB | in logits' sizes |")
+    lines = [
+        "# The training loss at BLOOM's vocabulary: token_loss.py vs upcast + F.cross_entropy",
+        "",
+        f"Reproduce: `{command_line('bench_loss.py', argv)}`",
+        "",
+        f"- Device: {args.device} ({describe_device(device)}); torch {torch.__version__}.",
+        f"- Logits {args.batch} x {args.seq} x {args.vocab:,}, requiring grad; random targets, 10 % skipped. A step "
+        "is the loss's forward and backward (the logits' gradient is made by both).",
+        f"- {args.repeats} interleaved rounds after {args.warmup} warm-up round(s); usual / ours = median over "
+        "rounds of the per-round ratio.",
+        "- Memory: each variant alone in a fresh process, one step; the peak minus the memory in use once the "
+        "logits exist (" + {"cuda": "torch.cuda.max_memory_allocated", "vmhwm": "peak resident set size, VmHWM",
+                             "ru_maxrss": "ru_maxrss: the whole process, not above the logits",
+                             None: "not measured"}[next(iter(memory.values()))["method"] if memory else None]
+        + "); it includes the logits' gradient, which both make.",
+        "",
+        header,
+        "|---" * (header.count("|") - 1) + "|",
+    ]
+    for dtype_name in args.dtypes:
+        ratio = statistics.median(u / o for u, o in zip(times[f"usual {dtype_name}"], times[f"ours {dtype_name}"]))
+        for name in LOSSES:
+            variant = f"{name} {dtype_name}"
+            t = times[variant]
+            if variant in memory and memory[variant]["before"] is not None:
+                above = memory[variant]["peak"] - memory[variant]["before"]
+                mem = f"{gib(above)} | {above / memory[variant]['logits']:.1f}"
+            else:
+                mem = f"{gib(memory[variant]['peak'])} | -" if variant in memory else "- | -"
+            versus = "{:.1e}, {:.1e}".format(*checks[dtype_name]) if name == "ours" else "(reference)"
+            lines.append(f"| {dtype_name} | {name} | {statistics.median(t):.3f} [{min(t):.3f}-{max(t):.3f}] | "
+                         f"{f'{ratio:.2f}x' if name == 'ours' else '1'} | {versus} | {mem} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    args = parse_args(argv)
+    device = torch.device(args.device)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.measure_memory:
+        print(json.dumps(measure_memory(args)))
+        return
+    steps, checks = {}, {}
+    for dtype_name in args.dtypes:
+        logits, targets = make_inputs(args, DTYPES[dtype_name], device)
+        checks[dtype_name] = compare(logits, targets)
+        for name, loss_fn in LOSSES.items():
+            steps[f"{name} {dtype_name}"] = step_function(loss_fn, logits, targets, device)
+    times = interleave(steps, args.repeats, args.warmup, progress=True)
+    del steps
+    memory = {}
+    if not args.no_memory:
+        for variant in times:
+            memory[variant] = memory_in_fresh_process(argv, variant)
+            print(f"memory of {variant}: done", file=sys.stderr, flush=True)
+    table = markdown(args, argv, device, times, checks, memory)
+    write_atomically(args.out, table)
+    print(table)
+
+
+if __name__ == "__main__":
+    main()

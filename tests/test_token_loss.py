@@ -1,0 +1,130 @@
+"""token_loss.sum_token_loss against the usual cross-entropy, computed here in float64 from its definition.
+
+The reference is the summed next-token loss written out: for each row that has a target, logsumexp of its
+logits minus the target's logit, over logits[:, :-1]; its gradient comes from float64 autograd of that
+expression. Nothing here calls token_loss.py to compute what token_loss.py should return. The blocks are made small
+(monkeypatched CHUNK_ELEMENTS) so that every test crosses several block boundaries, one of them mid-batch.
+"""
+
+import pytest
+import torch
+
+import token_loss
+from alpaca_data import IGNORE_INDEX
+from token_loss import sum_token_loss
+
+
+@pytest.fixture(autouse=True)
+def small_blocks(monkeypatch):
+    monkeypatch.setattr(token_loss, "CHUNK_ELEMENTS", 3 * 50)  # 3 rows of a 50-token vocabulary per block
+
+
+def reference_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """sum over counted rows of logsumexp(x) - x[target], in float64, on the shifted logits."""
+    x = logits[:, :-1].double()
+    counted = targets != IGNORE_INDEX
+    picked = x.gather(-1, targets.clamp_min(0).unsqueeze(-1)).squeeze(-1)
+    return (torch.logsumexp(x, dim=-1) - picked)[counted].sum()
+
+
+def random_case(dtype: torch.dtype, batch=3, length=7, vocab=50, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    logits = (torch.randn(batch, length, vocab, generator=generator) * 4).to(dtype)
+    targets = torch.randint(0, vocab, (batch, length - 1), generator=generator)
+    targets[0, :2] = IGNORE_INDEX  # a left-padded row's start
+    targets[2, 4] = IGNORE_INDEX   # a prompt token with TRAIN_ON_INPUTS=false
+    return logits, targets
+
+
+@pytest.mark.parametrize("dtype, tolerance", [(torch.float32, 1e-6), (torch.bfloat16, 1e-6), (torch.float16, 1e-6),
+                                              (torch.float64, 1e-13)])
+def test_loss_and_gradient_match_the_float64_definition(dtype, tolerance):
+    logits, targets = random_case(dtype)
+    ours_in = logits.clone().requires_grad_()
+    ours = sum_token_loss(ours_in, targets)
+    (ours * 0.37).backward()  # a non-unit upstream gradient, as loss_weight and GradScaler's scale give
+
+    ref_in = logits.double().requires_grad_()
+    ref = reference_loss(ref_in, targets)
+    (ref * 0.37).backward()
+
+    assert ours.dtype == torch.promote_types(dtype, torch.float32)  # float32 math, wider for float64
+    assert abs(ours.item() - ref.item()) <= tolerance * abs(ref.item())
+    assert ours_in.grad.dtype == dtype and ours_in.grad.shape == logits.shape
+    # Computed in float32 (float64 for float64 logits), then rounded once to the logits' dtype.
+    rounding = {torch.float32: 0, torch.bfloat16: 2**-8, torch.float16: 2**-10, torch.float64: 0}[dtype]
+    assert (ours_in.grad.double() - ref_in.grad).abs().max() <= (rounding + tolerance) * ref_in.grad.abs().max()
+
+
+def test_skipped_rows_and_the_last_position_get_no_gradient():
+    logits, targets = random_case(torch.float32)
+    logits.requires_grad_()
+    sum_token_loss(logits, targets).backward()
+    assert torch.equal(logits.grad[:, -1], torch.zeros_like(logits.grad[:, -1]))  # it predicts nothing
+    assert torch.equal(logits.grad[0, :2], torch.zeros_like(logits.grad[0, :2]))
+    assert torch.equal(logits.grad[2, 4], torch.zeros_like(logits.grad[2, 4]))
+    # A counted row's gradient is softmax - onehot: it sums to 0 and is negative only at the target.
+    row = logits.grad[1, 3]
+    assert abs(row.sum().item()) < 1e-6 and row.argmin().item() == targets[1, 3].item()
+
+
+def test_inf_logits_in_a_skipped_row_do_not_make_the_loss_nan():
+    """fp16 logits can overflow to inf; in a row without a target that must change nothing (as in
+    F.cross_entropy with ignore_index), while in a counted row it must show, so that train.py can stop."""
+    logits, targets = random_case(torch.float16)
+    expected = sum_token_loss(logits, targets)
+    logits[0, 0, 5] = float("inf")  # row 0, position 0: skipped
+    logits.requires_grad_()
+    loss = sum_token_loss(logits, targets)
+    loss.backward()
+    assert torch.equal(loss, expected) and torch.isfinite(logits.grad).all()
+    logits = logits.detach()
+    logits[1, 0, 5] = float("inf")  # counted
+    assert not torch.isfinite(sum_token_loss(logits, targets))
+
+
+def test_gradcheck_in_float64():
+    logits, targets = random_case(torch.float64, batch=3, length=6, vocab=6)
+    logits.requires_grad_()
+    assert torch.autograd.gradcheck(lambda x: sum_token_loss(x, targets), (logits,))
+
+
+def test_it_does_not_keep_a_float32_copy_of_the_logits_for_backward():
+    """What autograd keeps from the forward pass: the logits themselves (no copy), and per row its target (int64)
+    and its log-sum-exp (float32)."""
+    logits, targets = random_case(torch.bfloat16, batch=4, length=64, vocab=50)
+    logits.requires_grad_()
+    kept = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: kept.append(t) or t, lambda t: t):
+        sum_token_loss(logits, targets)
+    assert any(t.untyped_storage().data_ptr() == logits.untyped_storage().data_ptr() for t in kept)
+    others = sum(t.numel() * t.element_size() for t in kept
+                 if t.untyped_storage().data_ptr() != logits.untyped_storage().data_ptr())
+    assert others == 4 * 64 * (8 + 4)
+
+
+def test_bench_loss_runs_and_writes_its_table(tmp_path, capsys):
+    """bench/bench_loss.py end to end on a small vocabulary (the real one takes minutes): both losses timed and
+    compared, the table written with its command on top; memory measured in a fresh process."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "bench" / "bench_loss.py"
+    spec = importlib.util.spec_from_file_location("bench_loss", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    out = tmp_path / "loss.md"
+    argv = ["--vocab", "3000", "--seq", "16", "--repeats", "1", "--warmup", "0", "--threads", "1", "--out", str(out)]
+    bench.main([*argv, "--no-memory"])
+    table = out.read_text()
+    assert table.strip() in capsys.readouterr().out
+    assert table.splitlines()[2] == "Reproduce: `python bench/bench_loss.py " + " ".join(argv) + " --no-memory`"
+    rows = [line.split(" | ") for line in table.splitlines() if line.startswith("| fp32") or line.startswith("| bf16")]
+    assert [(r[0], r[1]) for r in rows] == [("| fp32", "usual"), ("| fp32", "ours"), ("| bf16", "usual"),
+                                            ("| bf16", "ours")]
+    loss_diff, grad_diff = map(float, rows[1][4].split(", "))  # fp32: ours vs the usual
+    assert loss_diff < 1e-6 and grad_diff < 1e-6
+    assert not list(tmp_path.glob("*.tmp"))
+
+    memory = bench.memory_in_fresh_process(argv, "ours bf16")
+    assert memory["method"] in ("vmhwm", "ru_maxrss") and memory["logits"] == 4 * 16 * 3000 * 2

@@ -1,0 +1,81 @@
+"""The training loss: summed next-token cross-entropy, computed so that BLOOM's 250,880-token vocabulary does not
+cost several copies of the logits.
+
+The usual way, `F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), targets)`, makes a shifted copy of the
+logits, a float32 copy of that, keeps a float32 log-softmax for the backward pass, and in the backward pass builds
+float32 gradients of each before casting back: for BLOOM-1.7B at batch 4 x 512 tokens that is 2 GB per float32
+copy (1 GB for the fp16 logits themselves), several of them alive at once on a 16 GB T4.
+
+`sum_token_loss` computes the same loss and gradient from the logits as they are, a few rows at a time in float32:
+the forward pass keeps only each row's log-sum-exp (one float per token) and the backward pass writes the gradient
+straight into one tensor of the logits' own dtype. The numbers are those of the usual way, up to float32 rounding
+(tests/test_token_loss.py checks both against a float64 reference); `bench/bench_loss.py` measures the memory.
+"""
+
+import torch
+import torch.nn.functional as F
+
+from alpaca_data import IGNORE_INDEX
+
+CHUNK_ELEMENTS = 2**24  # logits per float32 block (64 MiB): 66 rows of BLOOM's vocabulary
+
+
+def next_token_labels(batch: dict) -> torch.Tensor:
+    """Targets for positions 0..T-2: the label of the next token, or -100 where there is nothing to learn.
+
+    Position t predicts token t+1. A left-padded row's first real token follows a pad position; predicting it from
+    padding is meaningless (and would make the loss depend on how much padding the batch needed), so it is masked.
+    """
+    return batch["labels"][:, 1:].masked_fill(batch["attention_mask"][:, :-1] == 0, IGNORE_INDEX)
+
+
+def count_label_tokens(batch: dict) -> int:
+    return int((next_token_labels(batch) != IGNORE_INDEX).sum())
+
+
+def sum_token_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Summed cross-entropy of `logits[:, :-1]` (batch x T x vocab) against `targets` (batch x T-1, from
+    `next_token_labels`; -100 is skipped), in float32, or wider for wider logits (the tests' float64 runs).
+
+    The last position has no target; rather than slicing it off (a copy of the logits), it gets a -100 target."""
+    full_targets = F.pad(targets, (0, 1), value=IGNORE_INDEX)
+    return _ChunkedCrossEntropy.apply(logits.flatten(0, 1), full_targets.flatten())
+
+
+class _ChunkedCrossEntropy(torch.autograd.Function):
+    """sum over rows i with t_i != -100 of  logsumexp(x_i) - x_i[t_i],  and its gradient
+    softmax(x_i) - onehot(t_i) (zero for skipped rows), computed block by block in float32."""
+
+    @staticmethod
+    def forward(ctx, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        compute_dtype = torch.promote_types(logits.dtype, torch.float32)
+        counted = targets != IGNORE_INDEX
+        lse = torch.zeros(logits.shape[0], dtype=compute_dtype, device=logits.device)
+        total = torch.zeros((), dtype=compute_dtype, device=logits.device)
+        for rows in _row_blocks(logits):
+            block = logits[rows].to(compute_dtype)
+            lse[rows] = torch.logsumexp(block, dim=-1)
+            picked = block.gather(1, targets[rows].clamp_min(0).unsqueeze(1)).squeeze(1)
+            # where, not a multiplication by the mask: a skipped row with inf logits must add 0, not NaN.
+            total += torch.where(counted[rows], lse[rows] - picked, 0).sum()
+        ctx.save_for_backward(logits, targets, lse)
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_total: torch.Tensor):
+        logits, targets, lse = ctx.saved_tensors
+        counted = targets != IGNORE_INDEX
+        grad = torch.empty_like(logits)
+        for rows in _row_blocks(logits):
+            probs = (logits[rows].to(lse.dtype) - lse[rows].unsqueeze(1)).exp_()
+            probs.scatter_add_(1, targets[rows].clamp_min(0).unsqueeze(1),
+                               torch.full_like(lse[rows], -1).unsqueeze(1))
+            probs = torch.where(counted[rows].unsqueeze(1), probs * grad_total, 0)
+            grad[rows] = probs.to(grad.dtype)
+        return grad, None
+
+
+def _row_blocks(logits: torch.Tensor):
+    """Slices of consecutive rows holding about CHUNK_ELEMENTS logits each."""
+    step = max(1, CHUNK_ELEMENTS // max(1, logits.shape[1]))
+    return (slice(start, start + step) for start in range(0, logits.shape[0], step))
