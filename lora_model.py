@@ -246,7 +246,7 @@ class LoraModelForCasualLM(nn.Module):
                     layer.base_layer.bias.requires_grad = True
 
     def __getattr__(self, name: str):
-        # Pass attribute look-ups (config, device, gradient_checkpointing_enable, ...) to the wrapped model.
+        # Pass attribute look-ups (config, device, activation_checkpointing_enable, ...) to the wrapped model.
         try:
             return super().__getattr__(name)
         except AttributeError:

@@ -32,6 +32,7 @@ import contextlib
 import dataclasses
 import datetime
 import gc
+import inspect
 import itertools
 import json
 import math
@@ -248,8 +249,18 @@ def build_lora_model(model, cfg: TrainConfig, model_path: str) -> LoraModelForCa
         # Non-reentrant checkpointing: gradients reach the LoRA matrices inside a checkpointed block even though
         # the block's input (from the frozen embeddings) does not require grad, which the old reentrant variant
         # needs `enable_input_require_grads` for; it also replays dropout with the same random masks.
-        lora_model.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        lora_model.model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     return lora_model
+
+
+def no_buffer_sync_before_forward() -> dict:
+    """DDP's option not to broadcast buffers before every forward: buffers, if the model has any (rotary tables,
+    ...), are the same constants on every rank. torch 2.13 renamed it (broadcast_buffers -> forward_sync_buffers);
+    the old name still works there, with a warning, and is the only one older torch (a notebook's preinstalled
+    one) knows."""
+    if "forward_sync_buffers" in inspect.signature(DistributedDataParallel.__init__).parameters:
+        return {"forward_sync_buffers": False}
+    return {"broadcast_buffers": False}
 
 
 # --- seeds, notes, resuming (how checkpoints are written and checked: checkpoint.py) ------------------------------
@@ -430,12 +441,11 @@ class Trainer:
             self.resume(checkpoint)
 
         # DDP wraps the LoRA model after injection, so only the adapter's gradients are all-reduced (DDP reduces
-        # the parameters that require grad). broadcast_buffers=False: buffers, if the model has any (rotary
-        # tables, ...), are the same constants on every rank; no need to broadcast them before every forward.
+        # the parameters that require grad).
         self.model = model
         if dist.ddp:
             self.model = DistributedDataParallel(model, device_ids=[dist.local_rank] if dist.device.type == "cuda"
-                                                 else None, broadcast_buffers=False)
+                                                 else None, **no_buffer_sync_before_forward())
 
     # --- set-up ---
 
