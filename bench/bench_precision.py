@@ -18,8 +18,10 @@ Variants, each what train.py runs for some PRECISION / MIX_PREC_TRAIN setting:
   fp16 autocast   float32 weights, fp16 autocast, GradScaler              (PRECISION=fp16 on a CPU)
   fp16 weights    float16 base weights, fp16 autocast, GradScaler         (MIX_PREC_TRAIN=true on a T4; GPU only)
   ... + checkpointing   the same with GRADIENT_CHECKPOINTING=true: activations recomputed in the backward pass
-The three float32-weight variants share one model (each with its own AdamW and GradScaler). bf16 variants are
-skipped on a GPU without native bf16.
+The three float32-weight variants share one model (each with its own AdamW and GradScaler); each weight dtype, and
+each with checkpointing, is another model, all held at once for the interleaved timing: for BLOOM-1b7's shape on a
+GPU 6.9 GB per float32 copy, 3.4 GB per half one, 28 GB for all variants. On a 16 GB GPU time a few at a time
+(`--variants "fp32,fp16 weights"`). bf16 variants are skipped on a GPU without native bf16.
 
 A step is train.py's optimizer step, with train.py's own autocast_context and loss (token_loss.py): forward
 under autocast, the summed token loss divided by the token count, scaler.scale(loss).backward(), unscale_,
