@@ -28,7 +28,6 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -43,8 +42,8 @@ import torch.nn.functional as F  # noqa: E402
 
 from alpaca_data import IGNORE_INDEX  # noqa: E402
 from token_loss import sum_token_loss  # noqa: E402
-from bench.common import (command_line, describe_device, interleave, peak_memory, synchronize,
-                          write_atomically)  # noqa: E402
+from bench.common import (command_line, describe_device, interleave, memory_in_fresh_process, peak_memory,
+                          synchronize, write_atomically)  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
@@ -123,14 +122,6 @@ def measure_memory(args) -> dict:
     return {**result, "logits": logits.numel() * logits.element_size()}
 
 
-def memory_in_fresh_process(argv: list[str], variant: str) -> dict:
-    command = [sys.executable, str(Path(__file__).resolve()), *argv, "--measure-memory", variant]
-    result = subprocess.run(command, capture_output=True, text=True, timeout=1800)
-    if result.returncode != 0:
-        raise SystemExit(f"memory run of {variant!r} failed:\n{result.stderr[-2000:]}")
-    return json.loads(result.stdout.strip().splitlines()[-1])
-
-
 def markdown(args, argv, device, times, checks, memory) -> str:
     gib = lambda n: f"{n / 2**30:.2f}"  # noqa: E731
     header = ("| logits | loss | s / step median [min-max] | usual / ours time | vs usual: loss, gradient | "
@@ -190,7 +181,7 @@ def main(argv=None) -> None:
     memory = {}
     if not args.no_memory:
         for variant in times:
-            memory[variant] = memory_in_fresh_process(argv, variant)
+            memory[variant] = memory_in_fresh_process(__file__, argv, variant)
             print(f"memory of {variant}: done", file=sys.stderr, flush=True)
     table = markdown(args, argv, device, times, checks, memory)
     write_atomically(args.out, table)

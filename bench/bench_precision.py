@@ -47,7 +47,6 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -67,7 +66,7 @@ from alpaca_data import IGNORE_INDEX  # noqa: E402
 from lora_model import LoraModelForCasualLM  # noqa: E402
 from token_loss import next_token_labels, sum_token_loss  # noqa: E402
 from bench.common import (add_model_shape_arguments, bloom_config, command_line, describe_device, interleave,
-                          peak_memory, synchronize, write_atomically)  # noqa: E402
+                          memory_in_fresh_process, peak_memory, synchronize, write_atomically)  # noqa: E402
 
 # name: (PRECISION as train.py names it, dtype of the frozen base weights, GRADIENT_CHECKPOINTING)
 VARIANTS = {
@@ -248,14 +247,6 @@ def measure_memory(args) -> dict:
     return peak_memory(lambda: (step(), step()), device)
 
 
-def memory_in_fresh_process(args, argv: list[str], name: str) -> dict:
-    command = [sys.executable, str(Path(__file__).resolve()), *argv, "--measure-memory", name]
-    result = subprocess.run(command, capture_output=True, text=True, timeout=1800)
-    if result.returncode != 0:
-        raise SystemExit(f"memory run of {name!r} failed:\n{result.stderr[-2000:]}")
-    return json.loads(result.stdout.strip().splitlines()[-1])
-
-
 # --- report --------------------------------------------------------------------------------------------------------
 
 def markdown(args, argv, device, names, skipped, times, loss_diffs, saved, memory) -> str:
@@ -340,7 +331,7 @@ def main(argv=None) -> None:
     memory = {}
     if not args.no_memory:
         for name in names:
-            memory[name] = memory_in_fresh_process(args, argv, name)
+            memory[name] = memory_in_fresh_process(__file__, argv, name)
             print(f"memory of {name}: done", file=sys.stderr, flush=True)
     table = markdown(args, argv, device, names, skipped, times, loss_diffs, saved, memory)
     write_atomically(args.out, table)

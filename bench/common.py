@@ -3,11 +3,13 @@ run, interleaved timing rounds, timing fences, peak memory, the device's name an
 table."""
 
 import argparse
+import json
 import os
 import platform
 import re
 import resource
 import shlex
+import subprocess
 import sys
 from pathlib import Path
 
@@ -89,6 +91,16 @@ def peak_memory(run, device: torch.device) -> dict:
         scale = 1 if sys.platform == "darwin" else 1024  # ru_maxrss: bytes on macOS, KiB on Linux
         return {"method": "ru_maxrss", "peak": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale,
                 "before": None}
+
+
+def memory_in_fresh_process(script: str, argv: list[str], variant: str) -> dict:
+    """Run `script` (a benchmark's own file) again with `argv` + `--measure-memory VARIANT`, in a new process;
+    return the JSON it prints last (its `peak_memory` of that one variant)."""
+    command = [sys.executable, str(Path(script).resolve()), *argv, "--measure-memory", variant]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=1800)
+    if result.returncode != 0:
+        raise SystemExit(f"memory run of {variant!r} failed:\n{result.stderr[-2000:]}")
+    return json.loads(result.stdout.strip().splitlines()[-1])
 
 
 def _proc_status_kib(field: str) -> int:

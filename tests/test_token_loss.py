@@ -126,5 +126,5 @@ def test_bench_loss_runs_and_writes_its_table(tmp_path, capsys):
     assert loss_diff < 1e-6 and grad_diff < 1e-6
     assert not list(tmp_path.glob("*.tmp"))
 
-    memory = bench.memory_in_fresh_process(argv, "ours bf16")
+    memory = bench.memory_in_fresh_process(bench.__file__, argv, "ours bf16")
     assert memory["method"] in ("vmhwm", "ru_maxrss") and memory["logits"] == 4 * 16 * 3000 * 2
