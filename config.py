@@ -67,7 +67,7 @@ class TrainConfig:
                                                             "at step 0, with a note)"})
     gradient_checkpointing: bool = field(default=False, metadata={"help": "keep only each layer's input and "
                                                                         "recompute the rest in the backward pass: "
-                                                                        "far less activation memory, 20-35 % "
+                                                                        "far less activation memory, 15-35 % "
                                                                         "slower (one more forward pass)"})
     cache_dir: str = field(default=".cache", metadata={"help": "downloads and tokenized data"})
     num_workers: int = field(default=0, metadata={"help": "data-loader worker processes"})
