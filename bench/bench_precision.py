@@ -253,7 +253,8 @@ def markdown(args, argv, device, names, skipped, times, loss_diffs, saved, memor
     tokens = args.batch * args.seq
     gib = lambda n: f"{n / 2**30:.2f}"  # noqa: E731
     median = {name: statistics.median(times[name]) for name in names}
-    speedup = {name: statistics.median(f / t for f, t in zip(times["fp32"], times[name])) if "fp32" in times
+    has_fp32 = "fp32" in times  # the reference of the speed-up and loss columns
+    speedup = {name: statistics.median(f / t for f, t in zip(times["fp32"], times[name])) if has_fp32
                else float("nan") for name in names}
     method = next(iter(memory.values()))["method"] if memory else None
     memory_header = {"cuda": "peak GPU memory GiB (max_memory_allocated)",
@@ -276,7 +277,9 @@ def markdown(args, argv, device, names, skipped, times, loss_diffs, saved, memor
         "on query_key_value, adapters float32.",
         f"- {args.repeats} interleaved rounds after {args.warmup} warm-up round(s); speed-up = median over rounds "
         "of the per-round ratio. Loss vs fp32: the same batch and adapter, eval mode. Saved for backward: what "
-        "autograd keeps from the forward pass (activations; see saved_for_backward_bytes).",
+        "autograd keeps from the forward pass (activations; see saved_for_backward_bytes)."
+        + (" No warm-up round: each variant's first step pays one-off costs (allocation, page faults), so these "
+           "times do not compare variants." if args.warmup == 0 else ""),
         "- Memory: each variant alone in a fresh process, two steps; "
         + {"cuda": "torch.cuda.max_memory_allocated after the model is built (weights + activations + gradients "
                    "+ optimizer state).",
@@ -297,9 +300,12 @@ def markdown(args, argv, device, names, skipped, times, loss_diffs, saved, memor
             mem = gib(memory[name]["peak"])
         else:
             mem = "-"
+        versus_fp32 = f"{speedup[name]:.2f}x | {loss_diffs[name]:+.1e}" if has_fp32 else "- | -"
+        saved_mib = saved[name] / 2**20
+        saved_cell = f"{saved_mib:,.0f}" if saved_mib >= 100 else f"{saved_mib:.3g}"
         lines.append(f"| {name} | {precision} | {str(dtype).removeprefix('torch.')} | {median[name]:.3f} "
-                     f"[{min(t):.3f}-{max(t):.3f}] | {tokens / median[name]:,.0f} | {speedup[name]:.2f}x "
-                     f"| {loss_diffs[name]:+.1e} | {saved[name] / 2**20:.3g} | {mem} |")
+                     f"[{min(t):.3f}-{max(t):.3f}] | {tokens / median[name]:,.0f} | {versus_fp32} "
+                     f"| {saved_cell} | {mem} |")
     for name, why in skipped.items():
         lines += ["", f"Skipped {name}: {why}."]
     target_name, target = SPEEDUP_TARGET
