@@ -249,8 +249,17 @@ def build_lora_model(model, cfg: TrainConfig, model_path: str) -> LoraModelForCa
         # Non-reentrant checkpointing: gradients reach the LoRA matrices inside a checkpointed block even though
         # the block's input (from the frozen embeddings) does not require grad, which the old reentrant variant
         # needs `enable_input_require_grads` for; it also replays dropout with the same random masks.
-        lora_model.model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        enable_activation_checkpointing(lora_model.model, {"use_reentrant": False})
     return lora_model
+
+
+def enable_activation_checkpointing(model, checkpoint_kwargs: dict) -> None:
+    """transformers 5.23 renamed gradient_checkpointing_enable to activation_checkpointing_enable (the old name
+    still works there, with a warning); a notebook's preinstalled, older transformers knows only the old one."""
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=checkpoint_kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=checkpoint_kwargs)
 
 
 def no_buffer_sync_before_forward() -> dict:

@@ -259,6 +259,27 @@ def test_gradient_checkpointing_recomputes_and_trains_the_same_adapter(tmp_path,
     assert any(k.endswith("lora_B.weight") and plain[k].abs().max() > 0 for k in plain)
 
 
+
+def test_older_libraries_get_the_old_option_names(monkeypatch):
+    """A notebook's preinstalled transformers / torch may predate the renames train.py uses (transformers 5.23:
+    activation_checkpointing_enable; torch 2.13: DDP's forward_sync_buffers): then the old names are used."""
+    class OlderModel:  # transformers before 5.23
+        def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs=None):
+            self.enabled_with = gradient_checkpointing_kwargs
+
+    model = OlderModel()
+    train.enable_activation_checkpointing(model, {"use_reentrant": False})
+    assert model.enabled_with == {"use_reentrant": False}
+
+    assert train.no_buffer_sync_before_forward() == {"forward_sync_buffers": False}  # the pinned torch
+
+    class OlderDDP:  # torch before 2.13
+        def __init__(self, module, device_ids=None, broadcast_buffers=True):
+            pass
+
+    monkeypatch.setattr(train, "DistributedDataParallel", OlderDDP)
+    assert train.no_buffer_sync_before_forward() == {"broadcast_buffers": False}
+
 def test_resume_from_checkpoint_continues_exactly(tmp_path, small_data):
     """Stopping after step 2 and resuming from checkpoint-2 ends where the uninterrupted run ends (dropout on, so
     the RNG state must be restored too)."""
