@@ -901,6 +901,13 @@ def main(argv: list[str] | None = None) -> int:
         found = cfg and find_latest_checkpoint(Path(cfg.output_dir))
         return f"; the last complete checkpoint is {found or 'none'}" if cfg else ""
 
+    def resume_after_out_of_memory() -> str:
+        # A checkpoint's batch shape must match on resume (config.RESUME_MUST_MATCH); these two may change.
+        if not (cfg and find_latest_checkpoint(Path(cfg.output_dir))):
+            return ""
+        return (" (RESUME_FROM=latest continues from it with GRADIENT_CHECKPOINTING=true or MIX_PREC_TRAIN=true; "
+                "a new BATCH_SIZE, GRAD_ACCUM_STEPS or MAX_LENGTH starts a new run)")
+
     try:
         cfg = load_config(argv)
         dist = setup_distributed(cfg)
@@ -921,7 +928,7 @@ def main(argv: list[str] | None = None) -> int:
         error(f"out of {'GPU ' if dist is not None and dist.device.type == 'cuda' else ''}memory with BATCH_SIZE="
               f"{cfg.batch_size} x MAX_LENGTH={cfg.max_length}: halve BATCH_SIZE and double GRAD_ACCUM_STEPS (the "
               "same optimizer step), set GRADIENT_CHECKPOINTING=true, or lower MAX_LENGTH"
-              + last_checkpoint())
+              + last_checkpoint() + resume_after_out_of_memory())
         return 1
     except OSError as err:  # disk full or folder read-only while writing metrics or the final adapter
         error(f"{err}{last_checkpoint()}")

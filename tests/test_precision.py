@@ -7,6 +7,7 @@ The reference for the numbers is the same run in float32.
 
 import json
 import math
+import re
 from pathlib import Path
 
 import pytest
@@ -318,4 +319,15 @@ def test_out_of_memory_is_one_line_with_what_to_change(tmp_path, small_data, mon
     assert len(err_lines) == 1 and "Traceback" not in err
     assert err_lines[0].startswith(f"error: out of memory with BATCH_SIZE={settings['batch_size']} x MAX_LENGTH=")
     assert "GRAD_ACCUM_STEPS" in err_lines[0] and "GRADIENT_CHECKPOINTING=true" in err_lines[0]
-    assert err_lines[0].endswith(f"the last complete checkpoint is {Path(settings['output_dir']) / 'checkpoint-1'}")
+    assert f"the last complete checkpoint is {Path(settings['output_dir']) / 'checkpoint-1'} (RESUME_FROM=latest " \
+           "continues from it with GRADIENT_CHECKPOINTING=true or MIX_PREC_TRAIN=true;" in err_lines[0]
+
+    # What the message promises: GRADIENT_CHECKPOINTING=true resumes from that checkpoint; a new BATCH_SIZE does not.
+    monkeypatch.setattr(train.Trainer, "optimizer_step", real_step)
+    set_env(monkeypatch, {**settings, "resume_from": "latest", "gradient_checkpointing": True})
+    assert train.main([]) == 0
+    assert re.search(r"resumed\s+from \S*checkpoint-1: step 1", capsys.readouterr().out)
+    set_env(monkeypatch, {**settings, "resume_from": str(Path(settings["output_dir"]) / "checkpoint-1"),
+                          "batch_size": settings["batch_size"] * 2})
+    assert train.main([]) == 1
+    assert "BATCH_SIZE" in capsys.readouterr().err
