@@ -897,16 +897,10 @@ def main(argv: list[str] | None = None) -> int:
         rank = f"[rank {dist.rank}] " if dist is not None and dist.ddp else ""
         print(f"error: {rank}{message}", file=sys.stderr, flush=True)
 
-    def last_checkpoint() -> str:
+    def last_checkpoint(how_to_resume: str = "") -> str:
+        """'; the last complete checkpoint is ...', with `how_to_resume` after it when there is one."""
         found = cfg and find_latest_checkpoint(Path(cfg.output_dir))
-        return f"; the last complete checkpoint is {found or 'none'}" if cfg else ""
-
-    def resume_after_out_of_memory() -> str:
-        # A checkpoint's batch shape must match on resume (config.RESUME_MUST_MATCH); these two may change.
-        if not (cfg and find_latest_checkpoint(Path(cfg.output_dir))):
-            return ""
-        return (" (RESUME_FROM=latest continues from it with GRADIENT_CHECKPOINTING=true or MIX_PREC_TRAIN=true; "
-                "a new BATCH_SIZE, GRAD_ACCUM_STEPS or MAX_LENGTH starts a new run)")
+        return f"; the last complete checkpoint is {found or 'none'}{how_to_resume if found else ''}" if cfg else ""
 
     try:
         cfg = load_config(argv)
@@ -928,7 +922,10 @@ def main(argv: list[str] | None = None) -> int:
         error(f"out of {'GPU ' if dist is not None and dist.device.type == 'cuda' else ''}memory with BATCH_SIZE="
               f"{cfg.batch_size} x MAX_LENGTH={cfg.max_length}: halve BATCH_SIZE and double GRAD_ACCUM_STEPS (the "
               "same optimizer step), set GRADIENT_CHECKPOINTING=true, or lower MAX_LENGTH"
-              + last_checkpoint() + resume_after_out_of_memory())
+              # A checkpoint's batch shape must match on resume (config.RESUME_MUST_MATCH); these may change.
+              + last_checkpoint(" (RESUME_FROM=latest continues from it with GRADIENT_CHECKPOINTING=true or "
+                                "MIX_PREC_TRAIN=true; a new BATCH_SIZE, GRAD_ACCUM_STEPS or MAX_LENGTH starts a "
+                                "new run)"))
         return 1
     except OSError as err:  # disk full or folder read-only while writing metrics or the final adapter
         error(f"{err}{last_checkpoint()}")

@@ -25,7 +25,6 @@ Writes a markdown table to bench/results/loss.md (atomically) and prints it.
 """
 
 import argparse
-import json
 import os
 import statistics
 import sys
@@ -42,8 +41,8 @@ import torch.nn.functional as F  # noqa: E402
 
 from alpaca_data import IGNORE_INDEX  # noqa: E402
 from token_loss import sum_token_loss  # noqa: E402
-from bench.common import (command_line, describe_device, interleave, memory_in_fresh_process, peak_memory,
-                          synchronize, write_atomically)  # noqa: E402
+from bench.common import (answer_memory_request, command_line, describe_device, interleave, memory_in_fresh_process,
+                          peak_memory, synchronize, write_atomically)  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
@@ -167,8 +166,7 @@ def main(argv=None) -> None:
     device = torch.device(args.device)
     if args.threads:
         torch.set_num_threads(args.threads)
-    if args.measure_memory:
-        print(json.dumps(measure_memory(args)))
+    if answer_memory_request(measure_memory, args):
         return
     steps, checks = {}, {}
     for dtype_name in args.dtypes:

@@ -44,7 +44,6 @@ Writes a markdown table to bench/results/precision.md (atomically), with the com
 """
 
 import argparse
-import json
 import os
 import statistics
 import sys
@@ -65,8 +64,9 @@ from config import TrainConfig  # noqa: E402
 from alpaca_data import IGNORE_INDEX  # noqa: E402
 from lora_model import LoraModelForCasualLM  # noqa: E402
 from token_loss import next_token_labels, sum_token_loss  # noqa: E402
-from bench.common import (add_model_shape_arguments, bloom_config, command_line, describe_device, interleave,
-                          memory_in_fresh_process, peak_memory, synchronize, write_atomically)  # noqa: E402
+from bench.common import (add_model_shape_arguments, answer_memory_request, bloom_config, command_line,
+                          describe_device, interleave, memory_in_fresh_process, peak_memory, synchronize,
+                          write_atomically)  # noqa: E402
 
 # name: (PRECISION as train.py names it, dtype of the frozen base weights, GRADIENT_CHECKPOINTING)
 VARIANTS = {
@@ -322,8 +322,7 @@ def main(argv=None) -> None:
     device = torch.device(args.device)
     if args.threads:
         torch.set_num_threads(args.threads)
-    if args.measure_memory:
-        print(json.dumps(measure_memory(args)))
+    if answer_memory_request(measure_memory, args):
         return
     skipped = {name: why for name in args.variants if (why := unsupported(name, device))}
     names = [name for name in args.variants if name not in skipped]

@@ -93,6 +93,15 @@ def peak_memory(run, device: torch.device) -> dict:
                 "before": None}
 
 
+def answer_memory_request(measure, args) -> bool:
+    """The child's side of `memory_in_fresh_process`: when this process was started with --measure-memory, print
+    `measure(args)` as the JSON line the parent reads, and return True (the caller then stops)."""
+    if not args.measure_memory:
+        return False
+    print(json.dumps(measure(args)))
+    return True
+
+
 def memory_in_fresh_process(script: str, argv: list[str], variant: str) -> dict:
     """Run `script` (a benchmark's own file) again with `argv` + `--measure-memory VARIANT`, in a new process;
     return the JSON it prints last (its `peak_memory` of that one variant)."""

@@ -239,20 +239,22 @@ class Straight:
         return self.run.out
 
 
-@pytest.fixture(scope="module")
-def straight(tmp_path_factory, data, cache):
-    root = tmp_path_factory.mktemp("straight")
-    started = Straight(train_py(run_env(data, cache, root / "out"), root / "log.txt"))
+def start_straight(tmp_path_factory, data, cache, name: str, launch):
+    """Start the uninterrupted run with `launch` (train_py or torchrun); yield it, close it after the module."""
+    root = tmp_path_factory.mktemp(name)
+    started = Straight(launch(run_env(data, cache, root / "out"), root / "log.txt"))
     yield started
     started.run.close()
+
+
+@pytest.fixture(scope="module")
+def straight(tmp_path_factory, data, cache):
+    yield from start_straight(tmp_path_factory, data, cache, "straight", train_py)
 
 
 @pytest.fixture(scope="module")
 def straight_ddp(tmp_path_factory, data, cache):
-    root = tmp_path_factory.mktemp("straight_ddp")
-    started = Straight(torchrun(run_env(data, cache, root / "out"), root / "log.txt"))
-    yield started
-    started.run.close()
+    yield from start_straight(tmp_path_factory, data, cache, "straight_ddp", torchrun)
 
 
 # --- kills, crashes and signals: the run always resumes exactly -------------------------------------------------------
