@@ -495,6 +495,40 @@ class Trainer:
     def trainable_parameters(self) -> list[torch.nn.Parameter]:
         return [p for p in self.raw_model.parameters() if p.requires_grad]
 
+    def try_longest_batch(self) -> str:
+        """One forward and backward pass on the BATCH_SIZE longest training examples, before the first step.
+
+        A batch is padded to its longest example, and Alpaca's examples range from a few dozen tokens to
+        MAX_LENGTH: a batch shape that does not fit in memory would otherwise fail whenever the loader first draws
+        long examples, possibly long into the run. Here it fails (torch.OutOfMemoryError) before any step. The
+        gradients are dropped and the random generators restored, so training is the same with or without it; it
+        runs on the raw model, so DDP communicates nothing. Evaluation runs without gradients and needs less.
+
+        Returns:
+            A line for the start banner: the shape tried and, on a GPU, the peak memory it took.
+        """
+        device = self.dist.device
+        dataset = self.train_loader.dataset
+        longest = np.argsort(np.asarray(dataset["length"]), kind="stable")[-self.cfg.batch_size:]
+        batch = self.train_loader.collate_fn([dataset[int(i)] for i in longest])
+        batch = {k: v.to(device) for k, v in batch.items()}
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        self.raw_model.train()  # as in a step: dropout and activation checkpointing are on in training mode only
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):  # dropout draws from it
+            with autocast_context(self.precision, device):
+                logits = self.raw_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                                        use_cache=False).logits
+            sum_token_loss(logits, next_token_labels(batch)).backward()
+        del logits
+        self.optimizer.zero_grad(set_to_none=True)
+        shape = f"longest batch {len(longest)} x {batch['input_ids'].shape[1]} tokens"
+        if device.type != "cuda":
+            return f"{shape}: forward and backward ran"
+        peak, total = torch.cuda.max_memory_allocated(device), torch.cuda.get_device_properties(device).total_memory
+        # AdamW's state (allocated at the first step) is two floats per LoRA parameter: small beside this.
+        return f"{shape}: peak {peak / 2**30:.1f} GiB of the GPU's {total / 2**30:.1f} GiB (forward and backward)"
+
     # --- the loop ---
 
     def train(self) -> dict:
@@ -861,6 +895,9 @@ def run(cfg: TrainConfig, dist: DistEnv) -> dict:
                       data_fingerprint=stats["fingerprint"])
     if dist.is_master:
         print_banner(cfg, dist, precision, stats, trainer, lora_model)
+    fits = trainer.try_longest_batch()  # an out-of-memory batch shape fails here, not steps into the run
+    if dist.is_master:
+        print(f"memory       {fits}", flush=True)
     metrics = trainer.train()
     trainer.save_final_adapter()
     if dist.is_master:

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
+from transformers import BloomForCausalLM
 
 import train
 from config import TrainConfig, load_config
@@ -196,9 +197,10 @@ def test_nan_loss_without_a_scaler_stops_with_one_line_and_keeps_the_last_checkp
     real_loss = train.sum_token_loss
 
     def nan_at_step_3(logits, targets):
-        calls.append(1)  # one call per optimizer step here (no accumulation, evaluation only at the end)
+        # One call for try_longest_batch, then one per optimizer step (no accumulation, evaluation only at the end).
+        calls.append(1)
         loss = real_loss(logits, targets)
-        return loss * float("nan") if len(calls) == 3 else loss
+        return loss * float("nan") if len(calls) == 1 + 3 else loss
 
     monkeypatch.setattr(train, "sum_token_loss", nan_at_step_3)
     settings = tiny_settings(tmp_path, small_data, save_steps=2, mix_prec_train="true")
@@ -227,8 +229,8 @@ def inf_gradient_at_step(monkeypatch, step: int) -> None:
         first_b = next(p for n, p in model.named_parameters() if "lora_B" in n)
 
         def hook(grad):
-            backwards.append(1)
-            return grad * float("inf") if len(backwards) == step else grad
+            backwards.append(1)  # the first backward pass is try_longest_batch's, before step 1
+            return grad * float("inf") if len(backwards) == 1 + step else grad
 
         first_b.register_hook(hook)
         return model
@@ -331,3 +333,40 @@ def test_out_of_memory_is_one_line_with_what_to_change(tmp_path, small_data, mon
                           "batch_size": settings["batch_size"] * 2})
     assert train.main([]) == 1
     assert "BATCH_SIZE" in capsys.readouterr().err
+
+
+def test_a_batch_shape_that_does_not_fit_fails_before_the_first_step(tmp_path, small_data, monkeypatch, capsys):
+    """A stand-in for a GPU that holds the short batches but not the longest: a training forward pass at the longest
+    example's length raises torch.OutOfMemoryError. The run fails at its very first training forward pass
+    (try_longest_batch), with the one-line advice, before any step is logged or checkpointed, instead of whenever
+    the data loader first draws that example."""
+    settings = tiny_settings(tmp_path, small_data, save_steps=1, max_length=512)
+    cfg = TrainConfig(**settings)
+    train_set, _, _ = train.prepare_datasets(cfg, train.load_tokenizer(cfg.model_path))
+    too_long = max(train_set["length"])
+    assert sorted(train_set["length"])[-2] < too_long  # one example alone does not fit
+    training_forwards = []
+    real_forward = BloomForCausalLM.forward
+
+    def forward_short_of_memory(self, *args, **kwargs):
+        if torch.is_grad_enabled():
+            training_forwards.append(kwargs["input_ids"].shape[1])
+            if kwargs["input_ids"].shape[1] >= too_long:
+                raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 1.96 GiB")
+        return real_forward(self, *args, **kwargs)
+
+    monkeypatch.setattr(BloomForCausalLM, "forward", forward_short_of_memory)
+    set_env(monkeypatch, settings)
+    assert train.main([]) == 1
+    err = capsys.readouterr().err
+    assert [line for line in err.splitlines() if line.startswith("error:")] == [
+        f"error: out of memory with BATCH_SIZE={settings['batch_size']} x MAX_LENGTH={settings['max_length']}: "
+        "halve BATCH_SIZE and double GRAD_ACCUM_STEPS (the same optimizer step), set GRADIENT_CHECKPOINTING=true, "
+        "or lower MAX_LENGTH; the last complete checkpoint is none"]
+    assert training_forwards == [too_long]
+    assert not Path(settings["output_dir"]).exists() or not any(Path(settings["output_dir"]).iterdir())
+
+    # The same data on a GPU that holds every batch: the longest batch is tried, then the run trains.
+    monkeypatch.setattr(BloomForCausalLM, "forward", real_forward)
+    assert train.main([]) == 0
+    assert f"memory       longest batch {settings['batch_size']} x {too_long} tokens" in capsys.readouterr().out

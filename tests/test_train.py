@@ -252,12 +252,12 @@ def test_gradient_checkpointing_recomputes_and_trains_the_same_adapter(tmp_path,
         train.run(cfg, train.DistEnv())
         runs[checkpointing] = (adapter_tensors(Path(cfg.output_dir)), len(forward_calls))
     (plain, plain_calls), (checkpointed, checkpointed_calls) = runs[False], runs[True]
-    layers, micro_batches = 4, 2  # the tiny BLOOM's query_key_value layers; 2 steps x 1 micro-batch
+    # The tiny BLOOM's query_key_value layers; 2 steps x 1 micro-batch, and try_longest_batch's pass before them.
+    layers, micro_batches = 4, 3
     eval_calls = plain_calls - layers * micro_batches
     assert checkpointed_calls - eval_calls == 2 * layers * micro_batches
     assert max_rel_diff(checkpointed, plain) <= 1e-6
     assert any(k.endswith("lora_B.weight") and plain[k].abs().max() > 0 for k in plain)
-
 
 
 def test_older_libraries_get_the_old_option_names(monkeypatch):
@@ -279,6 +279,38 @@ def test_older_libraries_get_the_old_option_names(monkeypatch):
 
     monkeypatch.setattr(train, "DistributedDataParallel", OlderDDP)
     assert train.no_buffer_sync_before_forward() == {"broadcast_buffers": False}
+
+
+def test_longest_batch_is_tried_before_training_and_leaves_no_trace(tmp_path, small_data):
+    """try_longest_batch runs one forward and backward pass on the BATCH_SIZE longest training examples (the
+    largest activations any step can have) and changes nothing: adapter, gradients and random generator are as
+    before, so the run that follows is the one without it. Dropout on: the forward pass draws random numbers."""
+    cfg = tiny_config(tmp_path, small_data, lora_dropout=0.1)
+    dist = train.DistEnv()
+    tokenizer = train.load_tokenizer(cfg.model_path)
+    train_set, valid_set, _ = train.prepare_datasets(cfg, tokenizer)
+    model = train.build_lora_model(train.load_pretrained_model(cfg.model_path, dist.device, torch.float32), cfg,
+                                   cfg.model_path)
+    trainer = train.Trainer(cfg, dist, model, tokenizer, train_set, valid_set, "fp32")
+    seen, gradients = [], []
+    model.model.register_forward_pre_hook(
+        lambda module, args, kwargs: seen.append((kwargs["attention_mask"].sum(1).tolist(), module.training,
+                                                  torch.is_grad_enabled())), with_kwargs=True)
+    for param in trainer.trainable_parameters():
+        param.register_hook(lambda grad: gradients.append(grad.abs().sum().item()))
+    adapter_before = {k: v.clone() for k, v in model.adapter_state_dict().items()}
+    rng_before = torch.get_rng_state()
+
+    line = trainer.try_longest_batch()
+
+    longest = sorted(train_set["length"])[-cfg.batch_size:]
+    assert [(sorted(lengths), training, grad) for lengths, training, grad in seen] == [(longest, True, True)]
+    assert line == f"longest batch {cfg.batch_size} x {longest[-1]} tokens: forward and backward ran"
+    assert len(gradients) == len(trainer.trainable_parameters()) and any(g > 0 for g in gradients)
+    assert all(p.grad is None for p in trainer.trainable_parameters())
+    assert torch.equal(torch.get_rng_state(), rng_before)
+    assert all(torch.equal(v, adapter_before[k]) for k, v in model.adapter_state_dict().items())
+
 
 def test_resume_from_checkpoint_continues_exactly(tmp_path, small_data):
     """Stopping after step 2 and resuming from checkpoint-2 ends where the uninterrupted run ends (dropout on, so
