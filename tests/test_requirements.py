@@ -1,0 +1,78 @@
+"""The two requirement files against the code's own import statements (every one, also those inside functions):
+requirements.txt pins what the scripts a user runs import (train.py, inference.py and their modules, the tiny-model
+build script); requirements-dev.txt adds what only the tests and benchmarks import, PEFT among them. Every pin is
+the version installed here, i.e. the one the tests ran with.
+"""
+
+import ast
+import importlib.metadata
+import re
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+LOCAL_MODULES = {path.stem for folder in ("", "bench", "tests", "models") for path in (REPO / folder).glob("*.py")}
+LOCAL_MODULES |= {"bench", "tests"}
+
+
+def pins(path: Path) -> dict[str, str]:
+    """{distribution name (normalised): version} of a requirements file, following `-r other.txt`."""
+    found = {}
+    for line in path.read_text(encoding="utf-8").splitlines():
+        line = line.split("#")[0].strip()
+        if line.startswith("-r "):
+            found.update(pins(path.parent / line[3:].strip()))
+        elif line:
+            name, version = line.split("==")
+            found[normalise(name)] = version.strip()
+    return found
+
+
+def normalise(name: str) -> str:
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
+def imported_distributions(files) -> dict[str, set[str]]:
+    """{distribution: the files importing it} for the third-party modules `files` import."""
+    module_to_distributions = importlib.metadata.packages_distributions()
+    found: dict[str, set[str]] = {}
+    for path in files:
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.Import):
+                modules = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.level == 0:
+                modules = [node.module]
+            else:
+                continue
+            for module in (m.split(".")[0] for m in modules):
+                if module in sys.stdlib_module_names or module in LOCAL_MODULES:
+                    continue
+                for distribution in module_to_distributions[module]:
+                    found.setdefault(normalise(distribution), set()).add(path.relative_to(REPO).as_posix())
+    return found
+
+
+def test_requirements_txt_pins_what_the_scripts_import_and_no_test_tool():
+    product = sorted(REPO.glob("*.py")) + [REPO / "models" / "build_tiny_bloom.py"]
+    runtime = pins(REPO / "requirements.txt")
+    imported = imported_distributions(product)
+    assert {"torch", "transformers", "datasets", "safetensors"} <= imported.keys()  # the scan sees imports
+    missing = {name: files for name, files in imported.items() if name not in runtime}
+    assert not missing, f"imported but not in requirements.txt: {missing}"
+    assert not {"peft", "pytest", "hypothesis", "psutil"} & runtime.keys()
+
+
+def test_requirements_dev_txt_adds_what_tests_and_benchmarks_import():
+    dev = pins(REPO / "requirements-dev.txt")
+    assert pins(REPO / "requirements.txt").items() <= dev.items()
+    imported = imported_distributions(sorted((REPO / "tests").glob("*.py")) + sorted((REPO / "bench").glob("*.py")))
+    assert {"peft", "pytest", "hypothesis", "psutil"} <= imported.keys()
+    missing = {name: files for name, files in imported.items() if name not in dev}
+    assert not missing, f"imported but not in requirements-dev.txt: {missing}"
+
+
+def test_every_pin_is_the_installed_version():
+    dev = pins(REPO / "requirements-dev.txt")
+    # "2.13.0+cpu" satisfies "==2.13.0" (PEP 440: a pin without a local label ignores it).
+    installed = {name: importlib.metadata.version(name).split("+")[0] for name in dev}
+    assert installed == dev
