@@ -181,6 +181,33 @@ def test_mixed_precision_losses_stay_finite_and_close_to_fp32(runs, name):
     assert abs(evals[-1] - evals_fp32[-1]) <= 0.02 * evals_fp32[-1]
 
 
+@pytest.mark.parametrize("precision, weights", [("fp16", torch.float16), ("bf16", torch.bfloat16)])
+def test_half_precision_base_weights_train_as_on_a_gpu(tmp_path, small_data, monkeypatch, runs, precision, weights):
+    """What MIX_PREC_TRAIN=true runs on a GPU (T4: float16 base weights, fp16 autocast and GradScaler; A100/H100:
+    bfloat16 weights, bf16 autocast), run on the CPU by giving it the GPU's weight dtype: the base stays frozen in
+    half precision, only the float32 adapter trains, and the losses stay close to the float32 run's."""
+    monkeypatch.setattr(train, "base_weight_dtype", lambda precision, device: weights)
+    built = []
+    real_build = train.build_lora_model
+
+    def build(model, *args, **kwargs):
+        built.extend((p, p.detach().clone()) for p in model.parameters())  # before LoRA: the base alone
+        return real_build(model, *args, **kwargs)
+
+    monkeypatch.setattr(train, "build_lora_model", build)
+    cfg = TrainConfig(**tiny_settings(tmp_path, small_data, precision=precision))
+    train.run(cfg, train.DistEnv())
+
+    assert built and all(p.dtype == weights and not p.requires_grad and torch.equal(p, before) for p, before in built)
+    reference, rows = step_rows(runs["fp32"]), step_rows(Path(cfg.output_dir))
+    assert len(rows) == len(reference) == 5 and rows[-1]["skipped_steps"] == 0
+    for row, ref in zip(rows, reference):
+        assert abs(row["loss"] - ref["loss"]) <= 0.01 * ref["loss"]
+    saved = adapter(Path(cfg.output_dir))
+    assert all(t.dtype == torch.float32 for t in saved.values())
+    assert any(k.endswith("lora_B.weight") and t.abs().max() > 0 for k, t in saved.items())
+
+
 @pytest.mark.parametrize("name", ["fp32", "mix", "fp16"])
 def test_saved_adapters_are_float32_whatever_the_precision(runs, name):
     saved = adapter(runs[name])
