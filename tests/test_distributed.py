@@ -3,7 +3,8 @@ all-reduce per optimizer step, a two-"node" c10d rendezvous on loopback, and the
 
 The reference for every DDP number is an independent single-process run of the same global batch: 2 ranks x batch b
 must train, step for step, the adapter that 1 process x batch 2b trains (float32, no dropout, same seed; and in
-float64, where rounding cannot hide a real difference).
+float64, where rounding cannot hide a real difference); with a GPU's half-precision base weights and autocast, the
+same losses within half precision's rounding.
 torchrun launches are the slow part (~20 s each on 2 cores), so one launch trains several configurations.
 """
 
@@ -201,6 +202,28 @@ def assert_same_training_float64(ddp_out: Path, ddp_dump: Path, ref_out: Path, r
     assert max_elementwise_diff(ddp_final, ref_final) <= FLOAT64_TOLERANCE
 
 
+HALF_TOLERANCE = 1e-3  # measured: 2.6e-5 (fp16 weights), 1.9e-4 (bf16 weights)
+
+
+def assert_same_losses_in_half_precision(ddp_out: Path, ref_out: Path, steps: int = 3):
+    """With the base weights in half precision (a GPU's MIX_PREC_TRAIN), every step's loss and the eval loss of the
+    2-rank run are within 1e-3 of the single process's, and the GradScaler skipped no step. The adapters are not
+    compared: AdamW makes each update about lr in size whatever the gradient's, so half precision's rounding of the
+    gradients already moves the adapters after 3 steps by 1 % (fp16) to 2 % (bf16) in norm. Two single processes
+    that only split the batch differently (4 x 2 and 2 x 4) differ as much: losses 3.3e-5 / 2.8e-4, adapters
+    1.0 % / 2.3 %."""
+    ddp_losses, ddp_eval = metrics(ddp_out)
+    ref_losses, ref_eval = metrics(ref_out)
+    assert len(ddp_losses) == len(ref_losses) == steps
+    for a, b in zip([*ddp_losses, ddp_eval], [*ref_losses, ref_eval]):
+        assert abs(a - b) <= HALF_TOLERANCE * abs(b), (ddp_losses, ref_losses)
+    rows = [json.loads(line) for line in (ddp_out / "metrics.jsonl").open()]
+    assert [row["skipped_steps"] for row in rows if "loss" in row] == [0] * steps
+    saved = adapter(ddp_out)
+    assert all(t.dtype == torch.float32 for t in saved.values())
+    assert any(k.endswith("lora_B.weight") and t.abs().max() > 0 for k, t in saved.items())
+
+
 # --- launch errors ------------------------------------------------------------------------------------------------
 
 def test_ddp_without_torchrun_says_how_to_launch(monkeypatch):
@@ -262,6 +285,12 @@ DDP_RUNS = {  # name: (overrides for the 2-rank run, single-process references w
     # GRADIENT_CHECKPOINTING under DDP with no_sync: recomputed activations, the same adapter as a plain process.
     "checkpointing-float64": ({**ACCUM, "gradient_checkpointing": True, "float64": True},
                               [dict(batch_size=4, grad_accum_steps=2, float64=True)]),
+    # What MIX_PREC_TRAIN=true runs on 2 GPUs, gloo instead of NCCL aside: a Kaggle 2 x T4 (float16 base weights,
+    # fp16 autocast, GradScaler) and an A100/H100 pair (bfloat16 weights, bf16 autocast).
+    "gpu-fp16-weights": (T4 := {**ACCUM, "precision": "fp16", "base_weights": "float16"},
+                         [{**T4, "batch_size": 4}]),
+    "gpu-bf16-weights": (A100 := {**ACCUM, "precision": "bf16", "base_weights": "bfloat16"},
+                         [{**A100, "batch_size": 4}]),
 }
 WEIGHT_TOLERANCE = {"plain": 1e-5, "accum": 1e-4, "grouped": 1e-4}  # see assert_same_training
 
@@ -283,14 +312,12 @@ def two_node_runs(tmp_path_factory, small_data) -> Path:
 
 
 def train_reference(settings: dict, dump: Path, monkeypatch) -> tuple[Path, Path]:
-    """Train `settings` in this process, recording its gradients as the torchrun worker does (in float64 if
-    settings["float64"]); returns its OUTPUT_DIR and its dump folder."""
-    settings = dict(settings)
-    float64 = settings.pop("float64", False)
-    cfg = TrainConfig(**settings)
+    """Train `settings` in this process, recording its gradients as the torchrun worker does (with its test-only
+    settings: float64, GPU base weights); returns its OUTPUT_DIR and its dump folder."""
+    cfg = TrainConfig(**{k: v for k, v in settings.items() if k not in torchrun_worker.TEST_ONLY_SETTINGS})
     monkeypatch.setattr(torchrun_worker.RecordingTrainer, "dump_dir", dump)
     monkeypatch.setattr(train, "Trainer", torchrun_worker.RecordingTrainer)
-    with torchrun_worker.float64_models() if float64 else contextlib.nullcontext():
+    with torchrun_worker.test_only_settings(settings):
         train.run(cfg, train.DistEnv())
     return Path(cfg.output_dir), dump / Path(cfg.output_dir).name
 
@@ -309,6 +336,8 @@ def test_two_nodes_match_one_process_with_the_whole_batch(two_node_runs, small_d
                                             tmp_path / "dump", monkeypatch)
         if name.endswith("float64"):
             assert_same_training_float64(ddp_out, ddp_dump, ref_out, ref_dump)
+        elif name.startswith("gpu-"):
+            assert_same_losses_in_half_precision(ddp_out, ref_out)
         else:
             assert_same_training(ddp_out, ddp_dump, ref_out, ref_dump, weight_tolerance=WEIGHT_TOLERANCE[name])
 

@@ -5,7 +5,9 @@
     python -m torch.distributed.run ... tests/torchrun_worker.py DUMP_DIR RUNS_JSON
         RUNS_JSON is a list of TrainConfig keyword dicts; each is trained with train.run() in turn, in one process
         group (one launch for several runs: starting torchrun costs more than a tiny run). A dict with
-        "float64": true trains that run with the whole model, adapters included, in float64 (see `float64_models`).
+        "float64": true trains that run with the whole model, adapters included, in float64 (see `float64_models`);
+        one with "base_weights": "float16" or "bfloat16" loads the base model in that dtype, as train.py does on a
+        GPU (see `gpu_base_weights`).
 
 Each rank writes, for each run, into DUMP_DIR/<name of the run's OUTPUT_DIR>/:
     rank<r>.safetensors        its final adapter tensors, straight from its own model (not from OUTPUT_DIR);
@@ -124,6 +126,30 @@ def float64_models():
         train.build_lora_model, train.load_tokenizer, modeling_bloom.F = build, load_tokenizer, bloom_functional
 
 
+@contextlib.contextmanager
+def gpu_base_weights(dtype_name: str):
+    """Within this block train.run() loads the base model's weights in `dtype_name`, as it does on a GPU with
+    MIX_PREC_TRAIN (float16 on a T4, bfloat16 on an A100/H100); on the CPU it otherwise keeps them float32."""
+    real = train.base_weight_dtype
+    train.base_weight_dtype = lambda precision, device: getattr(torch, dtype_name)
+    try:
+        yield
+    finally:
+        train.base_weight_dtype = real
+
+
+TEST_ONLY_SETTINGS = ("float64", "base_weights")
+
+
+def test_only_settings(kwargs: dict):
+    """The context a run's test-only settings ask for (none: a null context)."""
+    if kwargs.get("float64"):
+        return float64_models()
+    if kwargs.get("base_weights"):
+        return gpu_base_weights(kwargs["base_weights"])
+    return contextlib.nullcontext()
+
+
 def main() -> int:
     RecordingTrainer.dump_dir = Path(sys.argv[1]).resolve()
     train.Trainer = RecordingTrainer  # run() builds its trainer through this module-level name
@@ -133,13 +159,13 @@ def main() -> int:
         return train.main([])
 
     runs = json.loads(sys.argv[2])
-    configs = [TrainConfig(**{k: v for k, v in kwargs.items() if k != "float64"}) for kwargs in runs]
+    configs = [TrainConfig(**{k: v for k, v in kwargs.items() if k not in TEST_ONLY_SETTINGS}) for kwargs in runs]
     for cfg in configs:
         WRITES[os.path.abspath(cfg.output_dir)] = []
     dist = train.setup_distributed(configs[0])
     try:
         for cfg, kwargs in zip(configs, runs):
-            with float64_models() if kwargs.get("float64") else contextlib.nullcontext():
+            with test_only_settings(kwargs):
                 train.run(cfg, dist)
     finally:
         if torch_dist.is_initialized():
