@@ -107,7 +107,7 @@ def max_elementwise_diff(a: dict, b: dict) -> float:
 
 
 def metrics(out: Path) -> tuple[list[float], float]:
-    rows = [json.loads(line) for line in (out / "metrics.jsonl").open()]
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     return [r["loss"] for r in rows if "loss" in r], [r["eval_loss"] for r in rows if "eval_loss" in r][-1]
 
 
@@ -217,7 +217,7 @@ def assert_same_losses_in_half_precision(ddp_out: Path, ref_out: Path, steps: in
     assert len(ddp_losses) == len(ref_losses) == steps
     for a, b in zip([*ddp_losses, ddp_eval], [*ref_losses, ref_eval]):
         assert abs(a - b) <= HALF_TOLERANCE * abs(b), (ddp_losses, ref_losses)
-    rows = [json.loads(line) for line in (ddp_out / "metrics.jsonl").open()]
+    rows = [json.loads(line) for line in (ddp_out / "metrics.jsonl").read_text().splitlines()]
     assert [row["skipped_steps"] for row in rows if "loss" in row] == [0] * steps
     saved = adapter(ddp_out)
     assert all(t.dtype == torch.float32 for t in saved.values())

@@ -59,8 +59,12 @@ def make_trainer(cfg: TrainConfig, precision: str) -> train.Trainer:
     return train.Trainer(cfg, dist, model, tokenizer, train_set, valid_set, precision)
 
 
+def metric_rows(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
 def step_rows(out: Path) -> list[dict]:
-    return [row for row in map(json.loads, (out / "metrics.jsonl").open()) if "loss" in row]
+    return [row for row in metric_rows(out) if "loss" in row]
 
 
 def adapter(path: Path) -> dict[str, torch.Tensor]:
@@ -175,9 +179,8 @@ def test_mixed_precision_losses_stay_finite_and_close_to_fp32(runs, name):
         assert math.isfinite(row["loss"]) and math.isfinite(row["grad_norm"])
         assert abs(row["loss"] - ref["loss"]) <= 0.02 * ref["loss"]
     assert rows[-1]["skipped_steps"] == 0
-    evals = [json.loads(line)["eval_loss"] for line in (runs[name] / "metrics.jsonl").open() if "eval_loss" in line]
-    evals_fp32 = [json.loads(line)["eval_loss"] for line in (runs["fp32"] / "metrics.jsonl").open()
-                  if "eval_loss" in line]
+    evals, evals_fp32 = ([row["eval_loss"] for row in metric_rows(runs[run]) if "eval_loss" in row]
+                         for run in (name, "fp32"))
     assert abs(evals[-1] - evals_fp32[-1]) <= 0.02 * evals_fp32[-1]
 
 

@@ -324,8 +324,8 @@ def test_resume_from_checkpoint_continues_exactly(tmp_path, small_data):
     train.run(resumed, train.DistEnv())
     a, b = adapter_tensors(Path(straight.output_dir)), adapter_tensors(Path(resumed.output_dir))
     assert max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-6
-    steps = [json.loads(line)["step"] for line in (Path(resumed.output_dir) / "metrics.jsonl").open()
-             if '"loss"' in line]
+    rows = [json.loads(line) for line in (Path(resumed.output_dir) / "metrics.jsonl").read_text().splitlines()]
+    steps = [row["step"] for row in rows if "loss" in row]
     assert steps == [3, 4]
 
 
@@ -339,7 +339,7 @@ def test_trains_on_a_file_the_repo_has_never_seen(tmp_path):
                       learning_rate=3e-3)
     metrics = train.run(cfg, train.DistEnv())
     out = Path(cfg.output_dir)
-    rows = [json.loads(line) for line in (out / "metrics.jsonl").open()]
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     evals = [r["eval_loss"] for r in rows if "eval_loss" in r]
     assert [r["step"] for r in rows if "loss" in r] == list(range(1, 21))
     # EVAL_FREQ=10, the end of epoch 1 (18 steps of 4 from 72 examples) and the end of the run.
@@ -361,7 +361,8 @@ def test_offline_quick_start_learns_and_its_adapter_loads_in_peft(tmp_path):
                             timeout=600)
     assert result.returncode == 0, result.stderr[-2000:]
     out = tmp_path / "out"
-    evals = [json.loads(line)["eval_loss"] for line in (out / "metrics.jsonl").open() if "eval_loss" in line]
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    evals = [row["eval_loss"] for row in rows if "eval_loss" in row]
     assert len(evals) >= 2 and evals[-1] < evals[0]
 
     ids = torch.tensor([[1, 100, 200, 300, 400]])
