@@ -46,8 +46,8 @@ from transformers import BloomForCausalLM  # noqa: E402
 
 import inference  # noqa: E402
 from lora_model import LoraConfig, LoraModelForCasualLM  # noqa: E402
-from bench.common import (add_model_shape_arguments, bloom_config, command_line, describe_device, interleave,
-                          synchronize, write_atomically)  # noqa: E402
+from bench.common import (add_device_arguments, add_model_shape_arguments, bloom_config, command_line, describe_device,
+                          device_from_args, interleave, synchronize, write_atomically)  # noqa: E402
 
 VARIANTS = ("base", "merged", "unmerged")
 
@@ -66,10 +66,9 @@ def parse_args(argv=None):
     parser.add_argument("--new-tokens", type=int, default=64, help="tokens generated per prompt (min = max)")
     parser.add_argument("--repeats", type=int, default=5, help="timed rounds (each times every variant once)")
     parser.add_argument("--warmup", type=int, default=1, help="untimed rounds first")
-    parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
+    add_device_arguments(parser)
     parser.add_argument("--precision", choices=("auto", "fp32", "fp16", "bf16"), default="auto",
                         help="auto = bf16/fp16 on a GPU, fp32 on the CPU")
-    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU); default: torch's")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "generate.md")
     args = parser.parse_args(argv)
     for name in ("batch", "prompt_tokens", "new_tokens", "repeats", "r"):
@@ -191,9 +190,7 @@ def markdown(args, argv, device: torch.device, precision: str, times: dict[str, 
 
 def main(argv=None) -> None:
     args = parse_args(argv)
-    device = torch.device(args.device)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    device = device_from_args(args)
     precision = inference.resolve_precision(args.precision, device)
     models = build_variants(args, device, precision)
     prompt = make_prompt(args, models["base"], device)

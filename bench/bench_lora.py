@@ -56,8 +56,8 @@ from transformers import BloomForCausalLM  # noqa: E402
 
 from lora_layer import LoraLayer  # noqa: E402
 from lora_model import LoraConfig, LoraModelForCasualLM  # noqa: E402
-from bench.common import (add_model_shape_arguments, bloom_config, command_line, describe_device, interleave,
-                          synchronize, write_atomically)  # noqa: E402
+from bench.common import (add_device_arguments, add_model_shape_arguments, bloom_config, command_line, describe_device,
+                          device_from_args, interleave, synchronize, write_atomically)  # noqa: E402
 
 VARIANTS = ("ours", "peft", "base")
 PRECISIONS = ("fp32", "bf16")
@@ -77,8 +77,7 @@ def parse_args(argv=None):
     parser.add_argument("--repeats", type=int, default=24, help="timed rounds (each times every variant once)")
     parser.add_argument("--layer-repeats", type=int, default=40, help="timed rounds of the single-layer test")
     parser.add_argument("--warmup", type=int, default=2, help="untimed rounds first")
-    parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
-    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU); default: torch's")
+    add_device_arguments(parser)
     parser.add_argument("--base-grad-from", choices=("first-target", "embeddings"), default="first-target",
                         help="where the frozen base's backward starts to need gradients (see the module docstring)")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "lora.md")
@@ -281,9 +280,7 @@ def markdown(args, argv, device: torch.device, model_results, layer_results) -> 
 
 def main(argv=None) -> None:
     args = parse_args(argv)
-    device = torch.device(args.device)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    device = device_from_args(args)
     models = build_variants(args, device)
     model_results, layer_results = {}, {}
     for precision in args.precision:

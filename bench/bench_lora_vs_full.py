@@ -34,8 +34,8 @@ import torch.nn.functional as F  # noqa: E402
 from transformers import BloomConfig, BloomForCausalLM  # noqa: E402
 
 from lora_model import LoraConfig, LoraModelForCasualLM  # noqa: E402
-from bench.common import (add_model_shape_arguments, bloom_config, command_line, interleave, synchronize,
-                          write_atomically)  # noqa: E402
+from bench.common import (add_device_arguments, add_model_shape_arguments, bloom_config, command_line, device_from_args,
+                          interleave, synchronize, write_atomically)  # noqa: E402
 
 BLOOM_1B7 = dict(vocab_size=250880, hidden_size=2048, n_layer=24, n_head=16)
 
@@ -48,8 +48,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--r", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=6, help="timed rounds (each times both variants)")
     parser.add_argument("--warmup", type=int, default=1)
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU)")
+    add_device_arguments(parser)
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "lora_vs_full.md")
     return parser.parse_args(argv)
 
@@ -148,9 +147,7 @@ def markdown(args, argv, device, times, memory, counts) -> str:
 def main(argv=None) -> None:
     args = parse_args(argv)
     argv = sys.argv[1:] if argv is None else argv
-    device = torch.device(args.device)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    device = device_from_args(args)
     variants = build_variants(args, device)
     input_ids = torch.randint(0, args.vocab, (args.batch, args.seq), generator=torch.Generator().manual_seed(1))
     input_ids = input_ids.to(device)

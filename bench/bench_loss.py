@@ -41,8 +41,8 @@ import torch.nn.functional as F  # noqa: E402
 
 from alpaca_data import IGNORE_INDEX  # noqa: E402
 from token_loss import sum_token_loss  # noqa: E402
-from bench.common import (answer_memory_request, command_line, describe_device, interleave, memory_in_fresh_process,
-                          peak_memory, synchronize, write_atomically)  # noqa: E402
+from bench.common import (add_device_arguments, answer_memory_request, command_line, describe_device, device_from_args,
+                          interleave, memory_in_fresh_process, peak_memory, synchronize, write_atomically)  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
@@ -63,8 +63,7 @@ def parse_args(argv=None):
     parser.add_argument("--dtypes", default="fp32,bf16", help="comma-separated, of: fp32, bf16")
     parser.add_argument("--repeats", type=int, default=7, help="timed rounds (each times every variant once)")
     parser.add_argument("--warmup", type=int, default=1, help="untimed rounds first")
-    parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
-    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU); default: torch's")
+    add_device_arguments(parser)
     parser.add_argument("--no-memory", action="store_true", help="skip the per-variant memory processes")
     parser.add_argument("--measure-memory", metavar="VARIANT", help=argparse.SUPPRESS)  # internal: "ours bf16"
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "loss.md")
@@ -163,9 +162,7 @@ def markdown(args, argv, device, times, checks, memory) -> str:
 def main(argv=None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
-    device = torch.device(args.device)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    device = device_from_args(args)
     if answer_memory_request(measure_memory, args):
         return
     steps, checks = {}, {}

@@ -64,9 +64,9 @@ from config import TrainConfig  # noqa: E402
 from alpaca_data import IGNORE_INDEX  # noqa: E402
 from lora_model import LoraModelForCasualLM  # noqa: E402
 from token_loss import next_token_labels, sum_token_loss  # noqa: E402
-from bench.common import (add_model_shape_arguments, answer_memory_request, bloom_config, command_line,
-                          describe_device, interleave, memory_in_fresh_process, peak_memory, synchronize,
-                          write_atomically)  # noqa: E402
+from bench.common import (add_device_arguments, add_model_shape_arguments, answer_memory_request, bloom_config,
+                          command_line, describe_device, device_from_args, interleave, memory_in_fresh_process,
+                          peak_memory, synchronize, write_atomically)  # noqa: E402
 
 # name: (PRECISION as train.py names it, dtype of the frozen base weights, GRADIENT_CHECKPOINTING)
 VARIANTS = {
@@ -98,8 +98,7 @@ def parse_args(argv=None):
                              f"{', '.join(CPU_DEFAULT)})")
     parser.add_argument("--repeats", type=int, default=7, help="timed rounds (each times every variant once)")
     parser.add_argument("--warmup", type=int, default=1, help="untimed rounds first")
-    parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
-    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU); default: torch's")
+    add_device_arguments(parser)
     parser.add_argument("--no-memory", action="store_true", help="skip the per-variant memory processes")
     parser.add_argument("--measure-memory", metavar="NAME", help=argparse.SUPPRESS)  # internal: one variant
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "precision.md")
@@ -319,9 +318,7 @@ def markdown(args, argv, device, names, skipped, times, loss_diffs, saved, memor
 def main(argv=None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
-    device = torch.device(args.device)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    device = device_from_args(args)
     if answer_memory_request(measure_memory, args):
         return
     skipped = {name: why for name in args.variants if (why := unsupported(name, device))}

@@ -29,6 +29,19 @@ def add_model_shape_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--vocab", type=int, default=4096)
 
 
+def add_device_arguments(parser: argparse.ArgumentParser) -> None:
+    """--device and --threads, read back by `device_from_args`."""
+    parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
+    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU); default: torch's")
+
+
+def device_from_args(args: argparse.Namespace) -> torch.device:
+    """The --device to run on, with --threads applied (the README's CPU figures use --threads 1)."""
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    return torch.device(args.device)
+
+
 def bloom_config(args: argparse.Namespace) -> BloomConfig:
     return BloomConfig(vocab_size=args.vocab, hidden_size=args.hidden, n_layer=args.layers, n_head=args.heads)
 
