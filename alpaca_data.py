@@ -487,8 +487,8 @@ def tokenize_records(records: Sequence[Mapping], tokenizer, prompter: Prompter, 
     The result is saved under `cache_dir/tokenized/<fingerprint>/`, keyed by `tokenize_fingerprint`
     (records content, tokenizer spec, max_length, train_on_inputs, template). A later call with the same key
     loads it instead of tokenizing again. The folder is written to a temp name and renamed into place, so an
-    interrupted run or a second process never sees a half-written cache. Under DDP, let rank 0 call this
-    first and the other ranks after a barrier: they then load rank 0's result instead of repeating the work.
+    interrupted run or a second process never sees a half-written cache. Under DDP every rank may call it at
+    once (train.py does): each tokenizes, the first rename publishes the folder, and the others keep it.
 
     Args:
         records: clean records from `validate_records`.
