@@ -57,7 +57,7 @@ class TrainConfig:
     seed: int = field(default=42, metadata={"help": "seed for data order, LoRA init and dropout"})
     eval_freq: int = field(default=200, metadata={"help": "evaluate every N optimizer steps (0: only per epoch)"})
     save_steps: int = field(default=200, metadata={"help": "checkpoint every N optimizer steps, besides each "
-                                                           "epoch's end (0: only at epoch ends)"})
+                                                           "epoch's end and the last step (0: only those)"})
     save_total_limit: int = field(default=0, metadata={"help": "keep only the newest N complete checkpoints "
                                                                "(0: keep all)"})
     train_on_inputs: bool = field(default=True, metadata={"help": "false: prompt tokens carry no label"})

@@ -12,9 +12,9 @@ distributed set-up in one block, `raw_model` for saving, `if dist.is_master` gua
 
 Runs on borrowed machines end without warning (a Kaggle session's time limit, a reclaimed spot node), so a run
 must lose at most the steps since its last checkpoint, and must never leave a damaged checkpoint behind:
-  * every SAVE_STEPS steps and at each epoch's end, OUTPUT_DIR/checkpoint-<step>/ is written into a temporary
-    folder, flushed to disk (fsync) and renamed into place; its manifest.json (step, settings, each file's size
-    and SHA-256) is what marks it complete (checkpoint.py). SAVE_TOTAL_LIMIT=N keeps the newest N.
+  * every SAVE_STEPS steps, at each epoch's end and at the last step, OUTPUT_DIR/checkpoint-<step>/ is written
+    into a temporary folder, flushed to disk (fsync) and renamed into place; its manifest.json (step, settings,
+    each file's size and SHA-256) is what marks it complete (checkpoint.py). SAVE_TOTAL_LIMIT=N keeps the newest N.
   * RESUME_FROM=latest continues from the newest complete checkpoint exactly where the run stopped: adapter,
     optimizer, learning-rate schedule, GradScaler, every random generator of every rank, and the position in the
     data. Settings that would make the continued run another run are refused (config.RESUME_MUST_MATCH).
@@ -576,7 +576,10 @@ class Trainer:
                     if epoch_done or (cfg.save_steps and self.step % cfg.save_steps == 0):
                         self.save_checkpoint()
                     self._stop_if_asked()
-            last_eval = self._evaluate_once(last_eval)  # MAX_STEPS can end the run mid-epoch
+            # MAX_STEPS can end the run mid-epoch: evaluate and checkpoint that last step too, so that a longer
+            # MAX_STEPS (or NUM_EPOCHS) with RESUME_FROM=latest continues from it instead of an earlier checkpoint.
+            last_eval = self._evaluate_once(last_eval)
+            self.save_checkpoint()
             self._stop_if_asked()  # a signal during that evaluation
         return last_eval
 

@@ -18,6 +18,7 @@ from safetensors.torch import load_file
 
 import train
 from alpaca_data import IGNORE_INDEX
+from checkpoint import checkpoint_dirs
 from config import ConfigError, TrainConfig, load_config
 
 REPO = Path(__file__).resolve().parents[1]
@@ -327,6 +328,23 @@ def test_resume_from_checkpoint_continues_exactly(tmp_path, small_data):
     rows = [json.loads(line) for line in (Path(resumed.output_dir) / "metrics.jsonl").read_text().splitlines()]
     steps = [row["step"] for row in rows if "loss" in row]
     assert steps == [3, 4]
+
+
+def test_a_run_ended_by_max_steps_is_checkpointed_and_a_longer_run_extends_it(tmp_path, small_data, capsys):
+    """MAX_STEPS ending a run mid-epoch (10 steps per epoch here) still leaves a checkpoint of its last step, even
+    with SAVE_STEPS=0 (epoch ends only); the same run with a larger MAX_STEPS and RESUME_FROM=latest continues
+    from it: steps 3 and 4 only, as one metrics file."""
+    out = tmp_path / "out"
+    train.run(tiny_config(tmp_path, small_data, max_steps=2, save_steps=0), train.DistEnv())
+    assert checkpoint_dirs(out) == [out / "checkpoint-2"]
+    capsys.readouterr()
+    train.run(tiny_config(tmp_path, small_data, max_steps=4, save_steps=0, resume_from="latest"), train.DistEnv())
+    printed = capsys.readouterr().out
+    assert re.search(rf"resumed\s+from {re.escape(str(out / 'checkpoint-2'))}: step 2", printed)
+    assert "the run now ends at step 4 instead of 2" in printed
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [row["step"] for row in rows if "loss" in row] == [1, 2, 3, 4]
+    assert checkpoint_dirs(out) == [out / "checkpoint-4", out / "checkpoint-2"]
 
 
 def test_trains_on_a_file_the_repo_has_never_seen(tmp_path):
