@@ -635,6 +635,10 @@ class Trainer:
                                         use_cache=False).logits  # a KV cache is for generating, not training
                 micro_loss = sum_token_loss(logits, next_token_labels(batch))
                 self.scaler.scale(micro_loss * loss_weight).backward()
+                # Free the logits now (BLOOM's vocabulary: 1 GiB at 4 x 512 tokens in half precision), not when the
+                # next micro-batch's forward pass returns: its peak is then one micro-batch's, as try_longest_batch
+                # measures it.
+                del logits
             loss_sum += micro_loss.detach()
         # Every rank gets the same summed loss, so every rank takes the same decision below.
         loss = float(all_reduce_sum(loss_sum, dist)) / max(global_tokens, 1)
@@ -688,6 +692,7 @@ class Trainer:
                                             use_cache=False).logits
                 totals[0] += sum_token_loss(logits, next_token_labels(batch)).double()
                 totals[1] += count_label_tokens(batch)
+                del logits  # before the next batch's forward pass, as in optimizer_step
         self.raw_model.train()
         loss_sum, tokens, abandoned = all_reduce_sum(totals, self.dist).tolist()
         if tokens == 0 or abandoned:
@@ -791,6 +796,11 @@ class Trainer:
         self.batches_done, self.skipped_steps = state["batches_done"], state["skipped_steps"]
         set_rng_state(state["rng"][self.dist.rank])
         self.resumed_from = checkpoint
+        if os.path.normpath(checkpoint) == os.path.normpath(self.output_dir / f"{CHECKPOINT_PREFIX}{self.step}"):
+            # This step's checkpoint is on disk already: a stop right away, or the end of a run that had finished,
+            # must not write it again (replacing a good checkpoint leaves a moment without one). Compared as text,
+            # not through the file system, so that every rank of a multi-node run decides the same.
+            self._saved_step = self.step
         if self.dist.is_master:
             if manifest["total_steps"] != self.total_steps:
                 note(f"the run now ends at step {self.total_steps} instead of {manifest['total_steps']} (NUM_EPOCHS "
@@ -862,9 +872,9 @@ def print_banner(cfg: TrainConfig, dist: DistEnv, precision: str, stats: dict, t
         f"{effective_batch} examples per optimizer step; {trainer.total_steps:,} steps"
         + ("; gradient checkpointing" if cfg.gradient_checkpointing else ""),
         f"output       {cfg.output_dir}",
-        "checkpoints  " + (f"every {cfg.save_steps} steps and " if cfg.save_steps else "")
-        + "at each epoch's end; " + (f"the newest {cfg.save_total_limit} kept" if cfg.save_total_limit
-                                      else "all kept"),
+        "checkpoints  " + (f"every {cfg.save_steps} steps, " if cfg.save_steps else "")
+        + "at each epoch's end and at the last step; " + (f"the newest {cfg.save_total_limit} kept"
+                                                          if cfg.save_total_limit else "all kept"),
     ]
     if trainer.resumed_from is not None:
         lines.append(f"resumed      from {trainer.resumed_from}: step {trainer.step}, epoch {trainer.epoch + 1}, "

@@ -47,6 +47,7 @@ def imported_distributions(files) -> dict[str, set[str]]:
             for module in (m.split(".")[0] for m in modules):
                 if module in sys.stdlib_module_names or module in LOCAL_MODULES:
                     continue
+                assert module in module_to_distributions, f"{path.name} imports {module}, which is not installed"
                 for distribution in module_to_distributions[module]:
                     found.setdefault(normalise(distribution), set()).add(path.relative_to(REPO).as_posix())
     return found

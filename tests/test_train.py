@@ -10,6 +10,7 @@ import os
 import re
 import subprocess
 import sys
+import weakref
 from pathlib import Path
 
 import pytest
@@ -206,6 +207,29 @@ def test_gradient_accumulation_equals_one_big_batch_and_a_plain_reference(tmp_pa
         assert (reference - b).abs().max() <= 1e-5 * b.abs().max()
 
 
+def test_each_micro_batch_frees_its_logits_before_the_next_forward_pass(tmp_path, small_data):
+    """With gradient accumulation (and in evaluation), a micro-batch's logits, 1 GiB at BLOOM's 250,880-token
+    vocabulary for 4 x 512 tokens in half precision, are freed before the next forward pass starts: a step's peak
+    memory is then one micro-batch's, the one try_longest_batch measures."""
+    cfg = tiny_config(tmp_path, small_data, grad_accum_steps=3)
+    dist = train.DistEnv()
+    tokenizer = train.load_tokenizer(cfg.model_path)
+    train_set, valid_set, _ = train.prepare_datasets(cfg, tokenizer)
+    model = train.build_lora_model(train.load_pretrained_model(cfg.model_path, dist.device, torch.float32), cfg,
+                                   cfg.model_path)
+    trainer = train.Trainer(cfg, dist, model, tokenizer, train_set, valid_set, "fp32")
+    earlier_logits, alive_at_forward = [], []
+    model.model.register_forward_pre_hook(
+        lambda *_: alive_at_forward.append(sum(ref() is not None for ref in earlier_logits)))
+    model.model.register_forward_hook(lambda module, args, output: earlier_logits.append(weakref.ref(output.logits)))
+    trainer.train_loader.sampler.set_epoch(0)
+    trainer.optimizer_step([b for _, b in zip(range(3), trainer.train_loader)])
+    assert alive_at_forward == [0, 0, 0]
+    earlier_logits.clear(), alive_at_forward.clear()
+    trainer.evaluate()  # 8 validation examples: 2 batches of 4
+    assert alive_at_forward == [0, 0]
+
+
 def test_a_mean_of_micro_batch_means_would_fail_that_check(tmp_path, small_data):
     """The equivalence above is not vacuous: weighting micro-batches equally gives another gradient."""
     grads, trainer, model, tokenizer, batches = captured_step_gradients(
@@ -333,17 +357,24 @@ def test_resume_from_checkpoint_continues_exactly(tmp_path, small_data):
 def test_a_run_ended_by_max_steps_is_checkpointed_and_a_longer_run_extends_it(tmp_path, small_data, capsys):
     """MAX_STEPS ending a run mid-epoch (10 steps per epoch here) still leaves a checkpoint of its last step, even
     with SAVE_STEPS=0 (epoch ends only); the same run with a larger MAX_STEPS and RESUME_FROM=latest continues
-    from it: steps 3 and 4 only, as one metrics file."""
+    from it: steps 3 and 4 only, as one metrics file. The banner says when checkpoints are written."""
     out = tmp_path / "out"
     train.run(tiny_config(tmp_path, small_data, max_steps=2, save_steps=0), train.DistEnv())
     assert checkpoint_dirs(out) == [out / "checkpoint-2"]
     capsys.readouterr()
     train.run(tiny_config(tmp_path, small_data, max_steps=4, save_steps=0, resume_from="latest"), train.DistEnv())
     printed = capsys.readouterr().out
+    assert "checkpoints  at each epoch's end and at the last step; all kept" in printed
     assert re.search(rf"resumed\s+from {re.escape(str(out / 'checkpoint-2'))}: step 2", printed)
     assert "the run now ends at step 4 instead of 2" in printed
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [row["step"] for row in rows if "loss" in row] == [1, 2, 3, 4]
+    assert checkpoint_dirs(out) == [out / "checkpoint-4", out / "checkpoint-2"]
+
+    # The same command once more: the run has finished, and its last checkpoint is left as it is, not written again.
+    written = (out / "checkpoint-4").stat().st_ino
+    train.run(tiny_config(tmp_path, small_data, max_steps=4, save_steps=0, resume_from="latest"), train.DistEnv())
+    assert (out / "checkpoint-4").stat().st_ino == written
     assert checkpoint_dirs(out) == [out / "checkpoint-4", out / "checkpoint-2"]
 
 
