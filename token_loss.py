@@ -8,8 +8,9 @@ copy (1 GB for the fp16 logits themselves), several of them alive at once on a 1
 
 `sum_token_loss` computes the same loss and gradient from the logits as they are, a few rows at a time in float32:
 the forward pass keeps only each row's log-sum-exp (one float per token) and the backward pass writes the gradient
-straight into one tensor of the logits' own dtype. The numbers are those of the usual way, up to float32 rounding
-(tests/test_token_loss.py checks both against a float64 reference); `bench/bench_loss.py` measures the memory.
+straight into one tensor of the logits' own dtype, or, with `overwrite_logits=True` (train.py), into the logits'
+own memory. The numbers are those of the usual way, up to float32 rounding (tests/test_token_loss.py checks both
+against a float64 reference); `bench/bench_loss.py` measures the memory.
 """
 
 import torch
@@ -33,13 +34,17 @@ def count_label_tokens(batch: dict) -> int:
     return int((next_token_labels(batch) != IGNORE_INDEX).sum())
 
 
-def sum_token_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+def sum_token_loss(logits: torch.Tensor, targets: torch.Tensor, overwrite_logits: bool = False) -> torch.Tensor:
     """Summed cross-entropy of `logits[:, :-1]` (batch x T x vocab) against `targets` (batch x T-1, from
     `next_token_labels`; -100 is skipped), in float32, or wider for wider logits (the tests' float64 runs).
 
-    The last position has no target; rather than slicing it off (a copy of the logits), it gets a -100 target."""
+    The last position has no target; rather than slicing it off (a copy of the logits), it gets a -100 target.
+    With `overwrite_logits`, the backward pass writes the gradient into the logits' memory instead of a new tensor
+    of their size (1 GB less at BLOOM's vocabulary, 4 x 512 tokens, half precision): for a caller that has no use
+    for the logits after backward, as train.py's step. They then hold the gradient; a second backward through the
+    same graph raises (autograd sees the saved logits modified)."""
     full_targets = F.pad(targets, (0, 1), value=IGNORE_INDEX)
-    return _ChunkedCrossEntropy.apply(logits.flatten(0, 1), full_targets.flatten())
+    return _ChunkedCrossEntropy.apply(logits.flatten(0, 1), full_targets.flatten(), overwrite_logits)
 
 
 class _ChunkedCrossEntropy(torch.autograd.Function):
@@ -47,7 +52,7 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
     softmax(x_i) - onehot(t_i) (zero for skipped rows), computed block by block in float32."""
 
     @staticmethod
-    def forward(ctx, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    def forward(ctx, logits: torch.Tensor, targets: torch.Tensor, overwrite_logits: bool) -> torch.Tensor:
         compute_dtype = torch.promote_types(logits.dtype, torch.float32)
         counted = targets != IGNORE_INDEX
         lse = torch.zeros(logits.shape[0], dtype=compute_dtype, device=logits.device)
@@ -59,13 +64,16 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
             # where, not a multiplication by the mask: a skipped row with inf logits must add 0, not NaN.
             total += torch.where(counted[rows], lse[rows] - picked, 0).sum()
         ctx.save_for_backward(logits, targets, lse)
+        ctx.overwrite_logits = overwrite_logits
         return total
 
     @staticmethod
     def backward(ctx, grad_total: torch.Tensor):
         logits, targets, lse = ctx.saved_tensors
         counted = targets != IGNORE_INDEX
-        grad = torch.empty_like(logits)
+        # Each block of rows is read (into float32) before the same rows are written, so writing into the logits
+        # themselves is safe.
+        grad = logits if ctx.overwrite_logits else torch.empty_like(logits)
         for rows in _row_blocks(logits):
             # In place on one float32 block: softmax, minus 1 at the target, times the upstream gradient, and
             # zero for skipped rows (masked_fill, not a multiplication: 0 * inf would be NaN).
@@ -74,7 +82,7 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
                                torch.full_like(lse[rows], -1).unsqueeze(1))
             probs.mul_(grad_total).masked_fill_(~counted[rows].unsqueeze(1), 0)
             grad[rows] = probs
-        return grad, None
+        return grad, None, None
 
 
 def _row_blocks(logits: torch.Tensor):

@@ -519,7 +519,7 @@ class Trainer:
             with autocast_context(self.precision, device):
                 logits = self.raw_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                                         use_cache=False).logits
-            sum_token_loss(logits, next_token_labels(batch)).backward()
+            sum_token_loss(logits, next_token_labels(batch), overwrite_logits=True).backward()
         del logits
         self.optimizer.zero_grad(set_to_none=True)
         shape = f"longest batch {len(longest)} x {batch['input_ids'].shape[1]} tokens"
@@ -633,11 +633,11 @@ class Trainer:
                 with autocast_context(self.precision, device):
                     logits = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                                         use_cache=False).logits  # a KV cache is for generating, not training
-                micro_loss = sum_token_loss(logits, next_token_labels(batch))
+                # The logits' gradient goes into the logits' own memory (BLOOM's vocabulary: 1 GiB at 4 x 512
+                # tokens in half precision), and they are freed before the next micro-batch's forward pass: a
+                # step's peak is then one micro-batch's, the one try_longest_batch measures.
+                micro_loss = sum_token_loss(logits, next_token_labels(batch), overwrite_logits=True)
                 self.scaler.scale(micro_loss * loss_weight).backward()
-                # Free the logits now (BLOOM's vocabulary: 1 GiB at 4 x 512 tokens in half precision), not when the
-                # next micro-batch's forward pass returns: its peak is then one micro-batch's, as try_longest_batch
-                # measures it.
                 del logits
             loss_sum += micro_loss.detach()
         # Every rank gets the same summed loss, so every rank takes the same decision below.

@@ -8,7 +8,8 @@ Reproduce (from the repository root)::
 The usual way is `F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), targets, reduction="sum")` (what
 transformers' ForCausalLMLoss does, and train.py did before token_loss.py): a shifted copy of the logits, a float32
 copy, a float32 log-softmax kept for backward. Ours computes the same loss from the logits as they are, in float32
-blocks, keeping one float per token.
+blocks, keeping one float per token; "ours-in-place" (what train.py's step uses) also writes the gradient into the
+logits' memory instead of a new tensor (the logits are restored before each step, outside the timing).
 
 Input: logits of `--batch` x `--seq` x `--vocab` (default 4 x 256 x 250,880: BLOOM's vocabulary, the default
 BATCH_SIZE, about twice the mean Alpaca example), requiring grad, in float32 (PRECISION=fp32) or bfloat16 (what
@@ -25,6 +26,7 @@ Writes a markdown table to bench/results/loss.md (atomically) and prints it.
 """
 
 import argparse
+import functools
 import os
 import statistics
 import sys
@@ -52,7 +54,8 @@ def usual_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
                            reduction="sum")
 
 
-LOSSES = {"usual": usual_loss, "ours": sum_token_loss}
+LOSSES = {"usual": usual_loss, "ours": sum_token_loss,
+          "ours-in-place": functools.partial(sum_token_loss, overwrite_logits=True)}
 
 
 def parse_args(argv=None):
@@ -86,9 +89,14 @@ def make_inputs(args, dtype: torch.dtype, device: torch.device) -> tuple[torch.T
     return logits, targets.to(device)
 
 
-def step_function(loss_fn, logits: torch.Tensor, targets: torch.Tensor, device: torch.device):
+def step_function(loss_fn, logits: torch.Tensor, pristine: torch.Tensor, targets: torch.Tensor,
+                  device: torch.device):
+    """One forward and backward of `loss_fn`, timed; the logits are first set back to `pristine` (untimed), since
+    the in-place variant leaves its gradient in them."""
     def run_step() -> float:
         logits.grad = None
+        with torch.no_grad():
+            logits.copy_(pristine)
         synchronize(device)
         start = time.perf_counter()
         loss_fn(logits, targets).backward()
@@ -98,17 +106,21 @@ def step_function(loss_fn, logits: torch.Tensor, targets: torch.Tensor, device: 
     return run_step
 
 
-def compare(logits: torch.Tensor, targets: torch.Tensor) -> tuple[float, float]:
-    """(relative loss difference, largest gradient difference relative to the largest gradient), ours vs usual."""
+def compare(logits: torch.Tensor, pristine: torch.Tensor, targets: torch.Tensor) -> dict[str, tuple[float, float]]:
+    """For each of our variants: (relative loss difference, largest gradient difference relative to the largest
+    gradient) against the usual way."""
     results = {}
     for name, loss_fn in LOSSES.items():
         logits.grad = None
+        with torch.no_grad():
+            logits.copy_(pristine)
         loss = loss_fn(logits, targets)
         loss.backward()
         results[name] = (loss.item(), logits.grad.float())
-    (usual, usual_grad), (ours, ours_grad) = results["usual"], results["ours"]
     logits.grad = None
-    return abs(ours / usual - 1), ((ours_grad - usual_grad).abs().max() / usual_grad.abs().max()).item()
+    usual, usual_grad = results.pop("usual")
+    return {name: (abs(ours / usual - 1), ((grad - usual_grad).abs().max() / usual_grad.abs().max()).item())
+            for name, (ours, grad) in results.items()}
 
 
 def measure_memory(args) -> dict:
@@ -116,7 +128,8 @@ def measure_memory(args) -> dict:
     device = torch.device(args.device)
     name, dtype_name = args.measure_memory.split()
     logits, targets = make_inputs(args, DTYPES[dtype_name], device)
-    result = peak_memory(step_function(LOSSES[name], logits, targets, device), device)
+    pristine = logits.detach().clone()  # in use before the step, so not counted in its peak
+    result = peak_memory(step_function(LOSSES[name], logits, pristine, targets, device), device)
     return {**result, "logits": logits.numel() * logits.element_size()}
 
 
@@ -138,13 +151,13 @@ def markdown(args, argv, device, times, checks, memory) -> str:
         "logits exist (" + {"cuda": "torch.cuda.max_memory_allocated", "vmhwm": "peak resident set size, VmHWM",
                              "ru_maxrss": "ru_maxrss: the whole process, not above the logits",
                              None: "not measured"}[next(iter(memory.values()))["method"] if memory else None]
-        + "); it includes the logits' gradient, which both make.",
+        + "); it includes the logits' gradient where that is a new tensor (usual, ours; ours-in-place writes it "
+        "into the logits).",
         "",
         header,
         "|---" * (header.count("|") - 1) + "|",
     ]
     for dtype_name in args.dtypes:
-        ratio = statistics.median(u / o for u, o in zip(times[f"usual {dtype_name}"], times[f"ours {dtype_name}"]))
         for name in LOSSES:
             variant = f"{name} {dtype_name}"
             t = times[variant]
@@ -153,9 +166,10 @@ def markdown(args, argv, device, times, checks, memory) -> str:
                 mem = f"{gib(above)} | {above / memory[variant]['logits']:.1f}"
             else:
                 mem = f"{gib(memory[variant]['peak'])} | -" if variant in memory else "- | -"
-            versus = "{:.1e}, {:.1e}".format(*checks[dtype_name]) if name == "ours" else "(reference)"
+            ratio = statistics.median(u / o for u, o in zip(times[f"usual {dtype_name}"], t))
+            versus = "{:.1e}, {:.1e}".format(*checks[dtype_name][name]) if name != "usual" else "(reference)"
             lines.append(f"| {dtype_name} | {name} | {statistics.median(t):.3f} [{min(t):.3f}-{max(t):.3f}] | "
-                         f"{f'{ratio:.2f}x' if name == 'ours' else '1'} | {versus} | {mem} |")
+                         f"{f'{ratio:.2f}x' if name != 'usual' else '1'} | {versus} | {mem} |")
     return "\n".join(lines) + "\n"
 
 
@@ -168,9 +182,10 @@ def main(argv=None) -> None:
     steps, checks = {}, {}
     for dtype_name in args.dtypes:
         logits, targets = make_inputs(args, DTYPES[dtype_name], device)
-        checks[dtype_name] = compare(logits, targets)
+        pristine = logits.detach().clone()
+        checks[dtype_name] = compare(logits, pristine, targets)
         for name, loss_fn in LOSSES.items():
-            steps[f"{name} {dtype_name}"] = step_function(loss_fn, logits, targets, device)
+            steps[f"{name} {dtype_name}"] = step_function(loss_fn, logits, pristine, targets, device)
     times = interleave(steps, args.repeats, args.warmup, progress=True)
     del steps
     memory = {}

@@ -226,10 +226,10 @@ def test_nan_loss_without_a_scaler_stops_with_one_line_and_keeps_the_last_checkp
     calls = []
     real_loss = train.sum_token_loss
 
-    def nan_at_step_3(logits, targets):
+    def nan_at_step_3(logits, targets, **options):
         # One call for try_longest_batch, then one per optimizer step (no accumulation, evaluation only at the end).
         calls.append(1)
-        loss = real_loss(logits, targets)
+        loss = real_loss(logits, targets, **options)
         return loss * float("nan") if len(calls) == 1 + 3 else loss
 
     monkeypatch.setattr(train, "sum_token_loss", nan_at_step_3)

@@ -83,6 +83,36 @@ def test_inf_logits_in_a_skipped_row_do_not_make_the_loss_nan():
     assert not torch.isfinite(sum_token_loss(logits, targets))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_overwrite_logits_writes_the_same_gradient_into_the_logits_memory(dtype):
+    """overwrite_logits=True (train.py's step): the very same gradient reaches what made the logits (here a matmul,
+    as lm_head), but it lives in the logits' memory instead of a new tensor of their size; the logits then hold it.
+    Without it the logits are left as they were. A second backward through the graph is refused, not wrong."""
+    _, targets = random_case(dtype)
+    generator = torch.Generator().manual_seed(1)
+    hidden = torch.randn(3, 7, 16, generator=generator).to(dtype)
+    weight = torch.randn(50, 16, generator=generator).to(dtype).requires_grad_()
+    results = {}
+    for overwrite in (False, True):
+        weight.grad = None
+        logits = hidden @ weight.T
+        reaching = []
+        logits.register_hook(reaching.append)
+        (sum_token_loss(logits, targets, overwrite_logits=overwrite) * 0.37).backward()
+        results[overwrite] = weight.grad.clone(), reaching[0], logits.detach()
+    (plain_weight_grad, plain_grad, plain_logits), (weight_grad, grad, logits) = results[False], results[True]
+    assert torch.equal(weight_grad, plain_weight_grad) and torch.equal(grad, plain_grad)
+    assert grad.untyped_storage().data_ptr() == logits.untyped_storage().data_ptr()
+    assert plain_grad.untyped_storage().data_ptr() != plain_logits.untyped_storage().data_ptr()
+    assert torch.equal(logits, plain_grad)
+    assert torch.equal(plain_logits, (hidden @ weight.T).detach())
+
+    loss = sum_token_loss(hidden @ weight.T, targets, overwrite_logits=True)
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        loss.backward()
+
+
 def test_gradcheck_in_float64():
     logits, targets = random_case(torch.float64, batch=3, length=6, vocab=6)
     logits.requires_grad_()
@@ -104,7 +134,7 @@ def test_it_does_not_keep_a_float32_copy_of_the_logits_for_backward():
 
 
 def test_bench_loss_runs_and_writes_its_table(tmp_path, capsys):
-    """bench/bench_loss.py end to end on a small vocabulary (the real one takes minutes): both losses timed and
+    """bench/bench_loss.py end to end on a small vocabulary (the real one takes minutes): every loss timed and
     compared, the table written with its command on top; memory measured in a fresh process."""
     import importlib.util
     from pathlib import Path
@@ -120,11 +150,12 @@ def test_bench_loss_runs_and_writes_its_table(tmp_path, capsys):
     assert table.strip() in capsys.readouterr().out
     assert table.splitlines()[2] == "Reproduce: `python bench/bench_loss.py " + " ".join(argv) + " --no-memory`"
     rows = [line.split(" | ") for line in table.splitlines() if line.startswith("| fp32") or line.startswith("| bf16")]
-    assert [(r[0], r[1]) for r in rows] == [("| fp32", "usual"), ("| fp32", "ours"), ("| bf16", "usual"),
-                                            ("| bf16", "ours")]
-    loss_diff, grad_diff = map(float, rows[1][4].split(", "))  # fp32: ours vs the usual
-    assert loss_diff < 1e-6 and grad_diff < 1e-6
+    assert [(r[0], r[1]) for r in rows] == [(dtype, name) for dtype in ("| fp32", "| bf16")
+                                            for name in ("usual", "ours", "ours-in-place")]
+    for row in rows[1:3]:  # fp32: ours, and ours writing into the logits, vs the usual way
+        loss_diff, grad_diff = map(float, row[4].split(", "))
+        assert loss_diff < 1e-6 and grad_diff < 1e-6
     assert not list(tmp_path.glob("*.tmp"))
 
-    memory = bench.memory_in_fresh_process(bench.__file__, argv, "ours bf16")
+    memory = bench.memory_in_fresh_process(bench.__file__, argv, "ours-in-place bf16")
     assert memory["method"] in ("vmhwm", "ru_maxrss") and memory["logits"] == 4 * 16 * 3000 * 2
