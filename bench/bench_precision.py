@@ -174,8 +174,9 @@ def step_function(model: LoraModelForCasualLM, precision: str, batch: dict, devi
         with train.autocast_context(precision, device):
             logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                            use_cache=False).logits
-        loss = sum_token_loss(logits, batch["targets"]) / batch["tokens"]
+        loss = sum_token_loss(logits, batch["targets"], overwrite_logits=True) / batch["tokens"]
         scaler.scale(loss).backward()
+        del logits  # as train.py: the gradient went into them, and they are freed at once
         scaler.unscale_(optimizer)
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         scaler.step(optimizer)
