@@ -516,11 +516,7 @@ class Trainer:
             torch.cuda.reset_peak_memory_stats(device)
         self.raw_model.train()  # as in a step: dropout and activation checkpointing are on in training mode only
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):  # dropout draws from it
-            with autocast_context(self.precision, device):
-                logits = self.raw_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                                        use_cache=False).logits
-            sum_token_loss(logits, next_token_labels(batch), overwrite_logits=True).backward()
-        del logits
+            self.batch_loss(self.raw_model, batch, overwrite_logits=True).backward()
         self.optimizer.zero_grad(set_to_none=True)
         shape = f"longest batch {len(longest)} x {batch['input_ids'].shape[1]} tokens"
         if device.type != "cuda":
@@ -630,15 +626,8 @@ class Trainer:
             sync_context = self.model.no_sync() if dist.ddp and not is_last else contextlib.nullcontext()
             with sync_context:
                 batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-                with autocast_context(self.precision, device):
-                    logits = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                                        use_cache=False).logits  # a KV cache is for generating, not training
-                # The logits' gradient goes into the logits' own memory (BLOOM's vocabulary: 1 GiB at 4 x 512
-                # tokens in half precision), and they are freed before the next micro-batch's forward pass: a
-                # step's peak is then one micro-batch's, the one try_longest_batch measures.
-                micro_loss = sum_token_loss(logits, next_token_labels(batch), overwrite_logits=True)
+                micro_loss = self.batch_loss(self.model, batch, overwrite_logits=True)
                 self.scaler.scale(micro_loss * loss_weight).backward()
-                del logits
             loss_sum += micro_loss.detach()
         # Every rank gets the same summed loss, so every rank takes the same decision below.
         loss = float(all_reduce_sum(loss_sum, dist)) / max(global_tokens, 1)
@@ -665,6 +654,19 @@ class Trainer:
         return {"step": self.step, "epoch": self.epoch, "loss": loss, "lr": lr, "grad_norm": grad_norm,
                 "skipped_steps": self.skipped_steps, "tokens": global_real_tokens}
 
+    def batch_loss(self, model, batch: dict, overwrite_logits: bool = False) -> torch.Tensor:
+        """The summed token loss of one batch, forward pass under this run's autocast.
+
+        The logits (BLOOM's vocabulary: 1 GiB at 4 x 512 tokens in half precision) live only in here and in the
+        loss's graph: they are freed as soon as its backward pass has run, or at once without gradients, never held
+        through the next batch's forward pass. With `overwrite_logits` (a training step) that backward pass writes
+        their gradient into them, so a step's peak holds one logits-sized tensor, the peak try_longest_batch measures.
+        """
+        with autocast_context(self.precision, self.dist.device):
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                           use_cache=False).logits  # a KV cache is for generating, not training
+        return sum_token_loss(logits, next_token_labels(batch), overwrite_logits=overwrite_logits)
+
     def _stop(self, problem: str) -> NoReturn:
         """End the run before a non-finite value reaches the adapter; the checkpoints on disk stay as they are."""
         raise RunError(f"{problem} at step {self.step + 1} with {self.precision}; stopping before the update. The "
@@ -687,12 +689,8 @@ class Trainer:
                     totals[2] = 1
                     break
                 batch = {k: v.to(device) for k, v in batch.items()}
-                with autocast_context(self.precision, device):
-                    logits = self.raw_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                                            use_cache=False).logits
-                totals[0] += sum_token_loss(logits, next_token_labels(batch)).double()
+                totals[0] += self.batch_loss(self.raw_model, batch).double()
                 totals[1] += count_label_tokens(batch)
-                del logits  # before the next batch's forward pass, as in optimizer_step
         self.raw_model.train()
         loss_sum, tokens, abandoned = all_reduce_sum(totals, self.dist).tolist()
         if tokens == 0 or abandoned:

@@ -152,21 +152,27 @@ def test_cli_error_has_no_traceback(tmp_path):
 
 # --- the numbers ----------------------------------------------------------------------------------------------------
 
-def captured_step_gradients(cfg: TrainConfig) -> tuple:
-    """Run one optimizer step through the Trainer and return the gradients the optimizer was given."""
+def tiny_trainer(cfg: TrainConfig) -> train.Trainer:
+    """A float32, one-process Trainer on the tiny BLOOM, built as train.run builds one."""
     dist = train.DistEnv()
     train.seed_everything(cfg.seed)
     tokenizer = train.load_tokenizer(cfg.model_path)
     train_set, valid_set, _ = train.prepare_datasets(cfg, tokenizer)
     model = train.build_lora_model(train.load_pretrained_model(cfg.model_path, dist.device, torch.float32), cfg,
                                    cfg.model_path)
+    return train.Trainer(cfg, dist, model, tokenizer, train_set, valid_set, "fp32")
+
+
+def captured_step_gradients(cfg: TrainConfig) -> tuple:
+    """Run one optimizer step through the Trainer and return the gradients the optimizer was given."""
+    trainer = tiny_trainer(cfg)
+    model = trainer.raw_model
     with torch.no_grad():  # B away from zero, so that A's gradient is not trivially zero
         generator = torch.Generator().manual_seed(0)
         for name, param in model.named_parameters():
             if "lora_B" in name:
                 param.copy_(torch.randn(param.shape, generator=generator) * 0.05)
     initial_adapter = {k: v.clone() for k, v in model.adapter_state_dict().items()}
-    trainer = train.Trainer(cfg, dist, model, tokenizer, train_set, valid_set, "fp32")
     grads = []
     real_step = trainer.optimizer.step
 
@@ -179,13 +185,13 @@ def captured_step_gradients(cfg: TrainConfig) -> tuple:
     micro_batches = [b for _, b in zip(range(cfg.grad_accum_steps), trainer.train_loader)]
     trainer.optimizer_step(micro_batches)
     model.load_adapter_weights(initial_adapter)  # back to the weights the gradients were taken at
-    return grads, trainer, model, tokenizer, micro_batches
+    return grads, trainer, model, micro_batches
 
 
 def test_gradient_accumulation_equals_one_big_batch_and_a_plain_reference(tmp_path, small_data):
     accumulated, *_ = captured_step_gradients(
         tiny_config(tmp_path / "a", small_data, batch_size=2, grad_accum_steps=4, max_grad_norm=0))
-    big, trainer, model, tokenizer, batches = captured_step_gradients(
+    big, trainer, model, batches = captured_step_gradients(
         tiny_config(tmp_path / "b", small_data, batch_size=8, grad_accum_steps=1, max_grad_norm=0))
     assert len(accumulated) == len(big) > 0
     for a, b in zip(accumulated, big):
@@ -211,13 +217,8 @@ def test_each_micro_batch_frees_its_logits_before_the_next_forward_pass(tmp_path
     """With gradient accumulation (and in evaluation), a micro-batch's logits, 1 GiB at BLOOM's 250,880-token
     vocabulary for 4 x 512 tokens in half precision, are freed before the next forward pass starts: a step's peak
     memory is then one micro-batch's, the one try_longest_batch measures."""
-    cfg = tiny_config(tmp_path, small_data, grad_accum_steps=3)
-    dist = train.DistEnv()
-    tokenizer = train.load_tokenizer(cfg.model_path)
-    train_set, valid_set, _ = train.prepare_datasets(cfg, tokenizer)
-    model = train.build_lora_model(train.load_pretrained_model(cfg.model_path, dist.device, torch.float32), cfg,
-                                   cfg.model_path)
-    trainer = train.Trainer(cfg, dist, model, tokenizer, train_set, valid_set, "fp32")
+    trainer = tiny_trainer(tiny_config(tmp_path, small_data, grad_accum_steps=3))
+    model = trainer.raw_model
     earlier_logits, alive_at_forward = [], []
     model.model.register_forward_pre_hook(
         lambda *_: alive_at_forward.append(sum(ref() is not None for ref in earlier_logits)))
@@ -232,7 +233,7 @@ def test_each_micro_batch_frees_its_logits_before_the_next_forward_pass(tmp_path
 
 def test_a_mean_of_micro_batch_means_would_fail_that_check(tmp_path, small_data):
     """The equivalence above is not vacuous: weighting micro-batches equally gives another gradient."""
-    grads, trainer, model, tokenizer, batches = captured_step_gradients(
+    grads, trainer, model, batches = captured_step_gradients(
         tiny_config(tmp_path, small_data, batch_size=2, grad_accum_steps=4, max_grad_norm=0))
     model.zero_grad(set_to_none=True)
     for batch in batches:
@@ -311,12 +312,8 @@ def test_longest_batch_is_tried_before_training_and_leaves_no_trace(tmp_path, sm
     largest activations any step can have) and changes nothing: adapter, gradients and random generator are as
     before, so the run that follows is the one without it. Dropout on: the forward pass draws random numbers."""
     cfg = tiny_config(tmp_path, small_data, lora_dropout=0.1)
-    dist = train.DistEnv()
-    tokenizer = train.load_tokenizer(cfg.model_path)
-    train_set, valid_set, _ = train.prepare_datasets(cfg, tokenizer)
-    model = train.build_lora_model(train.load_pretrained_model(cfg.model_path, dist.device, torch.float32), cfg,
-                                   cfg.model_path)
-    trainer = train.Trainer(cfg, dist, model, tokenizer, train_set, valid_set, "fp32")
+    trainer = tiny_trainer(cfg)
+    model, train_set = trainer.raw_model, trainer.train_loader.dataset
     seen, gradients = [], []
     model.model.register_forward_pre_hook(
         lambda module, args, kwargs: seen.append((kwargs["attention_mask"].sum(1).tolist(), module.training,
