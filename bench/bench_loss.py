@@ -18,11 +18,12 @@ A step is the loss's forward and backward; the gradient of the logits is made ei
 
 Timing: warm-up rounds, then `--repeats` interleaved rounds (the order rotating, so drift in the machine's load
 hits every variant alike); ratio = median over rounds of usual / ours. Before timing, the two losses and gradients
-are compared. Memory: each variant alone in a fresh process, one step; the peak above the memory in use once the
-logits exist (on a CPU the peak resident set size, VmHWM; on a GPU max_memory_allocated), given also in units of
-the logits' own size.
+are compared. Memory: each variant in a fresh process of its own (`--memory-jobs N`: N at a time), one step; the
+peak above the memory in use once the logits exist (on a CPU the peak resident set size, VmHWM; on a GPU
+max_memory_allocated), given also in units of the logits' own size.
 
-Writes a markdown table to bench/results/loss.md (atomically) and prints it.
+Writes a markdown table to bench/results/loss.md (atomically) once the timing is done, again with the memory,
+and prints it.
 """
 
 import argparse
@@ -44,7 +45,7 @@ import torch.nn.functional as F  # noqa: E402
 from alpaca_data import IGNORE_INDEX  # noqa: E402
 from token_loss import sum_token_loss  # noqa: E402
 from bench.common import (add_device_arguments, answer_memory_request, command_line, describe_device, device_from_args,
-                          interleave, memory_in_fresh_process, peak_memory, synchronize, write_atomically)  # noqa: E402
+                          interleave, memory_of_variants, peak_memory, synchronize, write_atomically)  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
@@ -68,14 +69,15 @@ def parse_args(argv=None):
     parser.add_argument("--warmup", type=int, default=1, help="untimed rounds first")
     add_device_arguments(parser)
     parser.add_argument("--no-memory", action="store_true", help="skip the per-variant memory processes")
+    parser.add_argument("--memory-jobs", type=int, default=1, help="memory processes run at a time")
     parser.add_argument("--measure-memory", metavar="VARIANT", help=argparse.SUPPRESS)  # internal: "ours bf16"
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "loss.md")
     args = parser.parse_args(argv)
     args.dtypes = [d.strip() for d in args.dtypes.split(",") if d.strip()]
     if not args.dtypes or any(d not in DTYPES for d in args.dtypes):
         parser.error(f"--dtypes must list some of {list(DTYPES)}, got {args.dtypes}")
-    if args.repeats < 1 or args.warmup < 0 or min(args.batch, args.seq - 1, args.vocab) < 1:
-        parser.error("--repeats, --batch, --vocab must be >= 1, --seq >= 2, --warmup >= 0")
+    if args.repeats < 1 or args.warmup < 0 or min(args.batch, args.seq - 1, args.vocab, args.memory_jobs) < 1:
+        parser.error("--repeats, --batch, --vocab, --memory-jobs must be >= 1, --seq >= 2, --warmup >= 0")
     return args
 
 
@@ -147,10 +149,12 @@ def markdown(args, argv, device, times, checks, memory) -> str:
         "is the loss's forward and backward (the logits' gradient is made by both).",
         f"- {args.repeats} interleaved rounds after {args.warmup} warm-up round(s); usual / ours = median over "
         "rounds of the per-round ratio.",
-        "- Memory: each variant alone in a fresh process, one step; the peak minus the memory in use once the "
+        "- Memory: each variant in a fresh process of its own, one step; the peak minus the memory in use once the "
         "logits exist (" + {"cuda": "torch.cuda.max_memory_allocated", "vmhwm": "peak resident set size, VmHWM",
                              "ru_maxrss": "ru_maxrss: the whole process, not above the logits",
-                             None: "not measured"}[next(iter(memory.values()))["method"] if memory else None]
+                             None: "not measured" if args.no_memory else "not measured yet: the run stopped "
+                                   "before the memory processes finished"}[
+                                       next(iter(memory.values()))["method"] if memory else None]
         + "); it includes the logits' gradient where that is a new tensor (usual, ours; ours-in-place writes it "
         "into the logits).",
         "",
@@ -188,13 +192,12 @@ def main(argv=None) -> None:
             steps[f"{name} {dtype_name}"] = step_function(loss_fn, logits, pristine, targets, device)
     times = interleave(steps, args.repeats, args.warmup, progress=True)
     del steps
-    memory = {}
+    table = markdown(args, argv, device, times, checks, {})
+    write_atomically(args.out, table)  # the timing is kept even if the memory processes do not finish
     if not args.no_memory:
-        for variant in times:
-            memory[variant] = memory_in_fresh_process(__file__, argv, variant)
-            print(f"memory of {variant}: done", file=sys.stderr, flush=True)
-    table = markdown(args, argv, device, times, checks, memory)
-    write_atomically(args.out, table)
+        memory = memory_of_variants(__file__, argv, list(times), args.memory_jobs)
+        table = markdown(args, argv, device, times, checks, memory)
+        write_atomically(args.out, table)
     print(table)
 
 

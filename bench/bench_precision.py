@@ -32,15 +32,18 @@ round to round, so that drift in a shared machine's load hits all variants alike
 min-max) seconds per step, tokens per second from the median, and the speed-up over fp32 as the median over rounds
 of the per-round ratio. Before timing, each variant's loss on one batch (dropout off) is compared with fp32's.
 
-Memory: each variant runs again, alone, in a fresh process (`--measure-memory NAME`) for two steps (the first
-creates AdamW's state). On a GPU: torch.cuda.max_memory_allocated, reset once the model is built (weights,
-activations, gradients, optimizer state; not the caching allocator's reserve). On a CPU: the peak resident set
-size, VmHWM from /proc/self/status, reset (via /proc/self/clear_refs) once the model is built, so that building it
-does not count; it includes the Python process and the torch libraries (~0.3 GB), so the step's own share, the
-peak minus the resident size just before the first step, is given too. Where /proc is missing (not Linux),
-resource.getrusage's ru_maxrss since the process started is used instead, and the table says so.
+Memory: each variant runs again in a fresh process of its own (`--measure-memory NAME`) for two steps (the first
+creates AdamW's state); `--memory-jobs N` runs N such processes at a time, which changes no figure (each measures
+only itself) and saves their start-up on a big GPU. On a GPU: torch.cuda.max_memory_allocated, reset once the model
+is built (weights, activations, gradients, optimizer state; not the caching allocator's reserve). On a CPU: the peak
+resident set size, VmHWM from /proc/self/status, reset (via /proc/self/clear_refs) once the model is built, so that
+building it does not count; it includes the Python process and the torch libraries (~0.3 GB), so the step's own
+share, the peak minus the resident size just before the first step, is given too. Where /proc is missing (not
+Linux), resource.getrusage's ru_maxrss since the process started is used instead, and the table says so.
 
-Writes a markdown table to bench/results/precision.md (atomically), with the command at the top, and prints it.
+Writes a markdown table to bench/results/precision.md (atomically), with the command at the top, and prints it;
+the table is written once the timing is done and again with the memory, so a run stopped during the memory
+processes keeps its timing.
 """
 
 import argparse
@@ -65,7 +68,7 @@ from alpaca_data import IGNORE_INDEX  # noqa: E402
 from lora_model import LoraModelForCasualLM  # noqa: E402
 from token_loss import next_token_labels, sum_token_loss  # noqa: E402
 from bench.common import (add_device_arguments, add_model_shape_arguments, answer_memory_request, bloom_config,
-                          command_line, describe_device, device_from_args, interleave, memory_in_fresh_process,
+                          command_line, describe_device, device_from_args, interleave, memory_of_variants,
                           peak_memory, synchronize, write_atomically)  # noqa: E402
 
 # name: (PRECISION as train.py names it, dtype of the frozen base weights, GRADIENT_CHECKPOINTING)
@@ -100,6 +103,7 @@ def parse_args(argv=None):
     parser.add_argument("--warmup", type=int, default=1, help="untimed rounds first")
     add_device_arguments(parser)
     parser.add_argument("--no-memory", action="store_true", help="skip the per-variant memory processes")
+    parser.add_argument("--memory-jobs", type=int, default=1, help="memory processes run at a time")
     parser.add_argument("--measure-memory", metavar="NAME", help=argparse.SUPPRESS)  # internal: one variant
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "precision.md")
     args = parser.parse_args(argv)
@@ -114,8 +118,8 @@ def parse_args(argv=None):
     bad = [v for v in args.variants if v not in VARIANTS]
     if bad or not args.variants:
         parser.error(f"--variants must list some of {list(VARIANTS)}, got {bad or args.variants}")
-    if args.repeats < 1 or args.warmup < 0:
-        parser.error("--repeats must be >= 1, --warmup >= 0")
+    if args.repeats < 1 or args.warmup < 0 or args.memory_jobs < 1:
+        parser.error("--repeats and --memory-jobs must be >= 1, --warmup >= 0")
     if args.hidden % args.heads:
         parser.error(f"--hidden {args.hidden} is not divisible by --heads {args.heads}")
     return args
@@ -280,13 +284,14 @@ def markdown(args, argv, device, names, skipped, times, loss_diffs, saved, memor
         "autograd keeps from the forward pass (activations; see saved_for_backward_bytes)."
         + (" No warm-up round: each variant's first step pays one-off costs (allocation, page faults), so these "
            "times do not compare variants." if args.warmup == 0 else ""),
-        "- Memory: each variant alone in a fresh process, two steps; "
+        "- Memory: each variant in a fresh process of its own, two steps; "
         + {"cuda": "torch.cuda.max_memory_allocated after the model is built (weights + activations + gradients "
                    "+ optimizer state).",
            "vmhwm": "peak resident set size (VmHWM, reset once the model is built; includes ~0.3 GB of Python and "
                     "torch libraries); 'of which the step' is the peak minus the resident size before step 1.",
            "ru_maxrss": "resource.getrusage ru_maxrss of the whole process.",
-           None: "not measured (--no-memory)."}[method],
+           None: "not measured (--no-memory)." if args.no_memory else "not measured yet: this table was written "
+                 "after the timing, and the run stopped before the memory processes finished."}[method],
         "",
         header,
         "|---" * (header.count("|") - 1) + "|",
@@ -331,13 +336,12 @@ def main(argv=None) -> None:
     steps = {name: step_function(models[name], VARIANTS[name][0], batch, device) for name in names}
     times = interleave(steps, args.repeats, args.warmup, progress=True)
     del models, steps
-    memory = {}
+    table = markdown(args, argv, device, names, skipped, times, loss_diffs, saved, {})
+    write_atomically(args.out, table)  # the timing is kept even if the memory processes do not finish
     if not args.no_memory:
-        for name in names:
-            memory[name] = memory_in_fresh_process(__file__, argv, name)
-            print(f"memory of {name}: done", file=sys.stderr, flush=True)
-    table = markdown(args, argv, device, names, skipped, times, loss_diffs, saved, memory)
-    write_atomically(args.out, table)
+        memory = memory_of_variants(__file__, argv, names, args.memory_jobs)
+        table = markdown(args, argv, device, names, skipped, times, loss_diffs, saved, memory)
+        write_atomically(args.out, table)
     print(table)
 
 

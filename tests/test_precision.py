@@ -328,7 +328,9 @@ def test_bench_precision_runs_and_writes_its_table(tmp_path, capsys):
     assert 0 < saved["| fp32 + checkpointing"] < saved["| fp32"] / 2  # activations recomputed, not kept
     assert not list(tmp_path.glob("*.tmp"))
 
-    memory = bench.memory_in_fresh_process(bench.__file__, argv, "fp16 autocast")
+    from bench.common import memory_in_fresh_process
+
+    memory = memory_in_fresh_process(bench.__file__, argv, "fp16 autocast")
     assert memory["method"] in ("vmhwm", "ru_maxrss") and memory["peak"] > 100 * 2**20
 
 

@@ -157,5 +157,54 @@ def test_bench_loss_runs_and_writes_its_table(tmp_path, capsys):
         assert loss_diff < 1e-6 and grad_diff < 1e-6
     assert not list(tmp_path.glob("*.tmp"))
 
-    memory = bench.memory_in_fresh_process(bench.__file__, argv, "ours-in-place bf16")
+    from bench.common import memory_in_fresh_process
+
+    memory = memory_in_fresh_process(bench.__file__, argv, "ours-in-place bf16")
     assert memory["method"] in ("vmhwm", "ru_maxrss") and memory["logits"] == 4 * 16 * 3000 * 2
+
+
+def test_bench_loss_keeps_its_timing_when_the_memory_processes_do_not_finish(tmp_path, monkeypatch):
+    """The table is written once the timing is done, so a run stopped during its memory processes (a lent GPU's
+    time running out, say) still leaves its timing, saying the memory was not measured yet."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "bench" / "bench_loss.py"
+    spec = importlib.util.spec_from_file_location("bench_loss", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+
+    def stopped(*args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(bench, "memory_of_variants", stopped)
+    out = tmp_path / "loss.md"
+    with pytest.raises(KeyboardInterrupt):
+        bench.main(["--vocab", "300", "--seq", "8", "--dtypes", "bf16", "--repeats", "1", "--warmup", "0",
+                    "--threads", "1", "--out", str(out)])
+    table = out.read_text()
+    assert "not measured yet: the run stopped before the memory processes finished" in table
+    assert [line.split(" | ")[1] for line in table.splitlines() if line.startswith("| bf16")] == [
+        "usual", "ours", "ours-in-place"]
+
+
+def test_memory_processes_run_jobs_at_a_time():
+    """bench/common.memory_of_variants with jobs=3 has three variants' processes running at once (each would
+    wait for the others here, and time out if they ran one by one), and returns each variant's own result."""
+    import threading
+
+    import bench.common as common
+
+    all_three_started = threading.Barrier(3, timeout=20)
+
+    def measured(script, argv, variant):
+        all_three_started.wait()
+        return {"peak": len(variant)}
+
+    real = common.memory_in_fresh_process
+    common.memory_in_fresh_process = measured
+    try:
+        memory = common.memory_of_variants("bench.py", [], ["a", "bb", "ccc"], jobs=3)
+    finally:
+        common.memory_in_fresh_process = real
+    assert memory == {"a": {"peak": 1}, "bb": {"peak": 2}, "ccc": {"peak": 3}}
