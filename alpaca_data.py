@@ -498,7 +498,8 @@ def tokenize_records(records: Sequence[Mapping], tokenizer, prompter: Prompter, 
         train_on_inputs: whether the prompt tokens carry labels.
         cache_dir: cache root; created if missing.
         num_proc: processes for `datasets.map` (1 is fast enough for Alpaca; the tokenizer is multithreaded).
-        stats: optional dict updated with `examples`, `truncated` and `no_label_dropped`.
+        stats: optional dict updated with `examples`, `truncated`, `no_label_dropped` and `fingerprint` (the
+            cache key, which a checkpoint stores to recognise its data).
 
     Returns:
         A `datasets.Dataset` with columns `input_ids`, `labels` (lists of ints) and `length` (int).
@@ -522,7 +523,7 @@ def tokenize_records(records: Sequence[Mapping], tokenizer, prompter: Prompter, 
         raise DataError(f"no example keeps a response token within max_length={max_length}: every prompt "
                         f"is at least that long; raise max_length")
     if stats is not None:
-        stats.update({k: meta[k] for k in ("examples", "truncated", "no_label_dropped")})
+        stats.update({k: meta[k] for k in ("examples", "truncated", "no_label_dropped")}, fingerprint=fingerprint)
     return datasets.load_from_disk(str(final))
 
 

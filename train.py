@@ -56,7 +56,7 @@ from torch.utils.data import DataLoader, DistributedSampler, Sampler, Subset
 from tqdm.auto import tqdm
 
 from alpaca_data import (DataError, LengthGroupedSampler, PadCollator, data_stats_line, load_records,
-                         split_train_valid, tokenize_fingerprint, tokenize_records, validate_records)
+                         split_train_valid, tokenize_records, validate_records)
 from checkpoint import (CHECKPOINT_FORMAT, CHECKPOINT_PREFIX, TRAINER_STATE_NAME, check_resumable, checkpoint_dirs,
                         find_latest_checkpoint, identity_hash, prune_checkpoints, rng_state, run_identity,
                         set_rng_state, write_checkpoint)
@@ -233,7 +233,6 @@ def prepare_datasets(cfg: TrainConfig, tokenizer):
     prompter = Prompter()
     dataset = tokenize_records(records, tokenizer, prompter, cfg.max_length, cfg.train_on_inputs,
                                Path(cfg.cache_dir), stats=stats)
-    stats["fingerprint"], _ = tokenize_fingerprint(records, tokenizer, prompter, cfg.max_length, cfg.train_on_inputs)
     train_set, valid_set = split_train_valid(dataset, cfg.valid_size, cfg.seed)
     return train_set, valid_set, stats
 
@@ -442,6 +441,7 @@ class Trainer:
         self.epoch = 0            # current epoch
         self.batches_done = 0     # micro-batches of the current epoch already trained on
         self.skipped_steps = 0    # fp16 steps the GradScaler skipped for inf/NaN gradients
+        self.last_eval: dict = {}  # the latest evaluation's metrics (kept in checkpoints)
         self._saved_step = -1     # step of the last checkpoint this run wrote
         self.resumed_from: Path | None = None
         self._signals: StopSignals | None = None  # set while train() runs
@@ -542,7 +542,6 @@ class Trainer:
     def _train_loop(self) -> dict:
         cfg, dist = self.cfg, self.dist
         self.raw_model.train()
-        last_eval: dict = {}
         # `with`: the bar is closed (its line ended) also when a RunError ends the run, so the error gets a line.
         with tqdm(total=self.total_steps, initial=self.step, disable=not dist.is_master, desc="train",
                   dynamic_ncols=True) as progress:
@@ -568,16 +567,18 @@ class Trainer:
                         postfix["skipped"] = self.skipped_steps  # fp16 steps the GradScaler threw away
                     progress.set_postfix(postfix)
                     if epoch_done or (cfg.eval_freq and self.step % cfg.eval_freq == 0):
-                        last_eval = self.evaluate()
+                        self.last_eval = self.evaluate()
                     if epoch_done or (cfg.save_steps and self.step % cfg.save_steps == 0):
                         self.save_checkpoint()
                     self._stop_if_asked()
             # MAX_STEPS can end the run mid-epoch: evaluate and checkpoint that last step too, so that a longer
             # MAX_STEPS (or NUM_EPOCHS) with RESUME_FROM=latest continues from it instead of an earlier checkpoint.
-            last_eval = self._evaluate_once(last_eval)
+            # A step evaluated already (an epoch's end, or a finished run resumed) is not evaluated and logged again.
+            if self.last_eval.get("step") != self.step:
+                self.last_eval = self.evaluate()
             self.save_checkpoint()
             self._stop_if_asked()  # a signal during that evaluation
-        return last_eval
+        return self.last_eval
 
     def _epoch_batches(self):
         """An iterator over this rank's micro-batches of the current epoch, from the current data position."""
@@ -601,9 +602,6 @@ class Trainer:
         signum = int(flag.item())
         if signum:
             raise TrainingStopped(signum, self.step, self.save_checkpoint())
-
-    def _evaluate_once(self, last_eval: dict) -> dict:
-        return last_eval if last_eval.get("step") == self.step else self.evaluate()
 
     def optimizer_step(self, micro_batches: list[dict]) -> dict:
         """One optimizer step over `micro_batches` (this rank's share of the global batch).
@@ -720,7 +718,7 @@ class Trainer:
             torch_dist.all_gather_object(rng_states, rng_state())
         return {
             "step": self.step, "epoch": self.epoch, "batches_done": self.batches_done,
-            "skipped_steps": self.skipped_steps,
+            "skipped_steps": self.skipped_steps, "last_eval": self.last_eval,
             "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
             "scaler": self.scaler.state_dict(), "rng": rng_states,
         }
@@ -792,6 +790,8 @@ class Trainer:
             self.scaler.load_state_dict(state["scaler"])
         self.step, self.epoch = state["step"], state["epoch"]
         self.batches_done, self.skipped_steps = state["batches_done"], state["skipped_steps"]
+        # The same on every rank, so all of them skip (or all run) the evaluation of a run that had finished.
+        self.last_eval = state.get("last_eval", {})  # absent in checkpoints written before it was kept
         set_rng_state(state["rng"][self.dist.rank])
         self.resumed_from = checkpoint
         if os.path.normpath(checkpoint) == os.path.normpath(self.output_dir / f"{CHECKPOINT_PREFIX}{self.step}"):

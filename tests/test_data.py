@@ -473,6 +473,7 @@ def test_second_call_loads_from_cache(tokenizer, records, tmp_path, monkeypatch)
     second = ad.tokenize_records(list(records), tokenizer, Prompter(), 128, False, tmp_path, stats=stats)
     assert counter.calls == 1 and (folder / "alpaca_meta.json").stat().st_mtime_ns == stamp
     assert second[:] == first[:] and stats["examples"] == len(first)
+    assert stats["fingerprint"] == folder.name == ad.tokenize_fingerprint(records, tokenizer, Prompter(), 128, False)[0]
 
 
 class OtherPrompter(Prompter):

@@ -368,11 +368,16 @@ def test_a_run_ended_by_max_steps_is_checkpointed_and_a_longer_run_extends_it(tm
     assert [row["step"] for row in rows if "loss" in row] == [1, 2, 3, 4]
     assert checkpoint_dirs(out) == [out / "checkpoint-4", out / "checkpoint-2"]
 
-    # The same command once more: the run has finished, and its last checkpoint is left as it is, not written again.
+    # The same command once more: the run has finished, and its last checkpoint is left as it is, not written again;
+    # its last evaluation is neither run nor logged again, and is what the run returns.
     written = (out / "checkpoint-4").stat().st_ino
-    train.run(tiny_config(tmp_path, small_data, max_steps=4, save_steps=0, resume_from="latest"), train.DistEnv())
+    logged = (out / "metrics.jsonl").read_text()
+    metrics = train.run(tiny_config(tmp_path, small_data, max_steps=4, save_steps=0, resume_from="latest"),
+                        train.DistEnv())
     assert (out / "checkpoint-4").stat().st_ino == written
     assert checkpoint_dirs(out) == [out / "checkpoint-4", out / "checkpoint-2"]
+    assert (out / "metrics.jsonl").read_text() == logged
+    assert metrics == [row for row in rows if "eval_loss" in row][-1] and metrics["step"] == 4
 
 
 def test_trains_on_a_file_the_repo_has_never_seen(tmp_path):
