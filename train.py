@@ -875,8 +875,11 @@ def print_banner(cfg: TrainConfig, dist: DistEnv, precision: str, stats: dict, t
                                                           if cfg.save_total_limit else "all kept"),
     ]
     if trainer.resumed_from is not None:
-        lines.append(f"resumed      from {trainer.resumed_from}: step {trainer.step}, epoch {trainer.epoch + 1}, "
-                     f"{trainer.batches_done} of its {trainer.micro_batches_per_epoch} micro-batches done")
+        position = (f"the run had finished (raise NUM_EPOCHS or MAX_STEPS to train on)"
+                    if trainer.step >= trainer.total_steps else
+                    f"epoch {trainer.epoch + 1}, {trainer.batches_done} of its {trainer.micro_batches_per_epoch} "
+                    "micro-batches done")
+        lines.append(f"resumed      from {trainer.resumed_from}: step {trainer.step}, {position}")
     print("\n".join(lines), flush=True)
 
 

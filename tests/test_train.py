@@ -377,6 +377,7 @@ def test_a_run_ended_by_max_steps_is_checkpointed_and_a_longer_run_extends_it(tm
     assert (out / "checkpoint-4").stat().st_ino == written
     assert checkpoint_dirs(out) == [out / "checkpoint-4", out / "checkpoint-2"]
     assert (out / "metrics.jsonl").read_text() == logged
+    assert "checkpoint-4: step 4, the run had finished (raise NUM_EPOCHS or MAX_STEPS" in capsys.readouterr().out
     assert metrics == [row for row in rows if "eval_loss" in row][-1] and metrics["step"] == 4
 
 
