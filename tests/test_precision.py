@@ -402,3 +402,29 @@ def test_a_batch_shape_that_does_not_fit_fails_before_the_first_step(tmp_path, s
     monkeypatch.setattr(BloomForCausalLM, "forward", real_forward)
     assert train.main([]) == 0
     assert f"memory       longest batch {settings['batch_size']} x {too_long} tokens" in capsys.readouterr().out
+
+
+def test_make_random_bloom_writes_a_model_folder_train_py_loads(tmp_path, monkeypatch):
+    """bench/make_random_bloom.py (shrunk here: BLOOM-1b7's real layers take 7 GB on a CPU) writes a folder that
+    train.py loads like a downloaded model: BLOOM's vocabulary size, float16 weights, the tiny tokenizer with BLOOM's
+    special-token ids; nothing half-written, and an existing folder is refused."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("make_random_bloom", REPO / "bench" / "make_random_bloom.py")
+    maker = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(maker)
+    monkeypatch.setitem(maker.BLOOM_1B7, "hidden_size", 32)
+    monkeypatch.setitem(maker.BLOOM_1B7, "n_layer", 1)
+    monkeypatch.setitem(maker.BLOOM_1B7, "n_head", 4)
+    out = tmp_path / "bloom-random"
+    maker.main(["--out", str(out)])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bloom-random"]  # no staging folder left
+    tokenizer = train.load_tokenizer(str(out))
+    model = train.load_pretrained_model(str(out), torch.device("cpu"), torch.float32)
+    assert model.config.vocab_size == 250880 and model.config.n_layer == 1
+    assert load_file(out / "model.safetensors")["transformer.word_embeddings.weight"].dtype == torch.float16
+    ids = tokenizer("Give three tips for staying healthy.")["input_ids"]
+    assert max(ids) < 4096 and tokenizer.pad_token_id == model.config.pad_token_id == 3
+    assert model(torch.tensor([ids])).logits.shape == (1, len(ids), 250880)
+    with pytest.raises(SystemExit):
+        maker.main(["--out", str(out)])
