@@ -875,7 +875,7 @@ def print_banner(cfg: TrainConfig, dist: DistEnv, precision: str, stats: dict, t
                                                           if cfg.save_total_limit else "all kept"),
     ]
     if trainer.resumed_from is not None:
-        position = (f"the run had finished (raise NUM_EPOCHS or MAX_STEPS to train on)"
+        position = ("the run had finished (raise NUM_EPOCHS or MAX_STEPS to train on)"
                     if trainer.step >= trainer.total_steps else
                     f"epoch {trainer.epoch + 1}, {trainer.batches_done} of its {trainer.micro_batches_per_epoch} "
                     "micro-batches done")
