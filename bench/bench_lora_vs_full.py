@@ -34,10 +34,8 @@ import torch.nn.functional as F  # noqa: E402
 from transformers import BloomConfig, BloomForCausalLM  # noqa: E402
 
 from lora_model import LoraConfig, LoraModelForCasualLM  # noqa: E402
-from bench.common import (add_device_arguments, add_model_shape_arguments, bloom_config, command_line, device_from_args,
-                          interleave, synchronize, write_atomically)  # noqa: E402
-
-BLOOM_1B7 = dict(vocab_size=250880, hidden_size=2048, n_layer=24, n_head=16)
+from bench.common import (BLOOM_1B7, add_device_arguments, add_model_shape_arguments, bloom_config, command_line,
+                          device_from_args, interleave, synchronize, write_atomically)  # noqa: E402
 
 
 def parse_args(argv=None) -> argparse.Namespace:

@@ -67,9 +67,9 @@ from config import TrainConfig  # noqa: E402
 from alpaca_data import IGNORE_INDEX  # noqa: E402
 from lora_model import LoraModelForCasualLM  # noqa: E402
 from token_loss import next_token_labels, sum_token_loss  # noqa: E402
-from bench.common import (add_device_arguments, add_model_shape_arguments, answer_memory_request, bloom_config,
-                          command_line, describe_device, device_from_args, interleave, memory_of_variants,
-                          peak_memory, synchronize, write_atomically)  # noqa: E402
+from bench.common import (BLOOM_1B7, SHAPE_ARGUMENTS, add_device_arguments, add_model_shape_arguments,
+                          answer_memory_request, bloom_config, command_line, describe_device, device_from_args,
+                          interleave, memory_of_variants, peak_memory, synchronize, write_atomically)  # noqa: E402
 
 # name: (PRECISION as train.py names it, dtype of the frozen base weights, GRADIENT_CHECKPOINTING)
 VARIANTS = {
@@ -83,7 +83,6 @@ VARIANTS = {
     "fp16 weights + checkpointing": ("fp16", torch.float16, True),
 }
 CPU_DEFAULT = ["fp32", "bf16 autocast", "bf16 weights", "fp16 autocast", "fp32 + checkpointing"]
-REAL_SHAPE = dict(vocab=250880, hidden=2048, layers=24, heads=16)  # bigscience/bloom-1b7's config.json
 SPEEDUP_TARGET = ("bf16 autocast", 1.6)  # on a CPU with AVX-512 bf16 / AMX
 
 
@@ -108,8 +107,8 @@ def parse_args(argv=None):
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "precision.md")
     args = parser.parse_args(argv)
     if args.real_shape:
-        for key, value in REAL_SHAPE.items():
-            setattr(args, key, value)
+        for argument, field in SHAPE_ARGUMENTS.items():
+            setattr(args, argument, BLOOM_1B7[field])
     device = torch.device(args.device)
     if args.variants is None:
         args.variants = list(VARIANTS) if device.type == "cuda" else CPU_DEFAULT

@@ -19,6 +19,9 @@ from transformers import BloomConfig
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
+BLOOM_1B7 = dict(vocab_size=250880, hidden_size=2048, n_layer=24, n_head=16)  # bigscience/bloom-1b7's config.json
+# The shape arguments below and the BloomConfig fields they set.
+SHAPE_ARGUMENTS = {"vocab": "vocab_size", "hidden": "hidden_size", "layers": "n_layer", "heads": "n_head"}
 
 
 def add_model_shape_arguments(parser: argparse.ArgumentParser) -> None:
@@ -44,7 +47,7 @@ def device_from_args(args: argparse.Namespace) -> torch.device:
 
 
 def bloom_config(args: argparse.Namespace) -> BloomConfig:
-    return BloomConfig(vocab_size=args.vocab, hidden_size=args.hidden, n_layer=args.layers, n_head=args.heads)
+    return BloomConfig(**{field: getattr(args, argument) for argument, field in SHAPE_ARGUMENTS.items()})
 
 
 def command_line(script: str, argv=None) -> str:

@@ -27,8 +27,9 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 from transformers import BloomConfig, BloomForCausalLM  # noqa: E402
 
+from bench.common import BLOOM_1B7  # noqa: E402
+
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
-BLOOM_1B7 = dict(vocab_size=250880, hidden_size=2048, n_layer=24, n_head=16)  # bigscience/bloom-1b7's config.json
 
 
 def main(argv=None) -> None:
@@ -38,6 +39,9 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     if args.out.exists():
         parser.error(f"--out {args.out} already exists")
+    missing = [name for name in TOKENIZER_FILES if not (args.tokenizer / name).is_file()]
+    if missing:
+        parser.error(f"--tokenizer {args.tokenizer}: no {', '.join(missing)} there")
     temporary = args.out.with_name(f".{args.out.name}.{os.getpid()}.tmp")
     try:
         write_folder(temporary, args.tokenizer)

@@ -407,7 +407,7 @@ def test_a_batch_shape_that_does_not_fit_fails_before_the_first_step(tmp_path, s
 def test_make_random_bloom_writes_a_model_folder_train_py_loads(tmp_path, monkeypatch):
     """bench/make_random_bloom.py (shrunk here: BLOOM-1b7's real layers take 7 GB on a CPU) writes a folder that
     train.py loads like a downloaded model: BLOOM's vocabulary size, float16 weights, the tiny tokenizer with BLOOM's
-    special-token ids; nothing half-written, and an existing folder is refused."""
+    special-token ids; nothing half-written; an existing folder, or a tokenizer folder without a tokenizer, refused."""
     import importlib.util
 
     spec = importlib.util.spec_from_file_location("make_random_bloom", REPO / "bench" / "make_random_bloom.py")
@@ -428,3 +428,6 @@ def test_make_random_bloom_writes_a_model_folder_train_py_loads(tmp_path, monkey
     assert model(torch.tensor([ids])).logits.shape == (1, len(ids), 250880)
     with pytest.raises(SystemExit):
         maker.main(["--out", str(out)])
+    with pytest.raises(SystemExit):  # checked before any weight is built
+        maker.main(["--out", str(tmp_path / "other"), "--tokenizer", str(tmp_path)])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bloom-random"]
