@@ -492,6 +492,11 @@ class Trainer:
                   {"params": no_decay, "weight_decay": 0.0}]
         return torch.optim.AdamW(groups, lr=self.cfg.learning_rate, fused=self.dist.device.type == "cuda")
 
+    @property
+    def finished(self) -> bool:
+        """True when the run has no step left to train (a finished run resumed)."""
+        return self.step >= self.total_steps
+
     def trainable_parameters(self) -> list[torch.nn.Parameter]:
         return [p for p in self.raw_model.parameters() if p.requires_grad]
 
@@ -876,7 +881,7 @@ def print_banner(cfg: TrainConfig, dist: DistEnv, precision: str, stats: dict, t
     ]
     if trainer.resumed_from is not None:
         position = ("the run had finished (raise NUM_EPOCHS or MAX_STEPS to train on)"
-                    if trainer.step >= trainer.total_steps else
+                    if trainer.finished else
                     f"epoch {trainer.epoch + 1}, {trainer.batches_done} of its {trainer.micro_batches_per_epoch} "
                     "micro-batches done")
         lines.append(f"resumed      from {trainer.resumed_from}: step {trainer.step}, {position}")
@@ -909,7 +914,8 @@ def run(cfg: TrainConfig, dist: DistEnv) -> dict:
                       data_fingerprint=stats["fingerprint"])
     if dist.is_master:
         print_banner(cfg, dist, precision, stats, trainer, lora_model)
-    fits = trainer.try_longest_batch()  # an out-of-memory batch shape fails here, not steps into the run
+    # An out-of-memory batch shape fails here, not steps into the run; a finished run has no step to fail.
+    fits = "nothing left to train" if trainer.finished else trainer.try_longest_batch()
     if dist.is_master:
         print(f"memory       {fits}", flush=True)
     metrics = trainer.train()

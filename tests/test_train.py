@@ -351,7 +351,8 @@ def test_resume_from_checkpoint_continues_exactly(tmp_path, small_data):
     assert steps == [3, 4]
 
 
-def test_a_run_ended_by_max_steps_is_checkpointed_and_a_longer_run_extends_it(tmp_path, small_data, capsys):
+def test_a_run_ended_by_max_steps_is_checkpointed_and_a_longer_run_extends_it(tmp_path, small_data, capsys,
+                                                                              monkeypatch):
     """MAX_STEPS ending a run mid-epoch (10 steps per epoch here) still leaves a checkpoint of its last step, even
     with SAVE_STEPS=0 (epoch ends only); the same run with a larger MAX_STEPS and RESUME_FROM=latest continues
     from it: steps 3 and 4 only, as one metrics file. The banner says when checkpoints are written."""
@@ -369,15 +370,18 @@ def test_a_run_ended_by_max_steps_is_checkpointed_and_a_longer_run_extends_it(tm
     assert checkpoint_dirs(out) == [out / "checkpoint-4", out / "checkpoint-2"]
 
     # The same command once more: the run has finished, and its last checkpoint is left as it is, not written again;
-    # its last evaluation is neither run nor logged again, and is what the run returns.
+    # its last evaluation is neither run nor logged again, and is what the run returns; no batch is tried.
     written = (out / "checkpoint-4").stat().st_ino
     logged = (out / "metrics.jsonl").read_text()
+    monkeypatch.setattr(train.Trainer, "try_longest_batch", lambda self: pytest.fail("a finished run tries a batch"))
     metrics = train.run(tiny_config(tmp_path, small_data, max_steps=4, save_steps=0, resume_from="latest"),
                         train.DistEnv())
     assert (out / "checkpoint-4").stat().st_ino == written
     assert checkpoint_dirs(out) == [out / "checkpoint-4", out / "checkpoint-2"]
     assert (out / "metrics.jsonl").read_text() == logged
-    assert "checkpoint-4: step 4, the run had finished (raise NUM_EPOCHS or MAX_STEPS" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "checkpoint-4: step 4, the run had finished (raise NUM_EPOCHS or MAX_STEPS" in printed
+    assert "memory       nothing left to train" in printed
     assert metrics == [row for row in rows if "eval_loss" in row][-1] and metrics["step"] == 4
 
 
