@@ -363,6 +363,8 @@ def test_two_ranks_survive_sigterm_and_a_killed_worker(tmp_path, data, cache, st
 def test_a_signal_is_recorded_and_a_second_ctrl_c_stops_at_once():
     """What StopSignals promises a person at a terminal; under torchrun (no forcing) a second Ctrl-C is ignored,
     because torchrun forwards the terminal's Ctrl-C to workers that already got it."""
+    # What was there before (SIG_IGN, not Python's handler, when pytest itself was started in the background).
+    handlers_before = {signum: signal.getsignal(signum) for signum in (signal.SIGINT, signal.SIGTERM)}
     for force in (True, False):
         with train.StopSignals(force_on_second_sigint=force) as signals:
             os.kill(os.getpid(), signal.SIGTERM)
@@ -378,7 +380,7 @@ def test_a_signal_is_recorded_and_a_second_ctrl_c_stops_at_once():
             with pytest.raises(KeyboardInterrupt) if force else contextlib.nullcontext():
                 os.kill(os.getpid(), signal.SIGINT)
                 time.sleep(0.05)
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handlers restored
+    assert {signum: signal.getsignal(signum) for signum in handlers_before} == handlers_before  # restored
 
 
 # --- damaged, incomplete and incompatible checkpoints -----------------------------------------------------------------
