@@ -45,8 +45,8 @@ def small_data(tmp_path_factory) -> Path:
 
 
 def tiny_settings(root: Path, name: str, data: Path, **overrides) -> dict:
-    """TrainConfig keywords for a 3-step run that checkpoints every step: float32, no dropout, no warm-up (warm-up's
-    first lr is 0, which would make step 1 a no-op)."""
+    """TrainConfig keywords for a 3-step run that checkpoints every step: float32, no dropout, and no warm-up unless
+    asked (WARM_UP): a warm-up's first lr is 0, which makes step 1 move nothing."""
     settings = dict(model_path=str(TINY_BLOOM), data_path=str(data), output_dir=str(root / name),
                     cache_dir=str(root / "cache"), max_length=128, batch_size=2, grad_accum_steps=1,
                     lora_dropout=0.0, warmup_steps=0, size_valid_set=8, eval_freq=0, num_epochs=1, max_steps=3,
@@ -156,15 +156,19 @@ def assert_same_training(ddp_out: Path, ddp_dump: Path, ref_out: Path, ref_dump:
     Held to 1e-5 (relative): every step's loss, the eval loss, the gradients of step 1 (taken at identical weights)
     element by element, and the adapter after every step in norm, leaving out only the elements in AdamW's eps
     regime (`eps_regime_elements`: at most 0.1 % of them; measured 5 or 6 of 16,384). With every element in, the
-    adapters of runs whose micro-batches split the batch another way (`weight_tolerance`), and the gradients of
-    later steps (taken at those adapters), are held to 1e-4 in norm: the two runs sum the same numbers in another
-    order (float32, ~1e-7 relative), and one element of B whose step-1 gradient is -5.565e-8 in the reference and
-    -5.635e-8 over 2 ranks moves by 0.848 lr in one and 0.849 lr in the other.
-    Measured here (2-core x86 CPU, the reference on 1 or 2 threads), adapters in norm with every element: plain
-    1.9e-7 to 1.2e-6; accumulation 5.2e-6 to 3.4e-5, which of them depending on the thread count; grouped 1e-6 to
-    6e-6. Without the eps regime: every run, every step below 1.2e-6. Single-process runs that only split the
-    batch differently (4 x 2, 2 x 4, 1 x 8) differ by up to 1.4e-5 (1 thread) with every element: float32's own
-    spread. `pytest -s` prints these figures (`OMP_NUM_THREADS=1 pytest -s` on one thread).
+    adapter is held to `weight_tolerance`: 1e-5 with train.py's warm-up, and without a warm-up for plain DDP; 1e-4
+    without a warm-up where the micro-batches split the batch another way (accumulation, length grouping), as are
+    the gradients of later steps (taken at those adapters). Without a warm-up, AdamW's first update is
+    lr * g / (|g| + eps) from one gradient; the two runs sum the same numbers in another order (float32, ~1e-7
+    relative), and one element of B whose step-1 gradient is -5.565e-8 in the reference and -5.635e-8 over 2 ranks
+    moves by 0.848 lr in one and 0.849 lr in the other. A warm-up's first step has lr 0 and only fills AdamW's
+    moments, so its first real update divides by the size of two gradients and no element is that sensitive.
+    Measured here (2-core x86 CPU, the reference on 1 or 2 threads), adapters in norm with every element: with the
+    warm-up, every run, every step at most 1e-6; without it, plain 1.9e-7 to 1.2e-6, accumulation 5.2e-6 to 3.4e-5
+    (which of them depending on the thread count), grouped 1e-6 to 6e-6, and below 1.2e-6 everywhere outside the
+    eps regime. Without a warm-up, single-process runs that only split the batch differently (4 x 2, 2 x 4, 1 x 8)
+    differ by up to 1.4e-5 (1 thread) with every element: float32's own spread, not DDP's. `pytest -s` prints these
+    figures (`OMP_NUM_THREADS=1 pytest -s` on one thread).
     The float64 runs (`assert_same_training_float64`) show that what is left is rounding, not a DDP error: there the
     final adapters differ by 1.6e-15 (plain) and 1.3e-13 (accumulation) in norm, every element included.
     """
@@ -291,10 +295,18 @@ def test_torchrun_two_ranks_train_identical_adapters_and_only_rank0_writes(tmp_p
 # --- two "nodes" on loopback train the same adapter as one process with the whole batch ------------------------------
 
 PLAIN, ACCUM = dict(batch_size=2), dict(batch_size=2, grad_accum_steps=2)
+# train.py's learning-rate schedule as users run it: a linear warm-up from lr 0 (here 2 steps, then the cosine decay),
+# 5 steps. Step 1 (lr 0) moves nothing but fills AdamW's moments, so its first real update divides by the size of
+# two gradients: no element is then in the eps regime (see assert_same_training), and every element is held to 1e-5.
+WARM_UP = dict(warmup_steps=2, max_steps=5)
 DDP_RUNS = {  # name: (overrides for the 2-rank run, single-process references with the same global batch)
     "plain": (PLAIN, [dict(batch_size=4)]),
     "accum": (ACCUM, [dict(batch_size=4, grad_accum_steps=2), dict(batch_size=2, grad_accum_steps=4),
                       dict(batch_size=1, grad_accum_steps=8)]),
+    "plain-warm-up": ({**PLAIN, **WARM_UP}, [dict(batch_size=4, **WARM_UP)]),
+    "accum-warm-up": ({**ACCUM, **WARM_UP}, [dict(batch_size=4, grad_accum_steps=2, **WARM_UP),
+                                             dict(batch_size=2, grad_accum_steps=4, **WARM_UP),
+                                             dict(batch_size=1, grad_accum_steps=8, **WARM_UP)]),
     "grouped": (dict(batch_size=2, group_by_length=True), [dict(batch_size=4, group_by_length=True)]),
     "plain-float64": ({**PLAIN, "float64": True}, [dict(batch_size=4, float64=True)]),
     "accum-float64": ({**ACCUM, "float64": True}, [dict(batch_size=4, grad_accum_steps=2, float64=True),
@@ -309,7 +321,8 @@ DDP_RUNS = {  # name: (overrides for the 2-rank run, single-process references w
     "gpu-bf16-weights": (A100 := {**ACCUM, "precision": "bf16", "base_weights": "bfloat16"},
                          [{**A100, "batch_size": 4}]),
 }
-WEIGHT_TOLERANCE = {"plain": 1e-5, "accum": 1e-4, "grouped": 1e-4}  # see assert_same_training
+# Every element, every step (see assert_same_training); the float32 runs are the names listed here.
+WEIGHT_TOLERANCE = {"plain": 1e-5, "accum": 1e-4, "grouped": 1e-4, "plain-warm-up": 1e-5, "accum-warm-up": 1e-5}
 
 
 @pytest.fixture(scope="module")
@@ -359,7 +372,8 @@ def test_two_nodes_match_one_process_with_the_whole_batch(two_node_runs, small_d
         elif name.startswith("gpu-"):
             assert_same_losses_in_half_precision(ddp_out, ref_out)
         else:
-            assert_same_training(ddp_out, ddp_dump, ref_out, ref_dump, weight_tolerance=WEIGHT_TOLERANCE[name])
+            assert_same_training(ddp_out, ddp_dump, ref_out, ref_dump, steps=reference.get("max_steps", 3),
+                                 weight_tolerance=WEIGHT_TOLERANCE[name])
     if name in WEIGHT_TOLERANCE:  # one process's own float32 runs that only split the batch otherwise
         for a, b in itertools.combinations(ref_outs, 2):
             print(f"\n{a.name} vs {b.name}, final adapter rel diff (every element): "
@@ -369,17 +383,18 @@ def test_two_nodes_match_one_process_with_the_whole_batch(two_node_runs, small_d
 @pytest.mark.slow
 def test_the_equivalence_check_is_sensitive(two_node_runs, small_data, tmp_path, monkeypatch):
     """1 process x batch b (half the global batch) fails every check of assert_same_training by far, also with the
-    eps-regime elements left out."""
-    half_out, ref_dump = train_reference(tiny_settings(tmp_path, "half", small_data, batch_size=2),
-                                         tmp_path / "dump", monkeypatch)
-    ddp_out = two_node_runs / "ddp-plain"
-    (ddp_losses, _), (half_losses, _) = metrics(ddp_out), metrics(half_out)
-    assert min(abs(a - b) / abs(b) for a, b in zip(ddp_losses, half_losses)) > 1e-3
-    ddp_grads = load_file(str(two_node_runs / "dump" / "ddp-plain" / "rank0-grads.safetensors"))
-    half_grads = load_file(str(ref_dump / "rank0-grads.safetensors"))
-    assert max_elementwise_diff(ddp_grads, half_grads) > 1e-2
-    assert rel_diff(adapter(ddp_out), adapter(half_out)) > 1e-2
-    assert rel_diff_outside(adapter(ddp_out), adapter(half_out), eps_regime_elements(half_grads)) > 1e-2
+    eps-regime elements left out, with and without the warm-up."""
+    for ddp_name, schedule in (("ddp-plain", {}), ("ddp-plain-warm-up", WARM_UP)):
+        half_out, ref_dump = train_reference(tiny_settings(tmp_path, f"half-{ddp_name}", small_data, batch_size=2,
+                                                           **schedule), tmp_path / "dump", monkeypatch)
+        ddp_out = two_node_runs / ddp_name
+        (ddp_losses, _), (half_losses, _) = metrics(ddp_out), metrics(half_out)
+        assert min(abs(a - b) / abs(b) for a, b in zip(ddp_losses, half_losses)) > 1e-3
+        ddp_grads = load_file(str(two_node_runs / "dump" / ddp_name / "rank0-grads.safetensors"))
+        half_grads = load_file(str(ref_dump / "rank0-grads.safetensors"))
+        assert max_elementwise_diff(ddp_grads, half_grads) > 1e-2
+        assert rel_diff(adapter(ddp_out), adapter(half_out)) > 1e-2
+        assert rel_diff_outside(adapter(ddp_out), adapter(half_out), eps_regime_elements(half_grads)) > 1e-2
 
 
 # --- one gradient all-reduce per optimizer step ----------------------------------------------------------------------
