@@ -550,10 +550,10 @@ class Trainer:
         # `with`: the bar is closed (its line ended) also when a RunError ends the run, so the error gets a line.
         with tqdm(total=self.total_steps, initial=self.step, disable=not dist.is_master, desc="train",
                   dynamic_ncols=True) as progress:
-            while self.epoch < cfg.num_epochs and self.step < self.total_steps:
+            while self.epoch < cfg.num_epochs and not self.finished:
                 batches = self._epoch_batches()
                 epoch_done = False
-                while not epoch_done and self.step < self.total_steps:
+                while not epoch_done and not self.finished:
                     micro_batches = self._next_micro_batches(batches)
                     started = time.perf_counter()
                     metrics = self.optimizer_step(micro_batches)

@@ -52,6 +52,11 @@ def adapter_tensors(output_dir: Path) -> dict[str, torch.Tensor]:
     return load_file(str(output_dir / "adapter_model.safetensors"))
 
 
+def metric_rows(output_dir: Path) -> list[dict]:
+    """The run's metrics.jsonl, one dict per line."""
+    return [json.loads(line) for line in (output_dir / "metrics.jsonl").read_text().splitlines()]
+
+
 def max_rel_diff(a: dict, b: dict) -> float:
     assert a.keys() == b.keys()
     return max(((a[k] - b[k]).abs().max() / b[k].abs().max().clamp_min(1e-12)).item() for k in a)
@@ -346,7 +351,7 @@ def test_resume_from_checkpoint_continues_exactly(tmp_path, small_data):
     train.run(resumed, train.DistEnv())
     a, b = adapter_tensors(Path(straight.output_dir)), adapter_tensors(Path(resumed.output_dir))
     assert max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-6
-    rows = [json.loads(line) for line in (Path(resumed.output_dir) / "metrics.jsonl").read_text().splitlines()]
+    rows = metric_rows(Path(resumed.output_dir))
     steps = [row["step"] for row in rows if "loss" in row]
     assert steps == [3, 4]
 
@@ -365,7 +370,7 @@ def test_a_run_ended_by_max_steps_is_checkpointed_and_a_longer_run_extends_it(tm
     assert "checkpoints  at each epoch's end and at the last step; all kept" in printed
     assert re.search(rf"resumed\s+from {re.escape(str(out / 'checkpoint-2'))}: step 2", printed)
     assert "the run now ends at step 4 instead of 2" in printed
-    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    rows = metric_rows(out)
     assert [row["step"] for row in rows if "loss" in row] == [1, 2, 3, 4]
     assert checkpoint_dirs(out) == [out / "checkpoint-4", out / "checkpoint-2"]
 
@@ -395,7 +400,7 @@ def test_trains_on_a_file_the_repo_has_never_seen(tmp_path):
                       learning_rate=3e-3)
     metrics = train.run(cfg, train.DistEnv())
     out = Path(cfg.output_dir)
-    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    rows = metric_rows(out)
     evals = [r["eval_loss"] for r in rows if "eval_loss" in r]
     assert [r["step"] for r in rows if "loss" in r] == list(range(1, 21))
     # EVAL_FREQ=10, the end of epoch 1 (18 steps of 4 from 72 examples) and the end of the run.
@@ -417,7 +422,7 @@ def test_offline_quick_start_learns_and_its_adapter_loads_in_peft(tmp_path):
                             timeout=600)
     assert result.returncode == 0, result.stderr[-2000:]
     out = tmp_path / "out"
-    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    rows = metric_rows(out)
     evals = [row["eval_loss"] for row in rows if "eval_loss" in row]
     assert len(evals) >= 2 and evals[-1] < evals[0]
 
