@@ -163,8 +163,14 @@ def resolve_precision(precision: str, device: torch.device) -> str:
     if precision != "auto":
         return precision
     if device.type == "cuda":
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+        return "bf16" if has_native_bf16(device) else "fp16"
     return "fp32"
+
+
+def has_native_bf16(device: torch.device) -> bool:
+    """The CPU, or a GPU with bf16 in hardware (compute capability 8.0 and newer: A100, H100, RTX 30xx). A T4 or
+    V100 only emulates bf16, slower than fp16, though torch.cuda.is_bf16_supported() says True there by default."""
+    return device.type != "cuda" or torch.cuda.is_bf16_supported(including_emulation=False)
 
 
 def resolve_adapter(lora_weights_path, model_path: str | None) -> tuple[Path | None, str]:
@@ -232,8 +238,7 @@ def load_base_model(model_path: str, device: torch.device, precision: str):
             compute = torch.float16
             quantization = BitsAndBytesConfig(load_in_8bit=True)
         else:
-            bf16_ok = device.type != "cuda" or torch.cuda.is_bf16_supported()
-            compute = torch.bfloat16 if bf16_ok else torch.float16
+            compute = torch.bfloat16 if has_native_bf16(device) else torch.float16
             quantization = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
                                               bnb_4bit_compute_dtype=compute)
         kwargs = {"quantization_config": quantization, "dtype": compute, "device_map": {"": device}}
@@ -374,7 +379,8 @@ def generate_inference(instruction: str | list[str], user_inp: str | list[str | 
             the same length.
         model_path: base model hub id or folder; None = the base recorded in the adapter's adapter_config.json.
         lora_weights_path: the adapter folder (train.py's OUTPUT_DIR, or a PEFT adapter); None = base model only.
-        precision: "auto" (bf16/fp16 on a GPU, fp32 on the CPU), "fp32", "fp16", "bf16", "8bit" or "4bit".
+        precision: "auto" (bf16 on an A100/H100, fp16 on a T4/V100, fp32 on the CPU), "fp32", "fp16", "bf16",
+            "8bit" or "4bit".
         merge: merge the adapter into the weights (default; same output, no added latency). False keeps it
             as separate matrices. Quantized bases and adapters on a tied embedding always stay unmerged.
         device: "cpu", "cuda", ...; None = CUDA when available.
@@ -497,7 +503,7 @@ def build_parsers() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
     generate.add_argument("--instruction", help="the task; without it, an interactive prompt loop")
     generate.add_argument("--input", default="", help="optional context for the instruction")
     generate.add_argument("--precision", choices=PRECISIONS, default="auto",
-                          help="auto = bf16/fp16 on a GPU, fp32 on the CPU (default: auto)")
+                          help="auto = bf16 on an A100/H100, fp16 on a T4/V100, fp32 on the CPU (default: auto)")
     generate.add_argument("--device", help="cpu, cuda, cuda:1 (default: cuda when available)")
     generate.add_argument("--no-merge", action="store_true", help="keep the adapter unmerged (same output)")
     generate.add_argument("--no-stream", action="store_true", help="print the answer at the end, not as generated")
