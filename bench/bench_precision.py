@@ -20,8 +20,9 @@ Variants, each what train.py runs for some PRECISION / MIX_PREC_TRAIN setting:
   ... + checkpointing   the same with GRADIENT_CHECKPOINTING=true: activations recomputed in the backward pass
 The three float32-weight variants share one model (each with its own AdamW and GradScaler); each weight dtype, and
 each with checkpointing, is another model, all held at once for the interleaved timing: for BLOOM-1b7's shape on a
-GPU 6.9 GB per float32 copy, 3.4 GB per half one, 28 GB for all variants. On a 16 GB GPU time a few at a time
-(`--variants "fp32,fp16 weights"`). bf16 variants are skipped on a GPU without native bf16.
+GPU 6.9 GB per float32 copy, 3.4 GB per half one, 28 GB for all variants. Where they do not fit together (a 16 GB
+T4), each model's variants are timed in turn, and the table says so. bf16 variants are skipped on a GPU without
+native bf16.
 
 A step is train.py's optimizer step, with train.py's own autocast_context and loss (token_loss.py): forward
 under autocast, the summed token loss divided by the token count, scaler.scale(loss).backward(), unscale_,
@@ -47,6 +48,7 @@ processes keeps its timing.
 """
 
 import argparse
+import gc
 import os
 import statistics
 import sys
@@ -191,29 +193,72 @@ def step_function(model: LoraModelForCasualLM, precision: str, batch: dict, devi
     return run_step
 
 
-def check_losses(models: dict, names: list[str], batch: dict, device: torch.device) -> dict[str, float]:
-    """Each variant's loss on `batch` (eval mode: no dropout) relative to fp32's, at the same adapter values."""
-    losses = {}
-    for name in names:
-        model = models[name]
-        model.eval()
-        with torch.no_grad(), train.autocast_context(VARIANTS[name][0], device):
-            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        losses[name] = float(sum_token_loss(logits, batch["targets"])) / batch["tokens"]
-        model.train()
-    reference = losses.get("fp32", next(iter(losses.values())))
-    return {name: loss / reference - 1 for name, loss in losses.items()}
+def eval_loss(model: LoraModelForCasualLM, precision: str, batch: dict, device: torch.device) -> float:
+    """The token-mean loss on `batch` under `precision`'s autocast, in eval mode (no dropout)."""
+    model.eval()
+    with torch.no_grad(), train.autocast_context(precision, device):
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    model.train()
+    return float(sum_token_loss(logits, batch["targets"])) / batch["tokens"]
 
 
-def build_models(args, device: torch.device, names: list[str]) -> dict[str, LoraModelForCasualLM]:
-    """One LoRA model per (base-weight dtype, checkpointing), shared by the variants with those; identical adapter
-    values."""
-    shared = {}
+def model_groups(names: list[str]) -> list[list[str]]:
+    """The variants that share one model (the same base-weight dtype and checkpointing), in the order of `names`."""
+    groups: dict[tuple, list[str]] = {}
     for name in names:
-        _, dtype, checkpointing = VARIANTS[name]
-        if (dtype, checkpointing) not in shared:
-            shared[dtype, checkpointing] = add_lora(build_base(args, device, dtype), args, checkpointing)
-    return {name: shared[VARIANTS[name][1:]] for name in names}
+        groups.setdefault(VARIANTS[name][1:], []).append(name)
+    return list(groups.values())
+
+
+def prepare(args, device: torch.device, names: list[str], batch: dict) -> tuple[dict, dict, dict]:
+    """Build the models `names` need, one per group of `model_groups` (with identical adapter values: add_lora
+    seeds them); for each variant, its step function, its loss on `batch` and the bytes it saves for backward."""
+    steps, losses, saved = {}, {}, {}
+    for group in model_groups(names):
+        _, dtype, checkpointing = VARIANTS[group[0]]
+        model = add_lora(build_base(args, device, dtype), args, checkpointing)
+        for name in group:
+            precision = VARIANTS[name][0]
+            losses[name] = eval_loss(model, precision, batch, device)
+            saved[name] = saved_for_backward_bytes(model, precision, batch, device)
+            steps[name] = step_function(model, precision, batch, device)
+    return steps, losses, saved
+
+
+def time_variants(args, device: torch.device, names: list[str], batch: dict) -> tuple[dict, dict, dict, bool]:
+    """Time every variant, all interleaved round by round. If their models do not fit in memory together
+    (BLOOM-1b7's shape on a 16 GB T4: 6.9 GB per float32 copy, 3.4 GB per half one), the variants of each model
+    are interleaved instead, one model after another.
+
+    Returns:
+        seconds of each round, loss and bytes saved for backward, each by variant; whether all were timed together.
+    """
+    steps = None
+    try:
+        steps, losses, saved = prepare(args, device, names, batch)
+        return interleave(steps, args.repeats, args.warmup, progress=True), losses, saved, True
+    except torch.OutOfMemoryError:
+        pass
+    # Out of the except block: until it ends, its traceback keeps prepare's frame, and so the models, alive.
+    steps = None
+    release_memory(device)
+    print("the variants' models do not fit in memory together: timing them one model at a time", file=sys.stderr)
+    times, losses, saved = {}, {}, {}
+    for group in model_groups(names):
+        steps, group_losses, group_saved = prepare(args, device, group, batch)
+        times |= interleave(steps, args.repeats, args.warmup, progress=True)
+        losses |= group_losses
+        saved |= group_saved
+        steps = None
+        release_memory(device)
+    return times, losses, saved, False
+
+
+def release_memory(device: torch.device) -> None:
+    """Free the dropped models now (reference cycles included) and hand their memory back to the GPU."""
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
 
 
 # --- memory ------------------------------------------------------------------------------------------------------
@@ -252,7 +297,7 @@ def measure_memory(args) -> dict:
 
 # --- report --------------------------------------------------------------------------------------------------------
 
-def markdown(args, argv, device, names, skipped, times, loss_diffs, saved, memory) -> str:
+def markdown(args, argv, device, names, skipped, times, loss_diffs, saved, memory, together) -> str:
     tokens = args.batch * args.seq
     gib = lambda n: f"{n / 2**30:.2f}"  # noqa: E731
     median = {name: statistics.median(times[name]) for name in names}
@@ -282,7 +327,10 @@ def markdown(args, argv, device, names, skipped, times, loss_diffs, saved, memor
         "of the per-round ratio. Loss vs fp32: the same batch and adapter, eval mode. Saved for backward: what "
         "autograd keeps from the forward pass (activations; see saved_for_backward_bytes)."
         + (" No warm-up round: each variant's first step pays one-off costs (allocation, page faults), so these "
-           "times do not compare variants." if args.warmup == 0 else ""),
+           "times do not compare variants." if args.warmup == 0 else "")
+        + ("" if together else " The variants' models did not fit in memory together, so the variants of each "
+           "model were interleaved, one model after another: variants with different base weights or "
+           "checkpointing were timed in different rounds."),
         "- Memory: each variant in a fresh process of its own, two steps; "
         + {"cuda": "torch.cuda.max_memory_allocated after the model is built (weights + activations + gradients "
                    "+ optimizer state).",
@@ -328,18 +376,22 @@ def main(argv=None) -> None:
         return
     skipped = {name: why for name in args.variants if (why := unsupported(name, device))}
     names = [name for name in args.variants if name not in skipped]
-    models = build_models(args, device, names)
+    if not names:
+        raise SystemExit(f"error: none of --variants can run on {args.device}: "
+                         + "; ".join(f"{name}: {why}" for name, why in skipped.items()))
     batch = make_batch(args, device)
-    loss_diffs = check_losses(models, names, batch, device)
-    saved = {name: saved_for_backward_bytes(models[name], VARIANTS[name][0], batch, device) for name in names}
-    steps = {name: step_function(models[name], VARIANTS[name][0], batch, device) for name in names}
-    times = interleave(steps, args.repeats, args.warmup, progress=True)
-    del models, steps
-    table = markdown(args, argv, device, names, skipped, times, loss_diffs, saved, {})
+    try:
+        times, losses, saved, together = time_variants(args, device, names, batch)
+    except torch.OutOfMemoryError:
+        raise SystemExit(f"error: out of memory on {args.device} even with one model at a time, at batch "
+                         f"{args.batch} x {args.seq}: try a smaller --batch or --seq") from None
+    reference = losses.get("fp32", losses[names[0]])
+    loss_diffs = {name: loss / reference - 1 for name, loss in losses.items()}
+    table = markdown(args, argv, device, names, skipped, times, loss_diffs, saved, {}, together)
     write_atomically(args.out, table)  # the timing is kept even if the memory processes do not finish
     if not args.no_memory:
         memory = memory_of_variants(__file__, argv, names, args.memory_jobs)
-        table = markdown(args, argv, device, names, skipped, times, loss_diffs, saved, memory)
+        table = markdown(args, argv, device, names, skipped, times, loss_diffs, saved, memory, together)
         write_atomically(args.out, table)
     print(table)
 

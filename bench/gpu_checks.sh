@@ -41,7 +41,13 @@ train_run() {
 step environment 60 "nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader && $py -c \
 'import torch, transformers, datasets; print(\"torch\", torch.__version__, \"transformers\", transformers.__version__,
 \"datasets\", datasets.__version__, \"bf16\", torch.cuda.is_bf16_supported(including_emulation=False))'"
-step precision-bench 240 "$py bench/bench_precision.py --device cuda --real-shape --memory-jobs 4 \
+# Memory processes at once: one per 16 GiB of the GPU (a float32 copy of BLOOM-1b7 is 6.9 GB, and its step's
+# activations come on top), 1 to 4, so that a 16 GB T4 runs them one by one.
+gpu_mib=$(nvidia-smi --query-gpu=memory.total --format=csv,noheader,nounits 2>/dev/null | head -n 1)
+memory_jobs=$(( ${gpu_mib:-0} / 1024 / 16 ))
+(( memory_jobs < 1 )) && memory_jobs=1
+(( memory_jobs > 4 )) && memory_jobs=4
+step precision-bench 240 "$py bench/bench_precision.py --device cuda --real-shape --memory-jobs $memory_jobs \
     --out $out/precision.md"
 step random-bloom-1b7 60 "$py bench/make_random_bloom.py --out $work/bloom-1b7-random"
 step train-bf16 90 "$(train_run bf16 MIX_PREC_TRAIN=true)"

@@ -5,9 +5,11 @@ float32, float32 adapters, and a non-finite loss or gradient stopping the run wi
 The reference for the numbers is the same run in float32.
 """
 
+import importlib.util
 import json
 import math
 import re
+import weakref
 from pathlib import Path
 
 import pytest
@@ -303,18 +305,23 @@ def test_fp16_inf_gradient_is_skipped_counted_and_shown(tmp_path, small_data, mo
 
 # --- the benchmark --------------------------------------------------------------------------------------------------
 
-def test_bench_precision_runs_and_writes_its_table(tmp_path, capsys):
-    """bench/bench_precision.py end to end on a toy shape (the real run takes minutes): every variant timed and its
-    loss checked against fp32, the table written with its command on top; memory measured in a fresh process."""
-    import importlib.util
+TOY_SHAPE = ["--hidden", "64", "--layers", "1", "--heads", "4", "--vocab", "256", "--seq", "32", "--threads", "1"]
 
+
+def load_bench_precision():
     spec = importlib.util.spec_from_file_location("bench_precision", REPO / "bench" / "bench_precision.py")
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
+    return bench
+
+
+def test_bench_precision_runs_and_writes_its_table(tmp_path, capsys):
+    """bench/bench_precision.py end to end on a toy shape (the real run takes minutes): every variant timed and its
+    loss checked against fp32, the table written with its command on top; memory measured in a fresh process."""
+    bench = load_bench_precision()
     out = tmp_path / "precision.md"
-    argv = ["--hidden", "64", "--layers", "1", "--heads", "4", "--vocab", "256", "--seq", "32", "--repeats", "1",
-            "--warmup", "0", "--variants", "fp32,bf16 autocast,fp16 autocast,fp32 + checkpointing", "--threads", "1",
-            "--out", str(out)]
+    argv = [*TOY_SHAPE, "--repeats", "1", "--warmup", "0", "--variants",
+            "fp32,bf16 autocast,fp16 autocast,fp32 + checkpointing", "--out", str(out)]
     bench.main([*argv, "--no-memory"])
     table = out.read_text()
     assert table.strip() in capsys.readouterr().out  # printed as written
@@ -332,6 +339,58 @@ def test_bench_precision_runs_and_writes_its_table(tmp_path, capsys):
 
     memory = memory_in_fresh_process(bench.__file__, argv, "fp16 autocast")
     assert memory["method"] in ("vmhwm", "ru_maxrss") and memory["peak"] > 100 * 2**20
+
+
+@pytest.mark.parametrize("runs_out_in", ["building", "stepping"])
+def test_bench_precision_times_model_by_model_when_the_models_do_not_fit_together(tmp_path, monkeypatch, capsys,
+                                                                                  runs_out_in):
+    """As BLOOM-1b7's shape on a 16 GB T4: the variants' two models do not fit in memory together, either at once
+    (building the second while the first is alive runs out of memory) or once a step's activations come on top.
+    The benchmark must free every model of its first try and time each model's variants in turn: every variant
+    still gets its row, and the table says how it was timed."""
+    bench = load_bench_precision()
+    real_build, real_interleave, built = bench.build_base, bench.interleave, []
+    room = 1 if runs_out_in == "building" else 2  # models that fit at once
+
+    def build_where_there_is_room(args, device, dtype):
+        if sum(model() is not None for model in built) >= room:
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+        model = real_build(args, device, dtype)
+        built.append(weakref.ref(model))
+        return model
+
+    def interleave_one_model_at_most(steps, *args, **kwargs):
+        if len(bench.model_groups(list(steps))) > 1:
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated: activations)")
+        return real_interleave(steps, *args, **kwargs)
+
+    monkeypatch.setattr(bench, "build_base", build_where_there_is_room)
+    monkeypatch.setattr(bench, "interleave", interleave_one_model_at_most)
+    out = tmp_path / "precision.md"
+    bench.main([*TOY_SHAPE, "--repeats", "2", "--warmup", "0", "--variants", "fp32,bf16 autocast,fp32 + checkpointing",
+                "--no-memory", "--out", str(out)])
+    table = out.read_text()
+    assert "one model at a time" in capsys.readouterr().err
+    assert len(built) == {"building": 3, "stepping": 4}[runs_out_in]  # the first try's models, then one per group
+    assert "did not fit in memory together" in table
+    rows = {line.split(" | ")[0]: line.split(" | ") for line in table.splitlines()
+            if line.startswith("| ") and "variant" not in line}
+    assert list(rows) == ["| fp32", "| bf16 autocast", "| fp32 + checkpointing"]
+    assert all(abs(float(row[6])) < 0.02 for row in rows.values())  # loss vs fp32, across the two models
+    assert float(rows["| fp32 + checkpointing"][6]) == 0.0  # the same weights and adapter, recomputed activations
+
+
+def test_bench_precision_out_of_memory_with_one_model_is_one_line(tmp_path, monkeypatch):
+    bench = load_bench_precision()
+
+    def build_nothing(args, device, dtype):
+        raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+
+    monkeypatch.setattr(bench, "build_base", build_nothing)
+    with pytest.raises(SystemExit, match=r"^error: out of memory on cpu even with one model at a time, at batch "
+                                         r"4 x 32: try a smaller --batch or --seq$"):
+        bench.main([*TOY_SHAPE, "--variants", "fp32", "--no-memory", "--out", str(tmp_path / "precision.md")])
+    assert not list(tmp_path.iterdir())  # no table written
 
 
 def test_out_of_memory_is_one_line_with_what_to_change(tmp_path, small_data, monkeypatch, capsys):
