@@ -393,6 +393,13 @@ def test_bench_precision_out_of_memory_with_one_model_is_one_line(tmp_path, monk
     assert not list(tmp_path.iterdir())  # no table written
 
 
+def test_bench_precision_with_no_variant_that_can_run_is_one_line(tmp_path):
+    with pytest.raises(SystemExit, match=r"^error: none of --variants can run on cpu: fp16 weights: train.py keeps "
+                                         r"float32 base weights on a CPU$"):
+        load_bench_precision().main([*TOY_SHAPE, "--variants", "fp16 weights", "--out", str(tmp_path / "p.md")])
+    assert not list(tmp_path.iterdir())
+
+
 def test_out_of_memory_is_one_line_with_what_to_change(tmp_path, small_data, monkeypatch, capsys):
     """A (CUDA) out-of-memory error in step 2 ends the run with one line that names the settings to change and the
     last complete checkpoint, exit 1, no traceback."""
