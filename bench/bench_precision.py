@@ -233,25 +233,27 @@ def time_variants(args, device: torch.device, names: list[str], batch: dict) -> 
     Returns:
         seconds of each round, loss and bytes saved for backward, each by variant; whether all were timed together.
     """
-    steps = None
     try:
-        steps, losses, saved = prepare(args, device, names, batch)
-        return interleave(steps, args.repeats, args.warmup, progress=True), losses, saved, True
+        return *time_in_turn(args, device, [names], batch), True
     except torch.OutOfMemoryError:
         pass
-    # Out of the except block: until it ends, its traceback keeps prepare's frame, and so the models, alive.
-    steps = None
+    # Out of the except block: until it ended, its traceback kept time_in_turn's frame, and so the models, alive.
     release_memory(device)
     print("the variants' models do not fit in memory together: timing them one model at a time", file=sys.stderr)
+    return *time_in_turn(args, device, model_groups(names), batch), False
+
+
+def time_in_turn(args, device: torch.device, parts: list[list[str]], batch: dict) -> tuple[dict, dict, dict]:
+    """Each list of variants in `parts` built and timed (interleaved) in turn, its models freed before the next."""
     times, losses, saved = {}, {}, {}
-    for group in model_groups(names):
-        steps, group_losses, group_saved = prepare(args, device, group, batch)
+    for part in parts:
+        steps, part_losses, part_saved = prepare(args, device, part, batch)
         times |= interleave(steps, args.repeats, args.warmup, progress=True)
-        losses |= group_losses
-        saved |= group_saved
+        losses |= part_losses
+        saved |= part_saved
         steps = None
         release_memory(device)
-    return times, losses, saved, False
+    return times, losses, saved
 
 
 def release_memory(device: torch.device) -> None:

@@ -153,10 +153,8 @@ def test_exported_model_loads_with_plain_transformers_and_generates_the_same(ada
     ("cuda", True, "bf16"),   # A100/H100
     ("cuda", False, "fp16"),  # T4/V100: torch says bf16 is supported there (emulated), but fp16 is the fast one
 ])
-def test_auto_precision_is_bf16_only_where_the_gpu_has_it_natively(monkeypatch, device, native_bf16, expected):
-    # As torch.cuda.is_bf16_supported answers on an A100 (native) or a T4 (emulation only, True by default).
-    monkeypatch.setattr(torch.cuda, "is_bf16_supported",
-                        lambda including_emulation=True: native_bf16 or including_emulation)
+def test_auto_precision_is_bf16_only_where_the_gpu_has_it_natively(fake_gpu, device, native_bf16, expected):
+    fake_gpu(native_bf16)
     assert inference.resolve_precision("auto", torch.device(device)) == expected
     assert inference.has_native_bf16(torch.device(device)) == (device == "cpu" or native_bf16)
 

@@ -75,12 +75,6 @@ def adapter(path: Path) -> dict[str, torch.Tensor]:
 
 # --- which precision ------------------------------------------------------------------------------------------------
 
-def fake_gpu(monkeypatch, native_bf16: bool) -> None:
-    """torch.cuda.is_bf16_supported as on an A100 (native) or a T4 (emulation only, which it reports by default)."""
-    monkeypatch.setattr(torch.cuda, "is_bf16_supported",
-                        lambda including_emulation=True: native_bf16 or including_emulation)
-
-
 @pytest.mark.parametrize("env, device, native_bf16, expected", [
     ({"MIX_PREC_TRAIN": "true"}, "cpu", False, "bf16"),
     ({"MIX_PREC_TRAIN": "true"}, "cuda", True, "bf16"),    # A100/H100
@@ -90,9 +84,9 @@ def fake_gpu(monkeypatch, native_bf16: bool) -> None:
     ({"PRECISION": "fp16"}, "cpu", False, "fp16"),
     ({"MIX_PREC_TRAIN": "false", "PRECISION": "bf16"}, "cuda", False, "bf16"),
 ])
-def test_mix_prec_train_picks_the_hardwares_precision_and_precision_overrides(monkeypatch, env, device,
-                                                                             native_bf16, expected):
-    fake_gpu(monkeypatch, native_bf16)
+def test_mix_prec_train_picks_the_hardwares_precision_and_precision_overrides(fake_gpu, env, device, native_bf16,
+                                                                             expected):
+    fake_gpu(native_bf16)
     assert train.resolve_precision(load_config([], env), torch.device(device)) == expected
 
 
