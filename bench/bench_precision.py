@@ -71,7 +71,8 @@ from lora_model import LoraModelForCasualLM  # noqa: E402
 from token_loss import next_token_labels, sum_token_loss  # noqa: E402
 from bench.common import (BLOOM_1B7, SHAPE_ARGUMENTS, add_device_arguments, add_model_shape_arguments,
                           answer_memory_request, bloom_config, command_line, describe_device, device_from_args,
-                          interleave, memory_of_variants, peak_memory, synchronize, write_atomically)  # noqa: E402
+                          interleave, memory_of_variants, parse_device, peak_memory, synchronize,
+                          write_atomically)  # noqa: E402
 
 # name: (PRECISION as train.py names it, dtype of the frozen base weights, GRADIENT_CHECKPOINTING)
 VARIANTS = {
@@ -111,7 +112,7 @@ def parse_args(argv=None):
     if args.real_shape:
         for argument, field in SHAPE_ARGUMENTS.items():
             setattr(args, argument, BLOOM_1B7[field])
-    device = torch.device(args.device)
+    device = parse_device(args.device)
     if args.variants is None:
         args.variants = list(VARIANTS) if device.type == "cuda" else CPU_DEFAULT
     else:

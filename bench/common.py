@@ -43,7 +43,18 @@ def device_from_args(args: argparse.Namespace) -> torch.device:
     """The --device to run on, with --threads applied (the README's CPU figures use --threads 1)."""
     if args.threads:
         torch.set_num_threads(args.threads)
-    return torch.device(args.device)
+    return parse_device(args.device)
+
+
+def parse_device(name: str) -> torch.device:
+    """`name` as a torch.device; a name torch does not know, or CUDA where torch sees no GPU, is a one-line error."""
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise SystemExit(f"error: --device {name!r} is not a device (cpu, cuda, cuda:1, ...)") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit(f"error: --device {name!r}: torch sees no CUDA GPU here (torch {torch.__version__})")
+    return device
 
 
 def bloom_config(args: argparse.Namespace) -> BloomConfig:

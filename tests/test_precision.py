@@ -394,6 +394,18 @@ def test_bench_precision_with_no_variant_that_can_run_is_one_line(tmp_path):
     assert not list(tmp_path.iterdir())
 
 
+def test_bench_device_that_is_not_there_is_one_line(tmp_path, monkeypatch):
+    from bench.common import parse_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(SystemExit, match=r"^error: --device 'cuda': torch sees no CUDA GPU here \(torch .+\)$"):
+        load_bench_precision().main([*TOY_SHAPE, "--device", "cuda", "--out", str(tmp_path / "p.md")])
+    with pytest.raises(SystemExit, match=r"^error: --device 'gpu' is not a device \(cpu, cuda, cuda:1, \.\.\.\)$"):
+        parse_device("gpu")
+    assert parse_device("cpu") == torch.device("cpu")
+    assert not list(tmp_path.iterdir())
+
+
 def test_out_of_memory_is_one_line_with_what_to_change(tmp_path, small_data, monkeypatch, capsys):
     """A (CUDA) out-of-memory error in step 2 ends the run with one line that names the settings to change and the
     last complete checkpoint, exit 1, no traceback."""
