@@ -127,10 +127,14 @@ class LoraLayer(nn.Module):
 
     @torch.no_grad()
     def _add_to_base_weight(self, delta: torch.Tensor) -> None:
-        # Sum in float32 so an fp16/bf16 base loses at most one rounding, then write into the same tensor
-        # (other modules, e.g. a tied lm_head, keep seeing the weight they share).
+        # Sum in the merge dtype, then write into the same tensor (other modules, e.g. a tied lm_head, keep seeing
+        # the weight they share).
         weight = self.base_layer.weight
-        weight.copy_((weight.float() + delta).to(weight.dtype))
+        weight.copy_((weight.to(delta.dtype) + delta).to(weight.dtype))
+
+    def _merge_dtype(self) -> torch.dtype:
+        """float32 at least, so that an fp16/bf16 base loses at most one rounding; a float64 base stays float64."""
+        return torch.promote_types(self.base_layer.weight.dtype, torch.float32)
 
 
 class Linear(LoraLayer):
@@ -215,7 +219,8 @@ class Linear(LoraLayer):
         nn.init.zeros_(self.lora_B.weight)
 
     def _delta_weight(self) -> torch.Tensor:
-        delta = (self.lora_B.weight.float() @ self.lora_A.weight.float()) * self.scaling
+        dtype = self._merge_dtype()
+        delta = (self.lora_B.weight.to(dtype) @ self.lora_A.weight.to(dtype)) * self.scaling
         return delta.T if self.fan_in_fan_out else delta
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
@@ -287,7 +292,8 @@ class Embedding(LoraLayer):
 
     def _delta_weight(self) -> torch.Tensor:
         # (dim x r) @ (r x vocab) = dim x vocab; the table is stored vocab x dim.
-        return (self.lora_embedding_B.float() @ self.lora_embedding_A.float()).T * self.scaling
+        dtype = self._merge_dtype()
+        return (self.lora_embedding_B.to(dtype) @ self.lora_embedding_A.to(dtype)).T * self.scaling
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         """E0[x] + scaling * (A^T[x]) B^T; just E0[x] while merged or disabled."""
