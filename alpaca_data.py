@@ -1,8 +1,8 @@
-"""Alpaca data pipeline: load → validate → tokenize (cached) → split → sample → pad.
+"""Alpaca data pipeline: load (data_sources.py) → validate → tokenize (cached) → split → sample → pad.
 
 `train.py` calls these in order::
 
-    records = load_records(source, cache_dir)                  # raw list of dicts
+    records = load_records(source, cache_dir)                  # raw list of dicts (data_sources.py)
     records, stats = validate_records(records, source)         # clean records, counts for the banner
     dataset = tokenize_records(records, tokenizer, Prompter(), max_length, train_on_inputs, cache_dir)
     train_ds, valid_ds = split_train_valid(dataset, size_valid_set, seed)
@@ -16,249 +16,25 @@ the record and what is wrong, so `train.py` can print it and exit before loading
 from __future__ import annotations
 
 import hashlib
-import http.client
+import itertools
 import json
 import math
-import os
 import re
-import shutil
-import urllib.error
-import urllib.parse
-import urllib.request
-import uuid
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any
 
 import datasets
 import torch
 
+from atomic import atomic_write
+from data_sources import DataError, _type_name
 from prompter import Prompter
 
-
-class DataError(ValueError):
-    """One-line, user-facing data problem (train.py prints str(e) and exits 1 before the model loads)."""
-
-    def __init__(self, message: str):
-        # Messages may quote text from files or libraries; keep them on one line whatever it contains.
-        super().__init__(str(message).replace("\r", "\\r").replace("\n", "\\n"))
-
-
-ALPACA_URL = "https://raw.githubusercontent.com/tatsu-lab/stanford_alpaca/main/alpaca_data.json"
-ALPACA_RECORDS, ALPACA_BYTES = 52002, 22773992  # checked when the default full data set is downloaded
-DEBUG_SAMPLE = Path(__file__).parent / "data" / "alpaca_sample.json"
-
 IGNORE_INDEX = -100  # label value that torch.nn.CrossEntropyLoss (and HF models) skip
-DOWNLOAD_TIMEOUT_S = 60
 # Part of the tokenization cache key: bump it whenever _tokenize_batch changes what it produces, so caches
 # written by the old code are not loaded by the new one.
 TOKENIZE_VERSION = 1
 _META_FILE = "alpaca_meta.json"
-# "owner/name" as on the Hugging Face hub, e.g. "tatsu-lab/alpaca".
-_HF_DATASET_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
-_GDRIVE_HOSTS = ("drive.google.com", "docs.google.com")
-
-
-def _parse_json(text: str, where: str, whole_file: bool):
-    """json.loads, with each way it can fail as one DataError that starts with `where`."""
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError as e:
-        at = f"line {e.lineno}, column {e.colno}" if whole_file else f"column {e.colno}"
-        raise DataError(f"{where}: invalid JSON at {at}: {e.msg}") from None
-    except ValueError as e:  # an integer of more than 4,300 digits, which Python refuses to convert
-        raise DataError(f"{where}: unreadable JSON value ({str(e).split(':')[0]})") from None
-    except RecursionError:
-        raise DataError(f"{where}: JSON nested too deeply") from None
-
-
-def _type_name(value: Any) -> str:
-    """Name a value's type for an error message (`null` rather than `NoneType`, as in the JSON file)."""
-    return "null" if value is None else type(value).__name__
-
-
-# --------------------------------------------------------------------------------------------------------
-# Loading
-# --------------------------------------------------------------------------------------------------------
-
-def load_records(source: str, cache_dir: str | Path) -> list[dict]:
-    """Resolve a data source to its list of raw records.
-
-    Args:
-        source: one of
-            - a local `.json` file holding a list of objects, or a `.jsonl` file with one object per line;
-            - an http(s) URL, downloaded once into `cache_dir/downloads/`: written to a temp file, parsed,
-              then renamed into place, so a cut-off or malformed download never enters the cache.
-              `ALPACA_URL` is also checked against the known size and record count of the Stanford
-              Alpaca file;
-            - a Google Drive link (drive.google.com/...), downloaded once with gdown the same way;
-            - a Hugging Face dataset id such as "tatsu-lab/alpaca", loaded with
-              `datasets.load_dataset(source)["train"]` (needs the hub or its local cache).
-            "owner/name" is read as a local file when the file or its folder exists.
-        cache_dir: folder for downloads (and the Hugging Face cache); created if missing.
-
-    Returns:
-        The records as parsed, not yet validated (see `validate_records`).
-
-    Raises:
-        DataError: the file is missing, unreadable, not UTF-8 or not valid JSON/JSONL; the top level is not a
-            list; a download fails or does not match the expected size; the dataset cannot be loaded.
-    """
-    source = str(source).strip()
-    if not source:
-        raise DataError("data source is empty: give a .json/.jsonl path, an http(s) URL, a Google Drive "
-                        "link or a Hugging Face dataset id")
-    cache_dir = Path(cache_dir)
-    url = urllib.parse.urlparse(source)
-    if url.scheme.lower() in ("http", "https"):
-        if (url.hostname or "").lower() in _GDRIVE_HOSTS:
-            return _cached_download(source, _cache_path(cache_dir, source, "gdrive-"), _fetch_gdrive)
-        return _cached_download(source, _cache_path(cache_dir, source), _fetch_http)
-    path = Path(source).expanduser()
-    # "owner/name" is a hub id unless it names something local: an existing file, a .json/.jsonl name, or a
-    # file in an existing folder ("data/alpaca" with a missing extension should say "file not found").
-    looks_local = path.exists() or path.suffix.lower() in (".json", ".jsonl") or path.parent.is_dir()
-    if looks_local or not _HF_DATASET_ID.match(source):
-        return _read_records_file(path, source)
-    return _load_hf_dataset(source, cache_dir)
-
-
-def _read_records_file(path: Path, label: str, suffix: str | None = None) -> list:
-    """Parse a .json list or a .jsonl file; `label` names the file in error messages and `suffix` overrides
-    the extension that decides the format (for temp files)."""
-    if path.is_dir():
-        raise DataError(f"{label}: is a directory, expected a .json or .jsonl file")
-    try:
-        raw = path.read_bytes()
-    except FileNotFoundError:
-        raise DataError(f"{label}: file not found") from None
-    except OSError as e:
-        raise DataError(f"{label}: cannot read the file: {e.strerror or e}") from None
-    try:
-        text = raw.decode("utf-8-sig")  # tolerate a byte-order mark, which some editors write
-    except UnicodeDecodeError as e:
-        line = raw[:e.start].count(b"\n") + 1
-        raise DataError(f"{label}: not valid UTF-8 at line {line} (byte offset {e.start}: "
-                        f"{raw[e.start:e.start + 1]!r}); save the file as UTF-8") from None
-    if not text.strip():
-        raise DataError(f"{label}: the file is empty")
-
-    suffix = (suffix if suffix is not None else path.suffix).lower()
-    # Downloads may have no useful extension: a JSON list starts with "[", JSONL with "{".
-    is_jsonl = suffix == ".jsonl" or (suffix != ".json" and not text.lstrip().startswith("["))
-    if is_jsonl:
-        records = []
-        # split("\n"), not splitlines(): JSON strings may hold raw U+2028/U+0085, which splitlines breaks on.
-        for lineno, line in enumerate(text.split("\n"), start=1):
-            if not line.strip():
-                continue
-            records.append(_parse_json(line, f"{label}: line {lineno}", whole_file=False))
-        return records
-
-    data = _parse_json(text, label, whole_file=True)
-    if not isinstance(data, list):
-        raise DataError(f"{label}: expected a JSON list of records at the top level, got {_type_name(data)}")
-    return data
-
-
-def _cache_path(cache_dir: Path, url: str, prefix: str = "") -> Path:
-    """Where a download of `url` is kept: readable name plus a hash of the full URL (query included)."""
-    digest = hashlib.sha256(url.encode()).hexdigest()[:12]
-    name = re.sub(r"[^\w.-]", "_", Path(urllib.parse.urlparse(url).path).name)[:80] or "data"
-    return cache_dir / "downloads" / f"{prefix}{digest}-{name}"
-
-
-def _temp_name(dest: Path) -> Path:
-    """A hidden name next to `dest`, unique per process and call, for writing before an atomic rename.
-    (Not tempfile.mkstemp/mkdtemp: they create owner-only files, which would make a shared cache private.)"""
-    return dest.with_name(f".{dest.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
-
-
-def _check_alpaca(url: str, path: Path, records: list, label: str) -> None:
-    """The default data set must have its known size and record count: anything else is a cut-off or
-    changed file."""
-    if url != ALPACA_URL:
-        return
-    size = path.stat().st_size
-    if size != ALPACA_BYTES:
-        raise DataError(f"{label}: {size:,} bytes, expected {ALPACA_BYTES:,} "
-                        f"(download cut short, or the file changed upstream)")
-    if len(records) != ALPACA_RECORDS:
-        raise DataError(f"{label}: {len(records):,} records, expected {ALPACA_RECORDS:,}")
-
-
-def _cached_download(url: str, dest: Path, fetch) -> list:
-    """Records of `url`, downloaded once to `dest`; later calls read `dest` without touching the network.
-
-    `fetch(url, tmp)` writes the body to a temp file next to `dest`. The file is parsed and checked before
-    it is renamed to `dest` (atomically), so a failed, cut-off or malformed download never enters the
-    cache. Concurrent processes (DDP ranks) each write their own temp file; the last rename wins, with the
-    same content.
-    """
-    if dest.exists():
-        label = f"{url} (cached as {dest})"
-        records = _read_records_file(dest, label)
-        try:
-            _check_alpaca(url, dest, records, label)
-        except DataError as e:
-            raise DataError(f"{e}; delete the cached file to download it again") from None
-        return records
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _temp_name(dest)
-    try:
-        fetch(url, tmp)
-        records = _read_records_file(tmp, url, suffix=dest.suffix)
-        _check_alpaca(url, tmp, records, url)
-        os.replace(tmp, dest)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return records
-
-
-def _fetch_http(url: str, tmp: Path) -> None:
-    """Download `url` to `tmp` with urllib; any failure is a DataError."""
-    request = urllib.request.Request(url, headers={"User-Agent": "alpaca-lora-course"})
-    try:
-        with urllib.request.urlopen(request, timeout=DOWNLOAD_TIMEOUT_S) as response, open(tmp, "xb") as f:
-            expected = response.headers.get("Content-Length")
-            received = 0
-            while chunk := response.read(1 << 20):
-                f.write(chunk)
-                received += len(chunk)
-    except urllib.error.HTTPError as e:
-        raise DataError(f"{url}: download failed: HTTP {e.code} {e.reason}") from None
-    except urllib.error.URLError as e:
-        raise DataError(f"{url}: download failed: {e.reason}") from None
-    except (http.client.HTTPException, OSError) as e:  # reset connection, timeout, full disk
-        raise DataError(f"{url}: download failed: {type(e).__name__}: {e}") from None
-    # A connection closed early can end the body without an exception: compare with the announced size.
-    if expected is not None and expected.isdigit() and received != int(expected):
-        raise DataError(f"{url}: download failed: received {received:,} of {int(expected):,} bytes")
-
-
-def _fetch_gdrive(url: str, tmp: Path) -> None:
-    """Download a Google Drive file to `tmp` with gdown (it handles Drive's confirmation pages)."""
-    import gdown  # imported here: it pulls in requests, and most runs never need it
-
-    try:
-        gdown.download(url, output=str(tmp), quiet=True, timeout=DOWNLOAD_TIMEOUT_S)
-    except Exception as e:  # gdown raises its own errors, requests' and OSError; all mean "failed"
-        first_line = (str(e).strip().splitlines() or [""])[0]
-        raise DataError(f"{url}: Google Drive download failed: {type(e).__name__}: {first_line}") from None
-    if not tmp.is_file():
-        raise DataError(f"{url}: Google Drive download produced no file (is the link shared publicly?)")
-
-
-def _load_hf_dataset(name: str, cache_dir: Path) -> list[dict]:
-    """Load the train split of a Hugging Face dataset as a list of records."""
-    try:
-        dataset = datasets.load_dataset(name, cache_dir=str(cache_dir / "hf"))
-    except Exception as e:  # hub, network, missing-dataset and format errors alike are user-facing here
-        first_line = (str(e).strip().splitlines() or [""])[0]
-        raise DataError(f"{name}: cannot load Hugging Face dataset: {type(e).__name__}: {first_line}") from None
-    if "train" not in dataset:
-        raise DataError(f"{name}: Hugging Face dataset has no 'train' split (it has {sorted(dataset)})")
-    return dataset["train"].to_list()
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -561,21 +337,10 @@ def _tokenize_to_cache(records, tokenizer, prompter, max_length, train_on_inputs
     }
     tokenized = tokenized.remove_columns("truncated")
 
-    root.mkdir(parents=True, exist_ok=True)
-    tmp = _temp_name(final)
-    try:
-        tmp.mkdir()
+    # keep_existing: another process (a DDP rank) may publish the same fingerprint first; its content is the same.
+    with atomic_write(final, folder=True, keep_existing=True) as tmp:
         tokenized.save_to_disk(str(tmp))
         (tmp / _META_FILE).write_text(json.dumps(meta, indent=2), encoding="utf-8")
-        try:
-            os.replace(tmp, final)
-        except OSError:
-            # Another process published the same fingerprint first (renaming onto a non-empty folder
-            # fails); its content is identical, so keep it.
-            if not (final / _META_FILE).is_file():
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -749,3 +514,20 @@ class LengthGroupedSampler(torch.utils.data.Sampler):
 
     def __len__(self) -> int:
         return self.total_size // self.num_replicas
+
+
+class SkipSampler(torch.utils.data.Sampler):
+    """A sampler's indices from position `skip` on: a resumed epoch starts at the first example not yet trained on,
+    without loading and collating the batches before it (batch k is indices k*b..(k+1)*b-1 of the sampler)."""
+
+    def __init__(self, sampler) -> None:
+        self.sampler, self.skip = sampler, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.sampler.set_epoch(epoch)
+
+    def __iter__(self):
+        return itertools.islice(iter(self.sampler), self.skip, None)
+
+    def __len__(self) -> int:
+        return max(len(self.sampler) - self.skip, 0)

@@ -5,14 +5,17 @@ A checkpoint is OUTPUT_DIR/checkpoint-<step>/ holding:
     trainer_state.pt                                 optimizer, schedule, GradScaler, every rank's RNG, data position
     manifest.json                                    step, run identity, and each file's size and SHA-256
 
-It is written into a hidden staging folder, flushed to disk and renamed into place; the manifest goes in last, so
-a folder without one is an interrupted save. Resuming checks every file against the manifest, and the run's
-identity (config.RESUME_MUST_MATCH, the number of processes, the data) against this run's. train.py decides when
-to save and what the trainer state holds; this module decides how it reaches the disk and when it is trusted.
+It is written into a hidden staging folder, flushed to disk and renamed into place (atomic.py); the manifest goes
+in last, so a folder without one is an interrupted save. A resume is resolved once (`resolve_resume`: RESUME_FROM
+or the newest complete checkpoint, each file hashed once), then checked against this run's identity
+(config.RESUME_MUST_MATCH, the number of processes, the data). The trainer's position is one `Progress`, saved and
+restored as a unit. train.py decides when to save; this module decides what a checkpoint holds, how it reaches the
+disk and when it is trusted.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -20,22 +23,26 @@ import random
 import re
 import shutil
 import typing
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
+import torch.distributed as torch_dist
 
+from atomic import atomic_write
 from config import RESUME_MUST_MATCH, ConfigError, TrainConfig
-from lora_model import ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME, LoraModelForCasualLM, replace_directory
+from distributed import DistEnv, note
+from lora_model import ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME, LoraModelForCasualLM
 
 TRAINER_STATE_NAME = "trainer_state.pt"
 MANIFEST_NAME = "manifest.json"
 CHECKPOINT_FORMAT = 1  # bumped if the checkpoint layout changes; older ones are then refused, not misread
 CHECKPOINT_PREFIX = "checkpoint-"
 CHECKPOINT_RE = re.compile(rf"{CHECKPOINT_PREFIX}(\d+)")
-# What interrupted saves and deletions leave behind: staging folders (".checkpoint-20.tmp", and save_pretrained's
-# own "..checkpoint-20.tmp.tmp-<hex>") and checkpoints renamed for deletion (".checkpoint-20.old-<pid>").
-LEFTOVER_RE = re.compile(rf"\.+{CHECKPOINT_PREFIX}\d+\.(tmp|old)")
+# What interrupted saves and deletions leave behind: hidden staging folders (".checkpoint-20.<pid>-<hex>.tmp") and
+# checkpoints renamed for deletion (".checkpoint-20.old-<pid>").
+LEFTOVER_RE = re.compile(rf"\.+{CHECKPOINT_PREFIX}\d+\.")
 
 
 class CheckpointError(ValueError):
@@ -43,6 +50,39 @@ class CheckpointError(ValueError):
 
 
 # --- what a checkpoint holds besides the adapter ----------------------------------------------------------------
+
+@dataclass
+class Progress:
+    """Where a run is: everything about its position that a resumed run must continue from, saved and restored as a
+    unit (in trainer_state.pt, beside the optimizer, schedule, GradScaler and random generators)."""
+
+    step: int = 0            # optimizer steps done
+    epoch: int = 0           # the current epoch, counted from 0
+    batches_done: int = 0    # micro-batches of the current epoch already trained on
+    skipped_steps: int = 0   # fp16 steps the GradScaler skipped for inf/NaN gradients
+    last_eval: dict = field(default_factory=dict)  # the latest evaluation's metrics
+
+    @classmethod
+    def from_state(cls, state: dict) -> "Progress":
+        return cls(**{f.name: state[f.name] for f in dataclasses.fields(cls) if f.name in state})
+
+
+def trainer_state(progress: Progress, optimizer, scheduler, scaler, rng_states: list) -> dict:
+    """Everything besides the adapter that an exact resume needs (`rng_states`: every rank's `rng_state()`)."""
+    return {**dataclasses.asdict(progress), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+            "scaler": scaler.state_dict(), "rng": rng_states}
+
+
+def checkpoint_manifest(progress: Progress, total_steps: int, precision: str, identity: dict, cfg: TrainConfig) -> dict:
+    """What manifest.json records besides the files (added by `write_manifest`)."""
+    return {"format": CHECKPOINT_FORMAT, "step": progress.step, "epoch": progress.epoch,
+            "batches_done": progress.batches_done, "total_steps": total_steps, "precision": precision,
+            "config_hash": identity_hash(identity), "identity": identity, "config": dataclasses.asdict(cfg)}
+
+
+def read_trainer_state(checkpoint: Path) -> dict:
+    return torch.load(checkpoint / TRAINER_STATE_NAME, map_location="cpu", weights_only=True)
+
 
 def rng_state() -> dict:
     """Every random generator this process uses, in types `torch.load(weights_only=True)` accepts."""
@@ -74,21 +114,6 @@ def file_digest(path: Path) -> dict:
             sha.update(block)
             size += len(block)
     return {"size": size, "sha256": sha.hexdigest()}
-
-
-def fsync_path(path: Path) -> None:
-    """Force a file's data, or a folder's list of names, onto the disk.
-
-    Without it a power cut or a reclaimed VM can leave a renamed checkpoint whose files are empty: the rename may
-    reach the disk before the data does.
-    """
-    if path.is_dir() and os.name != "posix":
-        return  # Windows cannot open a folder to flush it
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def checkpoint_step(path: Path) -> int:
@@ -174,8 +199,8 @@ def verify_checkpoint(checkpoint: Path) -> dict:
     return manifest
 
 
-def find_latest_checkpoint(output_dir: Path, skipped: list[str] | None = None) -> Path | None:
-    """The newest complete checkpoint in `output_dir`, or None.
+def newest_complete_checkpoint(output_dir: Path, skipped: list[str] | None = None) -> tuple[Path, dict] | None:
+    """The newest complete checkpoint in `output_dir` and its manifest, or None; each file is hashed once.
 
     Incomplete or damaged folders are passed over (each with its reason appended to `skipped`): a run killed while
     writing, or a disk that lost a file, must not leave a checkpoint that RESUME_FROM=latest picks and then cannot
@@ -183,12 +208,17 @@ def find_latest_checkpoint(output_dir: Path, skipped: list[str] | None = None) -
     """
     for checkpoint in checkpoint_dirs(output_dir):
         try:
-            verify_checkpoint(checkpoint)
-            return checkpoint
+            return checkpoint, verify_checkpoint(checkpoint)
         except CheckpointError as err:
             if skipped is not None:
                 skipped.append(f"{checkpoint.name} ({err})")
     return None
+
+
+def find_latest_checkpoint(output_dir: Path, skipped: list[str] | None = None) -> Path | None:
+    """The newest complete checkpoint's folder (see `newest_complete_checkpoint`), or None."""
+    found = newest_complete_checkpoint(output_dir, skipped)
+    return found[0] if found else None
 
 
 # --- writing and pruning: complete or absent --------------------------------------------------------------------
@@ -207,30 +237,34 @@ def remove_leftovers(output_dir: Path) -> None:
 
 
 def write_checkpoint(final: Path, model: LoraModelForCasualLM, state: dict, manifest: dict) -> None:
-    """Write a checkpoint folder so that it is complete or absent.
-
-    Everything goes into a hidden staging folder: the adapter, trainer_state.pt, then the manifest with every
-    file's size and SHA-256. The files and the folder are flushed to disk, and only then is the folder renamed to
-    `final` (a rename within a folder is atomic) and the parent folder flushed, which makes the rename durable.
-    A crash at any point leaves either no `final`, or a complete one; the staging folder is removed by the next
-    save.
-    """
-    output_dir = final.parent
-    output_dir.mkdir(parents=True, exist_ok=True)
-    remove_leftovers(output_dir)
-    staging = output_dir / f".{final.name}.tmp"
-    try:
+    """Write a checkpoint folder so that it is complete or absent (atomic.atomic_write): the adapter,
+    trainer_state.pt, then the manifest with every file's size and SHA-256, in a hidden staging folder renamed to
+    `final` once everything is on disk. A crash's staging folder is removed by the next save."""
+    final.parent.mkdir(parents=True, exist_ok=True)
+    remove_leftovers(final.parent)
+    with atomic_write(final, folder=True) as staging:
         model.save_pretrained(staging)
         torch.save(state, staging / TRAINER_STATE_NAME)
         write_manifest(staging, manifest)
-        for path in staging.iterdir():
-            fsync_path(path)
-        fsync_path(staging)
-        replace_directory(staging, final)
-        fsync_path(output_dir)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
+
+
+def save_checkpoint_folder(final: Path, model: LoraModelForCasualLM, state: dict, manifest: dict, keep: int) -> str:
+    """Write a checkpoint (`write_checkpoint`), then keep only the newest `keep` (SAVE_TOTAL_LIMIT; 0 keeps all).
+
+    Returns:
+        "" when the checkpoint is on disk, else one line saying why it is not (disk full, read-only folder).
+    """
+    try:
+        write_checkpoint(final, model, state, manifest)
+    except OSError as err:
+        reason = f"[Errno {err.errno}] {err.strerror}" if err.strerror else str(err)
+        return f"cannot write checkpoint to {final}: {reason}"
+    if keep > 0:
+        try:
+            prune_checkpoints(final.parent, keep, final)
+        except OSError as err:  # the new checkpoint is safe; failing to delete an old one must not end the run
+            print(f"note: SAVE_TOTAL_LIMIT: could not delete an old checkpoint: {err}", flush=True)  # rank 0
+    return ""
 
 
 def prune_checkpoints(output_dir: Path, keep: int, written: Path) -> list[Path]:
@@ -282,22 +316,71 @@ def resume_conflicts(saved: dict, current: dict) -> list[str]:
     return conflicts
 
 
-def check_resumable(checkpoint: Path, identity: dict) -> dict:
-    """Refuse a checkpoint that is damaged or that this run would not continue.
+def resolve_resume(cfg: TrainConfig, dist: DistEnv) -> tuple[Path, dict] | None:
+    """RESUME_FROM as a checkpoint folder and its manifest, every file checked (hashed) once; None for a new run.
 
-    Returns:
-        Its manifest.
+    "latest" is the newest complete checkpoint in OUTPUT_DIR; with none yet the run starts at step 0 with a note
+    (naming the folder, so a mistyped OUTPUT_DIR shows), so that a job that is simply started again until it
+    finishes can always set it. Under DDP rank 0 picks it and tells the others, which check their own copy.
 
     Raises:
-        ConfigError: one line naming the damaged file, or every setting that differs.
+        ConfigError: the named checkpoint is damaged (naming the file).
+    """
+    output_dir = Path(cfg.output_dir)
+    if not cfg.resume_from:
+        if checkpoint_dirs(output_dir):
+            note(f"{output_dir} already holds checkpoints up to {checkpoint_dirs(output_dir)[0].name}; this run "
+                 "starts at step 0 (RESUME_FROM=latest would continue the earlier run instead)", dist)
+        return None
+    if cfg.resume_from != "latest":
+        return Path(cfg.resume_from), verify_resume_checkpoint(Path(cfg.resume_from))
+    skipped: list[str] = []
+    found = [newest_complete_checkpoint(output_dir, skipped) if dist.is_master else None]
+    if dist.ddp:
+        torch_dist.broadcast_object_list(found, src=0)
+    for reason in skipped:
+        note(f"RESUME_FROM=latest: skipping {reason}", dist)
+    if found[0] is None:
+        note(f"RESUME_FROM=latest: no complete checkpoint in {output_dir} yet; starting at step 0", dist)
+    if found[0] is None:
+        return None
+    folder, manifest = found[0]
+    return Path(folder), manifest if dist.is_master else verify_resume_checkpoint(Path(folder))
+
+
+def resume_notes(manifest: dict, total_steps: int, precision: str) -> list[str]:
+    """What a resumed run that may go on (config.RESUME_MAY_CHANGE_WITH_NOTE) should say about what changed."""
+    notes = []
+    if manifest["total_steps"] != total_steps:
+        notes.append(f"the run now ends at step {total_steps} instead of {manifest['total_steps']} (NUM_EPOCHS or "
+                     "MAX_STEPS changed): the learning-rate schedule is recomputed for the new length, so the rest "
+                     "of the run differs from an uninterrupted one")
+    if manifest["precision"] != precision:
+        notes.append(f"precision is {precision} here but was {manifest['precision']}: the rest of the run differs "
+                     "slightly from an uninterrupted one")
+    return notes
+
+
+def verify_resume_checkpoint(checkpoint: Path) -> dict:
+    """RESUME_FROM=<folder>: the checkpoint's manifest, once every file is checked against it (hashed once).
+
+    Raises:
+        ConfigError: one line naming the damaged file.
     """
     try:
-        manifest = verify_checkpoint(checkpoint)
+        return verify_checkpoint(checkpoint)
     except CheckpointError as err:
         raise ConfigError(f"RESUME_FROM={checkpoint}: {err}; resume from another checkpoint "
                           "(RESUME_FROM=latest picks the newest complete one)") from None
+
+
+def check_resumable(checkpoint: Path, manifest: dict, identity: dict) -> None:
+    """Refuse a (verified) checkpoint that this run would not continue.
+
+    Raises:
+        ConfigError: one line naming every setting that differs.
+    """
     conflicts = resume_conflicts(manifest["identity"], identity)
     if conflicts:
         raise ConfigError(f"RESUME_FROM={checkpoint}: this run would not continue the checkpoint's run: "
                           f"{'; '.join(conflicts)}. Set them back, or start a new run in another OUTPUT_DIR")
-    return manifest

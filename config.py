@@ -14,7 +14,7 @@ import os
 import typing
 from dataclasses import dataclass, field
 
-from alpaca_data import ALPACA_URL, DEBUG_SAMPLE
+from data_sources import ALPACA_URL, DEBUG_SAMPLE
 
 TRUE_WORDS = ("1", "true", "yes")
 FALSE_WORDS = ("0", "false", "no")
@@ -219,3 +219,35 @@ def load_config(argv: list[str] | None = None, environ: typing.Mapping[str, str]
     if values.get("debug"):
         values = {**DEBUG_DEFAULTS, **values}
     return TrainConfig(**values)
+
+
+def options_markdown() -> str:
+    """The options table of docs/options.md, generated from TrainConfig (tests/test_config.py fails if it drifts)."""
+    def default_text(value) -> str:
+        # Strings as they are typed in a shell (an empty one as ""), everything else as Python writes it.
+        return (value or '""') if isinstance(value, str) else repr(value)
+
+    debug = ", ".join(f"`{name.upper()}={default_text(value)}`" for name, value in DEBUG_DEFAULTS.items())
+    lines = [
+        "# Options of train.py",
+        "",
+        "Every option of `train.py`, generated from `TrainConfig` in `config.py`. Back to the [README](../README.md).",
+        "",
+        "Every option is an environment variable, the name in upper case (as the assignment's `DEBUG`, "
+        "`MIX_PREC_TRAIN`, `DDP`), and a `--flag` (`--batch_size 8` or `--batch-size 8`); a flag wins over the "
+        "environment, booleans accept 1/0/true/false/yes/no, a bad value stops the run with one line naming it, and "
+        f"`DEBUG=true` changes these defaults unless you set them: {debug}, and `DATA_PATH` becomes the shipped "
+        "sample. `python train.py --help` lists the same options with their defaults.",
+        "",
+        "| variable / flag | default | meaning |",
+        "| --- | --- | --- |",
+    ]
+    for f in dataclasses.fields(TrainConfig):
+        meaning = f.metadata["help"].replace("|", "\\|")
+        lines.append(f"| `{f.name.upper()}` / `--{f.name}` | `{default_text(f.default)}` | {meaning} |")
+    lines += [
+        "",
+        "Regenerate this page after changing `TrainConfig` with",
+        "`python -c \"import config; print(config.options_markdown(), end='')\" > docs/options.md`.",
+    ]
+    return "\n".join(lines) + "\n"

@@ -25,21 +25,20 @@ import argparse
 import dataclasses
 import gc
 import os
-import shutil
 import sys
-import uuid
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from lora_model import (ADAPTER_WEIGHTS_NAME, LEGACY_WEIGHTS_NAME, LoraModelForCasualLM, read_adapter_dir,
-                        replace_directory)
+import model_loading
+from atomic import atomic_write
+from lora_model import ADAPTER_WEIGHTS_NAME, LEGACY_WEIGHTS_NAME, LoraModelForCasualLM, read_adapter_dir
+from model_loading import QUANTIZED, has_native_bf16
 from prompter import Prompter
 
 PRECISIONS = ("auto", "fp32", "fp16", "bf16", "8bit", "4bit")
-QUANTIZED = ("8bit", "4bit")
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 NO_INPUT = ("", "n/a")  # user_inp values (after strip, lower-cased) that select the template without an input
 # Used only when sampling is on and the caller leaves them unset: a common choice for instruction-tuned models.
@@ -167,12 +166,6 @@ def resolve_precision(precision: str, device: torch.device) -> str:
     return "fp32"
 
 
-def has_native_bf16(device: torch.device) -> bool:
-    """The CPU, or a GPU with bf16 in hardware (compute capability 8.0 and newer: A100, H100, RTX 30xx). A T4 or
-    V100 only emulates bf16, slower than fp16, though torch.cuda.is_bf16_supported() says True there by default."""
-    return device.type != "cuda" or torch.cuda.is_bf16_supported(including_emulation=False)
-
-
 def resolve_adapter(lora_weights_path, model_path: str | None) -> tuple[Path | None, str]:
     """Check the adapter folder and find the base model: `model_path`, or the one named in adapter_config.json.
 
@@ -197,60 +190,18 @@ def resolve_adapter(lora_weights_path, model_path: str | None) -> tuple[Path | N
     return adapter_dir, model_path
 
 
-def _model_load_error(model_path: str, err: Exception) -> Exception:
-    """One line that says what went wrong and what to do."""
-    lines = str(err).strip().splitlines()
-    reason = lines[0] if lines else type(err).__name__
-    error_type = FileNotFoundError if isinstance(err, OSError) else ValueError
-    if Path(model_path).expanduser().exists():
-        return error_type(f"model_path {model_path!r}: cannot load the model in this folder ({reason})")
-    if model_path.startswith((".", "/", "~")) or model_path.count("/") > 1:  # a path, not a hub id
-        return FileNotFoundError(f"model_path {model_path!r}: no such model folder; pass a local model folder or "
-                                 "a hub id such as 'bigscience/bloom-1b7'")
-    return error_type(f"model_path {model_path!r}: not a local folder, and cannot load it from the hub ({reason}); "
-                      "check the name, download it once while online (HF_HUB_OFFLINE unset), or pass a local "
-                      "model folder")
-
-
 def load_tokenizer(model_path: str):
     """The base model's tokenizer, padding on the left: a batch of prompts must end where generation starts."""
-    from transformers import AutoTokenizer
-
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(model_path, trust_remote_code=False)
-    except (OSError, ValueError) as err:
-        raise _model_load_error(model_path, err) from None
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer = model_loading.load_tokenizer(model_path)
     tokenizer.padding_side = "left"
     return tokenizer
 
 
 def load_base_model(model_path: str, device: torch.device, precision: str):
-    """The frozen base model on `device`: in fp32/fp16/bf16, or quantized to 8 or 4 bits by bitsandbytes
-    (transformers 5 takes these as a `BitsAndBytesConfig`, not as `load_in_8bit=`). No remote code is run."""
-    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
-
+    """The frozen base model on `device`, in eval mode: in fp32/fp16/bf16, or quantized to 8 or 4 bits."""
     if precision in QUANTIZED:
-        # The dtype of the layers bitsandbytes leaves alone (layer norms, embeddings) and of the activations.
-        # LLM.int8 computes in fp16 (it would cast bf16 inputs anyway); 4-bit NF4 computes in bf16 where it can.
-        if precision == "8bit":
-            compute = torch.float16
-            quantization = BitsAndBytesConfig(load_in_8bit=True)
-        else:
-            compute = torch.bfloat16 if has_native_bf16(device) else torch.float16
-            quantization = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
-                                              bnb_4bit_compute_dtype=compute)
-        kwargs = {"quantization_config": quantization, "dtype": compute, "device_map": {"": device}}
-    else:
-        kwargs = {"dtype": DTYPES[precision]}
-    try:
-        model = AutoModelForCausalLM.from_pretrained(model_path, trust_remote_code=False, **kwargs)
-    except (OSError, ValueError) as err:
-        raise _model_load_error(model_path, err) from None
-    if precision not in QUANTIZED:
-        model.to(device)  # quantized models were placed by device_map; they cannot be moved after loading
-    return model.eval()
+        return model_loading.load_base_model(model_path, device, quantize=precision).eval()
+    return model_loading.load_base_model(model_path, device, DTYPES[precision]).eval()
 
 
 def attach_adapter(model, adapter_dir: Path, model_path: str, merge: bool):
@@ -457,26 +408,14 @@ def export_merged_model(lora_weights_path, out_dir, model_path: str | None = Non
         raise FileExistsError(f"{out_dir} already exists; choose another output folder or pass overwrite=True "
                               "(--overwrite)")
     adapter_dir, model_path = resolve_adapter(lora_weights_path, model_path)
-    from transformers import AutoModelForCausalLM
-
     tokenizer = load_tokenizer(model_path)
-    try:
-        model = AutoModelForCausalLM.from_pretrained(model_path, trust_remote_code=False,
-                                                     dtype=DTYPES.get(dtype, "auto"))
-    except (OSError, ValueError) as err:
-        raise _model_load_error(model_path, err) from None
+    model = model_loading.load_base_model(model_path, torch.device("cpu"), DTYPES.get(dtype, "auto"))
     model, merged, note = attach_adapter(model, adapter_dir, model_path, merge=True)
     if not merged:
         raise ValueError(f"cannot export a merged model: {note}")
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = out_dir.parent / f".{out_dir.name}.tmp-{uuid.uuid4().hex}"
-    try:
+    with atomic_write(out_dir, folder=True) as staging:
         model.save_pretrained(staging)  # safetensors
         tokenizer.save_pretrained(staging)
-        replace_directory(staging, out_dir)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     return out_dir
 
 

@@ -13,8 +13,6 @@ import dataclasses
 import json
 import os
 import re
-import shutil
-import uuid
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -24,6 +22,7 @@ import torch
 import torch.nn as nn
 from safetensors.torch import load_file, save_file
 
+from atomic import atomic_write, write_text_atomically
 from lora_layer import Embedding, Linear, LoraLayer, is_conv1d, is_quantized_linear
 
 ADAPTER_CONFIG_NAME = "adapter_config.json"
@@ -363,11 +362,16 @@ class LoraModelForCasualLM(nn.Module):
                 for name, param in self.model.named_parameters() if is_adapter_tensor(name)}
 
     def save_pretrained(self, save_directory: str | os.PathLike) -> None:
-        """Write `adapter_config.json` + `adapter_model.safetensors` (float32 LoRA tensors) atomically: into a
-        temporary folder first, then renamed into place, so a crash never leaves a half-written adapter."""
+        """Write `adapter_model.safetensors` (the float32 LoRA tensors), then `adapter_config.json`, into
+        `save_directory` (created if missing; other files in it are left alone, as PEFT does). Each file is complete
+        or not at all (atomic.atomic_write), so a crash never leaves a half-written adapter."""
+        folder = Path(save_directory)
         tensors = {key: (t.float() if "lora_" in key else t).contiguous().cpu()
                    for key, t in self.adapter_state_dict().items()}
-        write_adapter_dir(Path(save_directory), self.lora_config.to_peft_dict(), tensors)
+        with atomic_write(folder / ADAPTER_WEIGHTS_NAME) as staging:
+            save_file(tensors, str(staging), metadata={"format": "pt"})
+        write_text_atomically(folder / ADAPTER_CONFIG_NAME, json.dumps(self.lora_config.to_peft_dict(), indent=2)
+                              + "\n")
 
     def load_adapter_weights(self, tensors: dict[str, torch.Tensor], source: str = "adapter") -> None:
         """Copy adapter tensors (PEFT keys) into the model, strictly.
@@ -419,33 +423,6 @@ LoraModelForCausalLM = LoraModelForCasualLM
 def _strip_adapter_name(key: str) -> str:
     # PEFT's in-memory names carry the adapter name (`lora_A.default.weight`); its files do not.
     return key.replace(".default.", ".").removesuffix(".default")
-
-
-def write_adapter_dir(directory: Path, config: dict, tensors: dict[str, torch.Tensor]) -> None:
-    """Write an adapter folder atomically: build it beside the target, then swap it into place."""
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    # A unique name made with mkdir, not tempfile.mkdtemp: mkdtemp's folder is private (0700), and the adapter
-    # folder it becomes should get the usual permissions, as if made by mkdir.
-    staging = directory.parent / f".{directory.name}.tmp-{uuid.uuid4().hex}"
-    staging.mkdir()
-    try:
-        (staging / ADAPTER_CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
-        save_file(tensors, str(staging / ADAPTER_WEIGHTS_NAME), metadata={"format": "pt"})
-        replace_directory(staging, directory)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-
-
-def replace_directory(new: Path, target: Path) -> None:
-    """Move the finished folder `new` to `target`, replacing an older one; there is always one complete copy."""
-    old = None
-    if target.exists():
-        old = target.with_name(f".{target.name}.old-{os.getpid()}")
-        os.replace(target, old)
-    os.replace(new, target)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
 
 
 def read_adapter_dir(directory: Path) -> tuple[LoraConfig, dict[str, torch.Tensor]]:

@@ -34,8 +34,10 @@ from torch.utils.data import DataLoader, DistributedSampler  # noqa: E402
 from transformers import AutoTokenizer  # noqa: E402
 
 import alpaca_data as ad  # noqa: E402
+import data_sources  # noqa: E402
 from prompter import Prompter  # noqa: E402
-from bench.common import command_line, write_atomically  # noqa: E402
+from atomic import write_text_atomically  # noqa: E402
+from bench.common import command_line  # noqa: E402
 
 def parse_args(argv=None):
     """The command line (`argv` without the program name; None reads sys.argv)."""
@@ -74,8 +76,8 @@ def main(argv=None):
     datasets.disable_progress_bars()
     tokenizer = AutoTokenizer.from_pretrained(args.tokenizer)
     prompter = Prompter()
-    source = str(ad.DEBUG_SAMPLE.relative_to(ROOT))
-    raw = ad.load_records(str(ad.DEBUG_SAMPLE), ROOT / ".cache")
+    source = str(data_sources.DEBUG_SAMPLE.relative_to(ROOT))
+    raw = data_sources.load_records(str(data_sources.DEBUG_SAMPLE), ROOT / ".cache")
     records, stats = ad.validate_records(raw, source)
 
     with tempfile.TemporaryDirectory() as cache:
@@ -126,7 +128,7 @@ the {args.repeat}-fold sample is {len(big_raw):,} records ({len(big):,} after dr
 Load average (1 min) when the timing started: {load_before:.1f} on {os.cpu_count()} CPUs; wall times grow \
 with it when other work shares the machine, CPU times much less.
 """
-    write_atomically(args.out, table)
+    write_text_atomically(args.out, table)
     print(table)
 
 

@@ -46,8 +46,9 @@ from transformers import BloomForCausalLM  # noqa: E402
 
 import inference  # noqa: E402
 from lora_model import LoraConfig, LoraModelForCasualLM  # noqa: E402
+from atomic import write_text_atomically  # noqa: E402
 from bench.common import (add_device_arguments, add_model_shape_arguments, bloom_config, command_line, describe_device,
-                          device_from_args, interleave, synchronize, write_atomically)  # noqa: E402
+                          device_from_args, interleave, synchronize)  # noqa: E402
 
 VARIANTS = ("base", "merged", "unmerged")
 
@@ -198,7 +199,7 @@ def main(argv=None) -> None:
     times = run(args, models, prompt, device)
     table = markdown(args, argv if argv is not None else sys.argv[1:], device, precision, times, logit_diff,
                      same_tokens)
-    write_atomically(args.out, table)
+    write_text_atomically(args.out, table)
     print(table)
 
 

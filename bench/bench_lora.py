@@ -63,8 +63,9 @@ from transformers import BloomForCausalLM  # noqa: E402
 
 from lora_layer import Linear, LoraLayer, _cast_for_adapter  # noqa: E402
 from lora_model import LoraConfig, LoraModelForCasualLM  # noqa: E402
+from atomic import write_text_atomically  # noqa: E402
 from bench.common import (add_device_arguments, add_model_shape_arguments, bloom_config, command_line,  # noqa: E402
-                          describe_device, device_from_args, interleave, synchronize, write_atomically)
+                          describe_device, device_from_args, interleave, synchronize)
 
 VARIANTS = ("ours", "peft", "base")
 PRECISIONS = ("fp32", "bf16")
@@ -390,7 +391,7 @@ def main(argv=None) -> None:
         layer_results[precision] = time_layers(args, models, device, precision)
         print(f"{precision}: done", file=sys.stderr)
     table = markdown(args, argv if argv is not None else sys.argv[1:], device, model_results, layer_results)
-    write_atomically(args.out, table)
+    write_text_atomically(args.out, table)
     print(table)
 
 

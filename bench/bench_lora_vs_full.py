@@ -34,8 +34,9 @@ import torch.nn.functional as F  # noqa: E402
 from transformers import BloomConfig, BloomForCausalLM  # noqa: E402
 
 from lora_model import LoraConfig, LoraModelForCasualLM  # noqa: E402
+from atomic import write_text_atomically  # noqa: E402
 from bench.common import (BLOOM_1B7, add_device_arguments, add_model_shape_arguments, bloom_config, command_line,
-                          device_from_args, interleave, synchronize, write_atomically)  # noqa: E402
+                          device_from_args, interleave, synchronize)  # noqa: E402
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -110,7 +111,7 @@ def gib(n_bytes: float) -> str:
 
 def markdown(args, argv, device, times, memory, counts) -> str:
     median = {name: statistics.median(values) for name, values in times.items()}
-    ratio = statistics.median(f / l for f, l in zip(times["full"], times["lora"]))
+    ratio = statistics.median(full / lora for full, lora in zip(times["full"], times["lora"]))
     tokens = args.batch * args.seq
     base_params, lora_params = counts
     lines = [
@@ -118,7 +119,8 @@ def markdown(args, argv, device, times, memory, counts) -> str:
         "",
         f"Reproduce: `{command_line('bench_lora_vs_full.py', argv)}`",
         "",
-        f"- Device: {device.type} ({platform.machine()}, {torch.get_num_threads()} threads); torch {torch.__version__}.",
+        f"- Device: {device.type} ({platform.machine()}, {torch.get_num_threads()} threads); "
+        f"torch {torch.__version__}.",
         f"- Model: BLOOM-shaped, hidden {args.hidden}, {args.layers} layers, {args.heads} heads, vocab {args.vocab}; "
         f"random weights, float32. Step: forward + backward + AdamW on {args.batch} x {args.seq} tokens.",
         f"- LoRA: r={args.r} on query_key_value. {args.repeats} alternating rounds after {args.warmup} warm-up; "
@@ -157,7 +159,7 @@ def main(argv=None) -> None:
         memory[name] = state_bytes(model, optimizer)
         optimizer.zero_grad(set_to_none=True)
     table = markdown(args, argv, device, times, memory, bloom_1b7_counts(args.r))
-    write_atomically(args.out, table)
+    write_text_atomically(args.out, table)
     print(table)
 
 

@@ -44,8 +44,9 @@ import torch.nn.functional as F  # noqa: E402
 
 from alpaca_data import IGNORE_INDEX  # noqa: E402
 from token_loss import sum_token_loss  # noqa: E402
+from atomic import write_text_atomically  # noqa: E402
 from bench.common import (add_device_arguments, answer_memory_request, command_line, describe_device, device_from_args,
-                          interleave, memory_of_variants, peak_memory, synchronize, write_atomically)  # noqa: E402
+                          interleave, memory_of_variants, peak_memory, synchronize)  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
@@ -193,11 +194,11 @@ def main(argv=None) -> None:
     times = interleave(steps, args.repeats, args.warmup, progress=True)
     del steps
     table = markdown(args, argv, device, times, checks, {})
-    write_atomically(args.out, table)  # the timing is kept even if the memory processes do not finish
+    write_text_atomically(args.out, table)  # the timing is kept even if the memory processes do not finish
     if not args.no_memory:
         memory = memory_of_variants(__file__, argv, list(times), args.memory_jobs)
         table = markdown(args, argv, device, times, checks, memory)
-        write_atomically(args.out, table)
+        write_text_atomically(args.out, table)
     print(table)
 
 

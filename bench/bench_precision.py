@@ -69,10 +69,10 @@ from config import TrainConfig  # noqa: E402
 from alpaca_data import IGNORE_INDEX  # noqa: E402
 from lora_model import LoraModelForCasualLM  # noqa: E402
 from token_loss import next_token_labels, sum_token_loss  # noqa: E402
+from atomic import write_text_atomically  # noqa: E402
 from bench.common import (BLOOM_1B7, SHAPE_ARGUMENTS, add_device_arguments, add_model_shape_arguments,
                           answer_memory_request, bloom_config, command_line, describe_device, device_from_args,
-                          interleave, memory_of_variants, parse_device, peak_memory, synchronize,
-                          write_atomically)  # noqa: E402
+                          interleave, memory_of_variants, parse_device, peak_memory, synchronize)  # noqa: E402
 
 # name: (PRECISION as train.py names it, dtype of the frozen base weights, GRADIENT_CHECKPOINTING)
 VARIANTS = {
@@ -391,11 +391,11 @@ def main(argv=None) -> None:
     reference = losses.get("fp32", losses[names[0]])
     loss_diffs = {name: loss / reference - 1 for name, loss in losses.items()}
     table = markdown(args, argv, device, names, skipped, times, loss_diffs, saved, {}, together)
-    write_atomically(args.out, table)  # the timing is kept even if the memory processes do not finish
+    write_text_atomically(args.out, table)  # the timing is kept even if the memory processes do not finish
     if not args.no_memory:
         memory = memory_of_variants(__file__, argv, names, args.memory_jobs)
         table = markdown(args, argv, device, names, skipped, times, loss_diffs, saved, memory, together)
-        write_atomically(args.out, table)
+        write_text_atomically(args.out, table)
     print(table)
 
 

@@ -5,7 +5,6 @@ table."""
 import argparse
 import concurrent.futures
 import json
-import os
 import platform
 import re
 import resource
@@ -162,16 +161,3 @@ def describe_device(device: torch.device) -> str:
         return torch.cuda.get_device_name(device)
     return (f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
             f"CPU capability {torch.backends.cpu.get_cpu_capability()}")
-
-
-def write_atomically(path: Path, text: str) -> None:
-    """Write to a temporary file beside `path`, then rename it into place. (Plain `open`, not tempfile, whose
-    files are private (0600): a results table should be readable like any other file.)"""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        temporary.write_text(text, encoding="utf-8")
-        os.replace(temporary, path)
-    except BaseException:
-        temporary.unlink(missing_ok=True)
-        raise

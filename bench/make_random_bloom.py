@@ -27,6 +27,7 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 from transformers import BloomConfig, BloomForCausalLM  # noqa: E402
 
+from atomic import atomic_write  # noqa: E402
 from bench.common import BLOOM_1B7  # noqa: E402
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
@@ -42,12 +43,8 @@ def main(argv=None) -> None:
     missing = [name for name in TOKENIZER_FILES if not (args.tokenizer / name).is_file()]
     if missing:
         parser.error(f"--tokenizer {args.tokenizer}: no {', '.join(missing)} there")
-    temporary = args.out.with_name(f".{args.out.name}.{os.getpid()}.tmp")
-    try:
-        write_folder(temporary, args.tokenizer)
-        os.replace(temporary, args.out)
-    finally:
-        shutil.rmtree(temporary, ignore_errors=True)
+    with atomic_write(args.out, folder=True) as staging:
+        write_folder(staging, args.tokenizer)
     print(f"wrote {args.out}")
 
 

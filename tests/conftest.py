@@ -1,14 +1,42 @@
-"""Shared test set-up: everything runs offline, on the CPU, on files the repo ships."""
+"""Shared test set-up (everything runs offline, on the CPU, on files the repo ships) and the helpers several test
+files use: `from conftest import TINY_BLOOM, metric_rows, ...`."""
 
+import contextlib
+import dataclasses
+import json
 import os
+from pathlib import Path
 
-import pytest
-import torch
-
-# Set before transformers/datasets are imported by any test module: nothing may reach the hub.
+# Set before transformers/datasets are imported (here, or by any test module): nothing may reach the hub.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+from safetensors.torch import load_file  # noqa: E402
+
+from config import TrainConfig  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+TINY_BLOOM = REPO / "models" / "tiny-bloom"
+SAMPLE = REPO / "data" / "alpaca_sample.json"
+
+
+def adapter_tensors(folder: Path) -> dict[str, torch.Tensor]:
+    """The adapter tensors a run (or a checkpoint) saved in `folder`."""
+    return load_file(str(folder / "adapter_model.safetensors"))
+
+
+def metric_rows(output_dir: Path) -> list[dict]:
+    """A run's metrics.jsonl, one dict per line ([] before the file exists; a line being written is skipped)."""
+    path = output_dir / "metrics.jsonl"
+    rows = []
+    for line in path.read_text(errors="replace").splitlines() if path.is_file() else []:
+        with contextlib.suppress(ValueError):
+            rows.append(json.loads(line))
+    return rows
 
 
 @pytest.fixture
@@ -19,3 +47,14 @@ def fake_gpu(monkeypatch):
         monkeypatch.setattr(torch.cuda, "is_bf16_supported",
                             lambda including_emulation=True: native_bf16 or including_emulation)
     return answer_as
+
+
+# Hypothesis's material for settings: every TrainConfig field, and values a user might type for one.
+FIELDS = [f.name for f in dataclasses.fields(TrainConfig)]
+ODD_VALUES = st.one_of(
+    st.text(max_size=12),
+    st.integers(-2**70, 2**70).map(str),
+    st.floats().map(repr),
+    st.sampled_from(["", " ", "true", "No", "latest", "-1", "0", "1e400", "nan", "-inf", "1_000", "0x10", "\u0663",
+                     "4294967296", "2147483648", "1" * 5000, "fp16", "all-linear", " , ", "\x00"]),
+)

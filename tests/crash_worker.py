@@ -14,6 +14,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+import atomic  # noqa: E402
 import checkpoint  # noqa: E402
 import train  # noqa: E402
 
@@ -25,13 +26,22 @@ def die(*args, **kwargs) -> None:
     os._exit(CRASH_EXIT_CODE)
 
 
+def die_before_renaming_a_checkpoint(staging, final) -> None:
+    if final.name.startswith(checkpoint.CHECKPOINT_PREFIX):
+        die()
+    real_replace_path(staging, final)
+
+
+real_replace_path = atomic.replace_path
+
+
 if __name__ == "__main__":
-    # write_checkpoint looks both names up in checkpoint's namespace when it calls them.
+    # write_checkpoint looks write_manifest up in checkpoint's namespace, and atomic_write replace_path in atomic's.
     point = os.environ["CRASH_BEFORE"]
     if point == "manifest":
         checkpoint.write_manifest = die
     elif point == "rename":
-        checkpoint.replace_directory = die
+        atomic.replace_path = die_before_renaming_a_checkpoint
     else:
         sys.exit(f"CRASH_BEFORE must be manifest or rename, got {point!r}")
     sys.exit(train.main())

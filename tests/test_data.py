@@ -1,4 +1,5 @@
-"""Tests for alpaca_data.py: loading, validation, tokenization and its cache, splitting, padding, sampling."""
+"""Tests for data_sources.py (loading) and alpaca_data.py: validation, tokenization and its cache, splitting, padding,
+sampling."""
 
 import http.server
 import json
@@ -24,11 +25,12 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 import alpaca_data as ad  # noqa: E402
-from alpaca_data import DataError  # noqa: E402
+import data_sources as sources  # noqa: E402
+from data_sources import DataError  # noqa: E402
 from prompter import Prompter  # noqa: E402
 
 datasets.disable_progress_bars()
-SAMPLE = ad.DEBUG_SAMPLE
+SAMPLE = sources.DEBUG_SAMPLE
 EMPTY_OUTPUT_INDICES = [284, 1223, 1347, 1736]  # see data/README.md
 
 
@@ -37,7 +39,7 @@ def good(i=0):
 
 
 def load_and_validate(path, cache_dir):
-    return ad.validate_records(ad.load_records(str(path), cache_dir), str(path))
+    return ad.validate_records(sources.load_records(str(path), cache_dir), str(path))
 
 
 def assert_one_line(error, *fragments):
@@ -54,7 +56,7 @@ def assert_one_line(error, *fragments):
 @pytest.fixture(scope="module")
 def sample():
     raw = json.loads(SAMPLE.read_text(encoding="utf-8"))
-    clean, stats = ad.validate_records(ad.load_records(str(SAMPLE), "unused-cache"), str(SAMPLE))
+    clean, stats = ad.validate_records(sources.load_records(str(SAMPLE), "unused-cache"), str(SAMPLE))
     return raw, clean, stats
 
 
@@ -151,13 +153,13 @@ def test_non_utf8_bytes(tmp_path):
 def test_missing_file_is_not_mistaken_for_a_dataset_id(tmp_path, monkeypatch):
     path = tmp_path / "nope.json"
     with pytest.raises(DataError) as e:
-        ad.load_records(str(path), tmp_path)
+        sources.load_records(str(path), tmp_path)
     assert_one_line(e, str(path), "file not found")
     # "data/nope" has the shape of a hub id, but data/ is a local folder, so it is a missing file.
     monkeypatch.chdir(ROOT)
     monkeypatch.setattr(datasets, "load_dataset", lambda *a, **k: pytest.fail("asked the hub"))
     with pytest.raises(DataError) as e:
-        ad.load_records("data/nope", tmp_path)
+        sources.load_records("data/nope", tmp_path)
     assert_one_line(e, "data/nope: file not found")
 
 
@@ -165,10 +167,10 @@ def test_jsonl_and_bom_and_unicode_line_separators(tmp_path):
     records = [good(0), {"instruction": "a\u2028b", "input": "c\u0085d", "output": "e"}]
     path = tmp_path / "x.jsonl"
     path.write_text("\n".join(json.dumps(r, ensure_ascii=False) for r in records) + "\n\n", encoding="utf-8")
-    assert ad.load_records(str(path), tmp_path) == records
+    assert sources.load_records(str(path), tmp_path) == records
     bom = tmp_path / "bom.json"
     bom.write_bytes(b"\xef\xbb\xbf" + json.dumps(records).encode())
-    assert ad.load_records(str(bom), tmp_path) == records
+    assert sources.load_records(str(bom), tmp_path) == records
 
 
 JSON_VALUES = st.recursive(
@@ -253,11 +255,11 @@ def test_url_is_downloaded_once_via_temp_file_and_rename(server, tmp_path, monke
     real_replace = os.replace
     monkeypatch.setattr(os, "replace", lambda src, dst: (renames.append((Path(src), Path(dst))),
                                                           real_replace(src, dst))[1])
-    assert ad.load_records(f"{server.url}/data.json", cache) == records
+    assert sources.load_records(f"{server.url}/data.json", cache) == records
     [(src, dst)] = renames
     assert src.parent == dst.parent == cache / "downloads" and src.name.startswith(".") and dst.is_file()
     assert downloads(cache) == [dst.name]  # no temp file left behind
-    assert ad.load_records(f"{server.url}/data.json", cache) == records
+    assert sources.load_records(f"{server.url}/data.json", cache) == records
     assert server.requests == ["/data.json"]  # the second call used the cache
 
 
@@ -267,11 +269,11 @@ def test_url_errors_leave_no_file_in_the_cache(server, tmp_path):
     for path, fragment in [("/missing.json", "HTTP 404"), ("/cut.json", "received 10 of 1,000 bytes"),
                            ("/page.json", "invalid JSON at line 1")]:
         with pytest.raises(DataError) as e:
-            ad.load_records(server.url + path, cache)
+            sources.load_records(server.url + path, cache)
         assert_one_line(e, server.url + path, fragment)
     assert downloads(cache) == []
     with pytest.raises(DataError) as e:  # nothing listening
-        ad.load_records(server.url.rsplit(":", 1)[0] + ":9/x.json", cache)
+        sources.load_records(server.url.rsplit(":", 1)[0] + ":9/x.json", cache)
     assert_one_line(e, "download failed")
 
 
@@ -279,23 +281,23 @@ def test_alpaca_url_is_size_and_count_checked(server, tmp_path, monkeypatch):
     body = json.dumps([good(0), good(1), good(2)]).encode()
     (server.root / "alpaca_data.json").write_bytes(body)
     url = f"{server.url}/alpaca_data.json"
-    monkeypatch.setattr(ad, "ALPACA_URL", url)
+    monkeypatch.setattr(sources, "ALPACA_URL", url)
     cache = tmp_path / "cache"
     with pytest.raises(DataError) as e:  # ALPACA_BYTES is the real 22 MB file's size
-        ad.load_records(url, cache)
-    assert_one_line(e, url, f"{len(body):,} bytes, expected {ad.ALPACA_BYTES:,}")
+        sources.load_records(url, cache)
+    assert_one_line(e, url, f"{len(body):,} bytes, expected {sources.ALPACA_BYTES:,}")
     assert downloads(cache) == []
 
-    monkeypatch.setattr(ad, "ALPACA_BYTES", len(body))
-    monkeypatch.setattr(ad, "ALPACA_RECORDS", 4)
+    monkeypatch.setattr(sources, "ALPACA_BYTES", len(body))
+    monkeypatch.setattr(sources, "ALPACA_RECORDS", 4)
     with pytest.raises(DataError) as e:
-        ad.load_records(url, cache)
+        sources.load_records(url, cache)
     assert_one_line(e, url, "3 records, expected 4")
-    monkeypatch.setattr(ad, "ALPACA_RECORDS", 3)
-    assert len(ad.load_records(url, cache)) == 3
-    monkeypatch.setattr(ad, "ALPACA_BYTES", len(body) + 1)  # a cached file is checked too
+    monkeypatch.setattr(sources, "ALPACA_RECORDS", 3)
+    assert len(sources.load_records(url, cache)) == 3
+    monkeypatch.setattr(sources, "ALPACA_BYTES", len(body) + 1)  # a cached file is checked too
     with pytest.raises(DataError) as e:
-        ad.load_records(url, cache)
+        sources.load_records(url, cache)
     assert_one_line(e, "cached as", "delete the cached file")
 
 
@@ -311,8 +313,8 @@ def test_google_drive_link_goes_through_gdown(tmp_path, monkeypatch):
 
     monkeypatch.setattr(gdown, "download", fake_download)
     link = "https://drive.google.com/file/d/1AbCdEfGhIjKlMnOpQrStUvWxYz012345/view?usp=sharing"
-    assert ad.load_records(link, tmp_path) == [good()]
-    assert ad.load_records(link, tmp_path) == [good()]
+    assert sources.load_records(link, tmp_path) == [good()]
+    assert sources.load_records(link, tmp_path) == [good()]
     assert calls == [link]
 
     def failing_download(url, output, **kwargs):
@@ -320,7 +322,7 @@ def test_google_drive_link_goes_through_gdown(tmp_path, monkeypatch):
 
     monkeypatch.setattr(gdown, "download", failing_download)
     with pytest.raises(DataError) as e:
-        ad.load_records(link.replace("1AbC", "9ZyX"), tmp_path)
+        sources.load_records(link.replace("1AbC", "9ZyX"), tmp_path)
     assert_one_line(e, "drive.google.com", "FileURLRetrievalError", "Cannot retrieve the public link.")
 
 
@@ -332,7 +334,7 @@ def test_hugging_face_id_goes_through_load_dataset(tmp_path, monkeypatch):
         return datasets.DatasetDict({"train": datasets.Dataset.from_list([good(0), good(1)])})
 
     monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
-    assert ad.load_records("tatsu-lab/alpaca", tmp_path) == [good(0), good(1)]
+    assert sources.load_records("tatsu-lab/alpaca", tmp_path) == [good(0), good(1)]
     assert calls == ["tatsu-lab/alpaca"]
 
     def failing_load_dataset(name, **kwargs):
@@ -340,7 +342,7 @@ def test_hugging_face_id_goes_through_load_dataset(tmp_path, monkeypatch):
 
     monkeypatch.setattr(datasets, "load_dataset", failing_load_dataset)
     with pytest.raises(DataError) as e:
-        ad.load_records("someone/missing", tmp_path)
+        sources.load_records("someone/missing", tmp_path)
     assert_one_line(e, "someone/missing", "ConnectionError: offline")
 
 

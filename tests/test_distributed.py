@@ -28,10 +28,8 @@ from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 import torchrun_worker
 import train
 from config import ConfigError, TrainConfig, load_config
+from conftest import REPO, SAMPLE, TINY_BLOOM, adapter_tensors, metric_rows
 
-REPO = Path(__file__).resolve().parents[1]
-TINY_BLOOM = REPO / "models" / "tiny-bloom"
-SAMPLE = REPO / "data" / "alpaca_sample.json"
 WORKER = REPO / "tests" / "torchrun_worker.py"
 LAUNCH_TIMEOUT_S = 300
 
@@ -92,10 +90,6 @@ def torchrun(*args: str) -> list[str]:
     return [sys.executable, "-m", "torch.distributed.run", *args]
 
 
-def adapter(path: Path) -> dict[str, torch.Tensor]:
-    return load_file(str(path / "adapter_model.safetensors"))
-
-
 def rel_diff(a: dict, b: dict) -> float:
     """Largest relative difference of one tensor, ||a - b|| / ||b||, over the adapter's tensors."""
     assert a.keys() == b.keys()
@@ -105,11 +99,6 @@ def rel_diff(a: dict, b: dict) -> float:
 def max_elementwise_diff(a: dict, b: dict) -> float:
     """Largest |a - b| of one element, relative to its tensor's largest |b|."""
     return max(((a[k] - b[k]).abs().max() / b[k].abs().max().clamp_min(1e-12)).item() for k in a)
-
-
-def metric_rows(out: Path) -> list[dict]:
-    """The run's metrics.jsonl, one dict per line."""
-    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 
 def metrics(out: Path) -> tuple[list[float], float]:
@@ -180,7 +169,7 @@ def assert_same_training(ddp_out: Path, ddp_dump: Path, ref_out: Path, ref_dump:
     assert ddp_grads.keys() == ref_grads.keys()
     eps_regime = eps_regime_elements(ref_grads)
     assert sum(m.sum().item() for m in eps_regime.values()) <= 1e-3 * sum(m.numel() for m in eps_regime.values())
-    adapters = [(adapter(ddp_out / f"checkpoint-{step}"), adapter(ref_out / f"checkpoint-{step}"))
+    adapters = [(adapter_tensors(ddp_out / f"checkpoint-{step}"), adapter_tensors(ref_out / f"checkpoint-{step}"))
                 for step in range(1, steps + 1)]
     every = [rel_diff(a, b) for a, b in adapters]
     outside = [rel_diff_outside(a, b, eps_regime) for a, b in adapters]
@@ -196,8 +185,8 @@ def assert_same_training(ddp_out: Path, ddp_dump: Path, ref_out: Path, ref_dump:
             assert rel_diff(ddp_step, ref_step) <= 1e-4, step
         assert outside[step - 1] <= 1e-5, step
         assert every[step - 1] <= weight_tolerance, step
-    assert rel_diff_outside(adapter(ddp_out), adapter(ref_out), eps_regime) <= 1e-5
-    assert rel_diff(adapter(ddp_out), adapter(ref_out)) <= weight_tolerance
+    assert rel_diff_outside(adapter_tensors(ddp_out), adapter_tensors(ref_out), eps_regime) <= 1e-5
+    assert rel_diff(adapter_tensors(ddp_out), adapter_tensors(ref_out)) <= weight_tolerance
 
 
 FLOAT64_TOLERANCE = 1e-10  # float64 rounding is ~1e-16; AdamW's magnification leaves it far below this
@@ -238,7 +227,7 @@ def assert_same_losses_in_half_precision(ddp_out: Path, ref_out: Path, steps: in
     for a, b in zip([*ddp_losses, ddp_eval], [*ref_losses, ref_eval]):
         assert abs(a - b) <= HALF_TOLERANCE * abs(b), (ddp_losses, ref_losses)
     assert [row["skipped_steps"] for row in metric_rows(ddp_out) if "loss" in row] == [0] * steps
-    saved = adapter(ddp_out)
+    saved = adapter_tensors(ddp_out)
     assert all(t.dtype == torch.float32 for t in saved.values())
     assert any(k.endswith("lora_B.weight") and t.abs().max() > 0 for k, t in saved.items())
 
@@ -276,7 +265,7 @@ def test_torchrun_two_ranks_train_identical_adapters_and_only_rank0_writes(tmp_p
     rank0, rank1 = (load_file(str(dump / "out" / f"rank{r}.safetensors")) for r in (0, 1))
     assert rank0.keys() == rank1.keys() and len(rank0) > 0
     assert all(torch.equal(rank0[k], rank1[k]) for k in rank0)  # bit-identical
-    saved = adapter(out)
+    saved = adapter_tensors(out)
     assert all(v.dtype == torch.float32 for v in saved.values())
     assert all(torch.equal(saved[k], rank0[k].float()) for k in rank0)  # what rank 0 holds is what was saved
 
@@ -377,7 +366,7 @@ def test_two_nodes_match_one_process_with_the_whole_batch(two_node_runs, small_d
     if name in WEIGHT_TOLERANCE:  # one process's own float32 runs that only split the batch otherwise
         for a, b in itertools.combinations(ref_outs, 2):
             print(f"\n{a.name} vs {b.name}, final adapter rel diff (every element): "
-                  f"{rel_diff(adapter(a), adapter(b)):.1e}")
+                  f"{rel_diff(adapter_tensors(a), adapter_tensors(b)):.1e}")
 
 
 @pytest.mark.slow
@@ -393,8 +382,9 @@ def test_the_equivalence_check_is_sensitive(two_node_runs, small_data, tmp_path,
         ddp_grads = load_file(str(two_node_runs / "dump" / ddp_name / "rank0-grads.safetensors"))
         half_grads = load_file(str(ref_dump / "rank0-grads.safetensors"))
         assert max_elementwise_diff(ddp_grads, half_grads) > 1e-2
-        assert rel_diff(adapter(ddp_out), adapter(half_out)) > 1e-2
-        assert rel_diff_outside(adapter(ddp_out), adapter(half_out), eps_regime_elements(half_grads)) > 1e-2
+        assert rel_diff(adapter_tensors(ddp_out), adapter_tensors(half_out)) > 1e-2
+        eps_regime = eps_regime_elements(half_grads)
+        assert rel_diff_outside(adapter_tensors(ddp_out), adapter_tensors(half_out), eps_regime) > 1e-2
 
 
 # --- one gradient all-reduce per optimizer step ----------------------------------------------------------------------

@@ -8,7 +8,6 @@ Every killed run is a real `python train.py` (or torchrun) process, killed from 
 """
 
 import contextlib
-import dataclasses
 import errno
 import io
 import json
@@ -27,17 +26,14 @@ import pytest
 import torch
 from hypothesis import HealthCheck, assume, example, given, settings
 from hypothesis import strategies as st
-from safetensors.torch import load_file
 
-import config
 import train
-from alpaca_data import DataError, load_records, validate_records
+from alpaca_data import validate_records
+from data_sources import DataError, load_records
 from checkpoint import checkpoint_dirs, checkpoint_step, find_latest_checkpoint, prune_checkpoints, verify_checkpoint
-from config import ConfigError, TrainConfig, load_config
+from config import ConfigError, load_config
+from conftest import FIELDS, ODD_VALUES, REPO, SAMPLE, TINY_BLOOM, adapter_tensors, metric_rows
 
-REPO = Path(__file__).resolve().parents[1]
-TINY_BLOOM = REPO / "models" / "tiny-bloom"
-SAMPLE = REPO / "data" / "alpaca_sample.json"
 CRASH_WORKER = REPO / "tests" / "crash_worker.py"
 STEPS = 40
 
@@ -175,24 +171,9 @@ def logged_steps(out: Path) -> list[int]:
     return [row["step"] for row in rows if "loss" in row]
 
 
-def metric_rows(out: Path) -> list[dict]:
-    path = out / "metrics.jsonl"
-    if not path.is_file():
-        return []
-    rows = []
-    for line in path.read_text(errors="replace").splitlines():
-        with contextlib.suppress(ValueError):  # a line being written
-            rows.append(json.loads(line))
-    return rows
-
-
 def step_numbers(out: Path) -> list[tuple]:
     """(step, loss, lr, grad_norm) of every logged optimizer step."""
     return [(r["step"], r["loss"], r["lr"], r["grad_norm"]) for r in metric_rows(out) if "loss" in r]
-
-
-def adapter(path: Path) -> dict[str, torch.Tensor]:
-    return load_file(str(path / "adapter_model.safetensors"))
 
 
 def max_abs_diff(a: dict, b: dict) -> float:
@@ -212,7 +193,7 @@ def assert_same_run(resumed: Path, straight: Path) -> float:
     """The resumed run logged every step once, with the uninterrupted run's numbers, and ended with its adapter."""
     assert [s[0] for s in step_numbers(resumed)] == list(range(1, STEPS + 1))
     assert step_numbers(resumed) == step_numbers(straight)  # loss, lr and gradient norm at every step
-    diff = max_abs_diff(adapter(resumed), adapter(straight))
+    diff = max_abs_diff(adapter_tensors(resumed), adapter_tensors(straight))
     assert diff <= 1e-6
     return diff
 
@@ -407,6 +388,7 @@ def edit_manifest_settings(path: Path) -> None:
     path.write_text(json.dumps(manifest))
 
 
+@pytest.mark.slow  # waits for the `straight` run, a whole train.py process
 def test_latest_picks_the_newest_complete_checkpoint_and_resumes_from_it(tmp_path, straight, data, cache,
                                                                           monkeypatch, capsys):
     """What kills and crashes leave behind, crafted: latest skips each of them and the run resumes from the newest
@@ -448,6 +430,7 @@ def test_latest_with_no_checkpoint_starts_at_step_0_with_a_note(tmp_path, data, 
     assert logged_steps(tmp_path / "out") == [1]
 
 
+@pytest.mark.slow  # waits for the `straight` run, a whole train.py process
 @pytest.mark.parametrize("damage, file, message", [
     (truncate, "adapter_model.safetensors", "adapter_model.safetensors is {size} bytes but manifest.json says"),
     (flip_last_byte, "trainer_state.pt", "trainer_state.pt does not match its SHA-256 in manifest.json"),
@@ -470,6 +453,7 @@ def test_a_damaged_checkpoint_is_refused_naming_the_file(tmp_path, straight, dat
     assert not (tmp_path / "out").exists()  # refused before anything is written
 
 
+@pytest.mark.slow  # waits for the `straight` run, a whole train.py process
 def test_resuming_with_other_settings_is_refused_naming_each(tmp_path, straight, data, cache, monkeypatch, capsys):
     other_data = tmp_path / "other.json"
     records = json.loads(data.read_text())
@@ -488,6 +472,7 @@ def test_resuming_with_other_settings_is_refused_naming_each(tmp_path, straight,
                       "start a new run in another OUTPUT_DIR"]
 
 
+@pytest.mark.slow  # waits for the `straight` run, a whole train.py process
 def test_save_total_limit_deletes_only_older_complete_checkpoints_oldest_first(tmp_path, straight):
     out = tmp_path / "out"
     for step in (10, 16, 20, 30, 40):
@@ -522,12 +507,7 @@ def test_resuming_mid_epoch_skips_batches_without_collating_them():
         assert list(loader) == full[2:] and len(calls) == len(full) - 2
 
 
-def test_every_setting_is_classified_for_resume():
-    """A new setting must be placed in one of the three groups (must match, may change with a note, free)."""
-    groups = config.RESUME_MUST_MATCH + config.RESUME_MAY_CHANGE_WITH_NOTE + config.RESUME_FREE
-    assert sorted(groups) == sorted(f.name for f in dataclasses.fields(TrainConfig))
-
-
+@pytest.mark.slow  # waits for the `straight` run, a whole train.py process
 def test_the_same_data_under_another_path_resumes(tmp_path, straight, data, cache, monkeypatch, capsys):
     """DATA_PATH may move (another machine, another mount): the content is compared, not the path. The run's new
     length is allowed, with a note."""
@@ -612,29 +592,6 @@ def test_ddp_timeout_is_the_process_group_timeout(monkeypatch):
 
 
 # --- malformed input: accepted, or refused with one line --------------------------------------------------------------
-
-FIELDS = [f.name for f in dataclasses.fields(TrainConfig)]
-ODD_VALUES = st.one_of(
-    st.text(max_size=12),
-    st.integers(-2**70, 2**70).map(str),
-    st.floats().map(repr),
-    st.sampled_from(["", " ", "true", "No", "latest", "-1", "0", "1e400", "nan", "-inf", "1_000", "0x10", "\u0663",
-                     "4294967296", "2147483648", "1" * 5000, "fp16", "all-linear", " , ", "\x00"]),
-)
-
-
-@settings(max_examples=300, deadline=None, derandomize=True)
-@given(env=st.dictionaries(st.sampled_from(FIELDS).map(str.upper), ODD_VALUES, max_size=4),
-       flags=st.dictionaries(st.sampled_from(FIELDS), ODD_VALUES, max_size=2))
-def test_config_parsing_accepts_or_refuses_in_one_line(env, flags):
-    argv = [f"--{name}={value}" for name, value in flags.items()]
-    try:
-        cfg = load_config(argv, env)
-    except ConfigError as err:
-        assert "\n" not in str(err) and str(err)
-        return
-    assert cfg.batch_size > 0 and 0 <= cfg.seed < 2**32  # an accepted config is a valid one
-
 
 JSON_VALUES = st.recursive(st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=8),
                            lambda inner: st.lists(inner, max_size=3) | st.dictionaries(

@@ -21,10 +21,8 @@ import train
 from config import TrainConfig
 from lora_model import LoraConfig, LoraModelForCasualLM
 from prompter import Prompter
+from conftest import REPO, SAMPLE, TINY_BLOOM
 
-REPO = Path(__file__).resolve().parents[1]
-TINY_BLOOM = REPO / "models" / "tiny-bloom"
-SAMPLE = REPO / "data" / "alpaca_sample.json"
 
 INSTRUCTIONS = ["Give three tips for staying healthy.", "What are the three primary colors?",
                 "Describe the structure of an atom.", "Translate the sentence into French."]

@@ -19,10 +19,7 @@ from transformers import BloomForCausalLM
 
 import train
 from config import TrainConfig, load_config
-
-REPO = Path(__file__).resolve().parents[1]
-TINY_BLOOM = REPO / "models" / "tiny-bloom"
-SAMPLE = REPO / "data" / "alpaca_sample.json"
+from conftest import REPO, SAMPLE, TINY_BLOOM, adapter_tensors, metric_rows
 
 
 @pytest.fixture(scope="module")
@@ -61,16 +58,8 @@ def make_trainer(cfg: TrainConfig, precision: str) -> train.Trainer:
     return train.Trainer(cfg, dist, model, tokenizer, train_set, valid_set, precision)
 
 
-def metric_rows(out: Path) -> list[dict]:
-    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-
-
 def step_rows(out: Path) -> list[dict]:
     return [row for row in metric_rows(out) if "loss" in row]
-
-
-def adapter(path: Path) -> dict[str, torch.Tensor]:
-    return load_file(str(path / "adapter_model.safetensors"))
 
 
 # --- which precision ------------------------------------------------------------------------------------------------
@@ -109,7 +98,7 @@ def test_base_weights_are_half_on_a_gpu_only_and_the_banner_says_so():
                                               ("fp32", torch.float32)])
 def test_training_and_evaluation_run_under_the_same_autocast(tmp_path, small_data, precision, dtype):
     trainer = make_trainer(TrainConfig(**tiny_settings(tmp_path, small_data, max_steps=1)), precision)
-    assert trainer.scaler.is_enabled() == (precision == "fp16")
+    assert trainer.gradscaler.is_enabled() == (precision == "fp16")
     assert all(p.dtype == torch.float32 for p in trainer.trainable_parameters())  # LoRA stays float32
     seen = []
     qkv = trainer.raw_model.model.transformer.h[0].self_attention.query_key_value
@@ -121,7 +110,7 @@ def test_training_and_evaluation_run_under_the_same_autocast(tmp_path, small_dat
 
 def test_fp16_step_order_is_scale_backward_unscale_clip_step_update(tmp_path, small_data, monkeypatch):
     trainer = make_trainer(TrainConfig(**tiny_settings(tmp_path, small_data, grad_accum_steps=2)), "fp16")
-    scaler, calls, clipped = trainer.scaler, [], []
+    scaler, calls, clipped = trainer.gradscaler, [], []
     assert scaler.get_scale() == 65536.0  # torch.amp.GradScaler("cpu"), loss scaling on
 
     def spy(name, real):
@@ -202,14 +191,14 @@ def test_half_precision_base_weights_train_as_on_a_gpu(tmp_path, small_data, mon
     assert len(rows) == len(reference) == 5 and rows[-1]["skipped_steps"] == 0  # fp16; bf16 has no GradScaler
     for row, ref in zip(rows, reference):
         assert abs(row["loss"] - ref["loss"]) <= 0.01 * ref["loss"]
-    saved = adapter(Path(cfg.output_dir))
+    saved = adapter_tensors(Path(cfg.output_dir))
     assert all(t.dtype == torch.float32 for t in saved.values())
     assert any(k.endswith("lora_B.weight") and t.abs().max() > 0 for k, t in saved.items())
 
 
 @pytest.mark.parametrize("name", ["fp32", "mix", "fp16"])
 def test_saved_adapters_are_float32_whatever_the_precision(runs, name):
-    saved = adapter(runs[name])
+    saved = adapter_tensors(runs[name])
     assert saved and all(t.dtype == torch.float32 and torch.isfinite(t).all() for t in saved.values())
     assert any(k.endswith("lora_B.weight") and t.abs().max() > 0 for k, t in saved.items())
 
@@ -238,7 +227,7 @@ def test_nan_loss_without_a_scaler_stops_with_one_line_and_keeps_the_last_checkp
     assert err_lines == [f"error: loss is nan at step 3 with bf16; stopping before the update. The last good "
                          f"checkpoint is {out / 'checkpoint-2'}; try a lower LEARNING_RATE or PRECISION=fp32"]
     assert sorted(p.name for p in out.iterdir()) == ["checkpoint-2", "metrics.jsonl"]  # no final adapter
-    kept = adapter(out / "checkpoint-2")
+    kept = adapter_tensors(out / "checkpoint-2")
     assert all(torch.isfinite(t).all() for t in kept.values())
     state = torch.load(out / "checkpoint-2" / "trainer_state.pt", weights_only=True)
     assert state["step"] == 2
@@ -273,7 +262,7 @@ def test_inf_gradient_without_a_scaler_stops_before_the_update(tmp_path, small_d
     assert len(err_lines) == 1 and err_lines[0].startswith("error: gradient norm is inf at step 2 with bf16")
     out = Path(settings["output_dir"])
     assert sorted(p.name for p in out.iterdir()) == ["checkpoint-1", "metrics.jsonl"]
-    assert all(torch.isfinite(t).all() for t in adapter(out / "checkpoint-1").values())
+    assert all(torch.isfinite(t).all() for t in adapter_tensors(out / "checkpoint-1").values())
 
 
 def test_fp16_inf_gradient_is_skipped_counted_and_shown(tmp_path, small_data, monkeypatch, capsys):
@@ -286,10 +275,10 @@ def test_fp16_inf_gradient_is_skipped_counted_and_shown(tmp_path, small_data, mo
     assert [row["skipped_steps"] for row in rows] == [0, 1, 1, 1]
     assert math.isinf(rows[1]["grad_norm"]) and all(math.isfinite(r["grad_norm"]) for r in rows[2:])
     # The skipped step left the adapter as it was; the others changed it.
-    one, two, three = (adapter(out / f"checkpoint-{k}") for k in (1, 2, 3))
+    one, two, three = (adapter_tensors(out / f"checkpoint-{k}") for k in (1, 2, 3))
     assert all(torch.equal(one[k], two[k]) for k in one)
     assert any(not torch.equal(two[k], three[k]) for k in two)
-    assert all(torch.isfinite(t).all() for t in adapter(out).values())
+    assert all(torch.isfinite(t).all() for t in adapter_tensors(out).values())
     scaler_state = torch.load(out / "checkpoint-4" / "trainer_state.pt", weights_only=True)["scaler"]
     assert scaler_state["scale"] == 65536.0 / 2  # backed off once
     captured = capsys.readouterr()
@@ -309,6 +298,7 @@ def load_bench_precision():
     return bench
 
 
+@pytest.mark.slow  # the benchmark end to end
 def test_bench_precision_runs_and_writes_its_table(tmp_path, capsys):
     """bench/bench_precision.py end to end on a toy shape (the real run takes minutes): every variant timed and its
     loss checked against fp32, the table written with its command on top; memory measured in a fresh process."""
@@ -412,7 +402,7 @@ def test_out_of_memory_is_one_line_with_what_to_change(tmp_path, small_data, mon
     real_step = train.Trainer.optimizer_step
 
     def step_that_runs_out_of_memory(self, micro_batches):
-        if self.step == 1:
+        if self.progress.step == 1:
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 1.96 GiB")
         return real_step(self, micro_batches)
 

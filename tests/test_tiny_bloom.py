@@ -69,7 +69,8 @@ def test_tokenizer_config_loads_on_transformers_4_and_5():
 def test_special_tokens_have_bloom_ids(tokenizer, model):
     for token, token_id in BLOOM_SPECIAL_TOKENS.items():
         assert tokenizer.convert_tokens_to_ids(token) == token_id, token
-    assert (tokenizer.unk_token_id, tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id) == (0, 1, 2, 3)
+    ids = (tokenizer.unk_token_id, tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id)
+    assert ids == (0, 1, 2, 3)
     assert (model.config.bos_token_id, model.config.eos_token_id, model.config.pad_token_id) == (1, 2, 3)
     assert (model.generation_config.eos_token_id, model.generation_config.pad_token_id) == (2, 3)
     # Like BLOOM: pad on the left (so generation continues right after the prompt) and add no special tokens.

@@ -133,6 +133,7 @@ def test_it_does_not_keep_a_float32_copy_of_the_logits_for_backward():
     assert others == 4 * 64 * (8 + 4)
 
 
+@pytest.mark.slow  # the benchmark end to end
 def test_bench_loss_runs_and_writes_its_table(tmp_path, capsys):
     """bench/bench_loss.py end to end on a small vocabulary (the real one takes minutes): every loss timed and
     compared, the table written with its command on top; memory measured in a fresh process."""

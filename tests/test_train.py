@@ -6,6 +6,7 @@ full-batch backward written out here, and the saved adapter against PEFT's loade
 """
 
 import json
+import math
 import os
 import re
 import subprocess
@@ -15,16 +16,14 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
+import checkpoint
+import distributed
 import train
 from alpaca_data import IGNORE_INDEX
 from checkpoint import checkpoint_dirs
-from config import ConfigError, TrainConfig, load_config
-
-REPO = Path(__file__).resolve().parents[1]
-TINY_BLOOM = REPO / "models" / "tiny-bloom"
-SAMPLE = REPO / "data" / "alpaca_sample.json"
+from config import TrainConfig
+from conftest import REPO, SAMPLE, TINY_BLOOM, adapter_tensors, metric_rows
 
 
 @pytest.fixture(scope="module")
@@ -48,63 +47,9 @@ def tiny_config(tmp_path: Path, data: Path, **overrides) -> TrainConfig:
     return TrainConfig(**settings)
 
 
-def adapter_tensors(output_dir: Path) -> dict[str, torch.Tensor]:
-    return load_file(str(output_dir / "adapter_model.safetensors"))
-
-
-def metric_rows(output_dir: Path) -> list[dict]:
-    """The run's metrics.jsonl, one dict per line."""
-    return [json.loads(line) for line in (output_dir / "metrics.jsonl").read_text().splitlines()]
-
-
 def max_rel_diff(a: dict, b: dict) -> float:
     assert a.keys() == b.keys()
     return max(((a[k] - b[k]).abs().max() / b[k].abs().max().clamp_min(1e-12)).item() for k in a)
-
-
-# --- configuration ------------------------------------------------------------------------------------------------
-
-def test_env_and_flags_build_one_validated_config():
-    cfg = load_config(["--batch-size", "2"], {"BATCH_SIZE": "16", "DEBUG": "yes", "LORA_R": "4",
-                                             "MIX_PREC_TRAIN": "0", "TARGET_MODULES": "query_key_value,dense"})
-    assert cfg.batch_size == 2  # the flag wins over the environment
-    assert cfg.debug and not cfg.mix_prec_train and cfg.lora_r == 4
-    assert cfg.target_module_list == ["query_key_value", "dense"]
-    assert cfg.data_path.endswith("alpaca_sample.json") and cfg.num_epochs == 1  # DEBUG's defaults
-    assert load_config([], {"DEBUG": "true", "NUM_EPOCHS": "2"}).num_epochs == 2  # explicit beats DEBUG
-
-
-def test_seed_hyper_parameters_are_the_defaults():
-    cfg = load_config([], {})
-    assert (cfg.learning_rate, cfg.warmup_steps, cfg.max_length, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout) == (
-        3e-4, 100, 512, 8, 16, 0.05)
-    assert cfg.model_path == "bigscience/bloom-1b7" and cfg.weight_decay > 0
-
-
-@pytest.mark.parametrize("env, message", [
-    ({"BATCH_SIZE": "abc"}, "BATCH_SIZE must be an integer, got 'abc'"),
-    ({"DEBUG": "maybe"}, "DEBUG must be one of 1/0/true/false/yes/no, got 'maybe'"),
-    ({"LEARNING_RATE": "fast"}, "LEARNING_RATE must be a number"),
-    ({"LEARNING_RATE": "nan"}, "LEARNING_RATE must be a finite number"),
-    ({"BATCH_SIZE": "0"}, "BATCH_SIZE must be > 0"),
-    ({"LORA_DROPOUT": "1.5"}, "LORA_DROPOUT must be in [0, 1)"),
-    ({"PRECISION": "fp8"}, "PRECISION must be one of fp32, bf16, fp16"),
-    ({"MAX_STEPS": "0"}, "MAX_STEPS must be a positive step count or -1"),
-    ({"SIZE_VALID_SET": "2.5"}, "SIZE_VALID_SET must be a whole count or a fraction"),
-])
-def test_bad_setting_names_the_variable(env, message):
-    with pytest.raises(ConfigError, match=re.escape(message)):
-        load_config([], env)
-
-
-def test_help_lists_every_option_with_its_default(capsys):
-    with pytest.raises(SystemExit) as exit_info:
-        load_config(["--help"], {})
-    assert exit_info.value.code == 0
-    help_text = " ".join(capsys.readouterr().out.split())
-    for name in ("DEBUG", "MIX_PREC_TRAIN", "DDP", "BATCH_SIZE", "TRAIN_ON_INPUTS", "GROUP_BY_LENGTH", "RESUME_FROM"):
-        assert name in help_text
-    assert "LEARNING_RATE, default 0.0003)" in help_text
 
 
 # --- bad input: one line, exit 1, nothing written -----------------------------------------------------------------
@@ -179,13 +124,10 @@ def captured_step_gradients(cfg: TrainConfig) -> tuple:
                 param.copy_(torch.randn(param.shape, generator=generator) * 0.05)
     initial_adapter = {k: v.clone() for k, v in model.adapter_state_dict().items()}
     grads = []
-    real_step = trainer.optimizer.step
-
-    def recording_step(*args, **kwargs):
-        grads.extend(p.grad.detach().clone() for p in trainer.trainable_parameters())
-        return real_step(*args, **kwargs)
-
-    trainer.optimizer.step = recording_step
+    # A step pre-hook sees the gradients the optimizer is about to use (replacing optimizer.step instead would make
+    # the LR scheduler warn that the step was overridden).
+    trainer.optimizer.register_step_pre_hook(lambda optimizer, args, kwargs: grads.extend(
+        p.grad.detach().clone() for p in trainer.trainable_parameters()))
     trainer.train_loader.sampler.set_epoch(0)
     micro_batches = [b for _, b in zip(range(cfg.grad_accum_steps), trainer.train_loader)]
     trainer.optimizer_step(micro_batches)
@@ -308,7 +250,7 @@ def test_older_libraries_get_the_old_option_names(monkeypatch):
         def __init__(self, module, device_ids=None, broadcast_buffers=True):
             pass
 
-    monkeypatch.setattr(train, "DistributedDataParallel", OlderDDP)
+    monkeypatch.setattr(distributed, "DistributedDataParallel", OlderDDP)
     assert train.no_buffer_sync_before_forward() == {"broadcast_buffers": False}
 
 
@@ -328,7 +270,7 @@ def test_longest_batch_is_tried_before_training_and_leaves_no_trace(tmp_path, sm
     adapter_before = {k: v.clone() for k, v in model.adapter_state_dict().items()}
     rng_before = torch.get_rng_state()
 
-    line = trainer.try_longest_batch()
+    line = train.try_longest_batch(trainer)
 
     longest = sorted(train_set["length"])[-cfg.batch_size:]
     assert [(sorted(lengths), training, grad) for lengths, training, grad in seen] == [(longest, True, True)]
@@ -356,6 +298,45 @@ def test_resume_from_checkpoint_continues_exactly(tmp_path, small_data):
     assert steps == [3, 4]
 
 
+def test_a_latest_resume_hashes_each_checkpoint_file_once(tmp_path, small_data, monkeypatch):
+    """RESUME_FROM=latest finds, verifies and loads the newest checkpoint reading each of its files' SHA-256 once
+    (it used to be resolved and verified in three places)."""
+    train.run(tiny_config(tmp_path, small_data, max_steps=2, save_steps=0), train.DistEnv())
+    checkpoint_folder = tmp_path / "out" / "checkpoint-2"
+    hashed = []
+    real_digest = checkpoint.file_digest
+    monkeypatch.setattr(checkpoint, "file_digest", lambda path: hashed.append(Path(path)) or real_digest(path))
+    train.run(tiny_config(tmp_path, small_data, max_steps=3, save_steps=0, resume_from="latest"), train.DistEnv())
+    read = sorted(path.name for path in hashed if path.parent == checkpoint_folder)
+    assert read == sorted(path.name for path in checkpoint_folder.iterdir() if path.name != "manifest.json")
+
+
+def test_an_optimizer_step_reads_its_numbers_from_the_device_once(tmp_path, small_data, monkeypatch):
+    """One host sync per fp32/bf16 optimizer step: the loss, gradient norm and stop signals come back together.
+    Counted as train.py's own reads of tensor values (a batch's token counts are read on the CPU, before the batch
+    moves to the device; AdamW's CPU step counter is torch's)."""
+    trainer = tiny_trainer(tiny_config(tmp_path, small_data, grad_accum_steps=2, batch_size=2))
+    trainer.train_loader.sampler.set_epoch(0)
+    micro_batches = [b for _, b in zip(range(2), trainer.train_loader)]
+    reads = []
+
+    def counting(method):
+        real = getattr(torch.Tensor, method)
+
+        def read(self, *args, **kwargs):
+            caller = sys._getframe(1).f_code
+            if caller.co_filename == train.__file__ and caller.co_name != "<listcomp>":  # not the CPU batch counts
+                reads.append(f"{caller.co_name}: {method}")
+            return real(self, *args, **kwargs)
+        return read
+
+    for method in ("item", "tolist", "__float__", "__int__", "__bool__"):
+        monkeypatch.setattr(torch.Tensor, method, counting(method))
+    metrics = trainer.optimizer_step(micro_batches)
+    monkeypatch.undo()
+    assert reads == ["optimizer_step: tolist"] and math.isfinite(metrics["loss"]) and metrics["step"] == 1
+
+
 def test_a_run_ended_by_max_steps_is_checkpointed_and_a_longer_run_extends_it(tmp_path, small_data, capsys,
                                                                               monkeypatch):
     """MAX_STEPS ending a run mid-epoch (10 steps per epoch here) still leaves a checkpoint of its last step, even
@@ -378,7 +359,7 @@ def test_a_run_ended_by_max_steps_is_checkpointed_and_a_longer_run_extends_it(tm
     # its last evaluation is neither run nor logged again, and is what the run returns; no batch is tried.
     written = (out / "checkpoint-4").stat().st_ino
     logged = (out / "metrics.jsonl").read_text()
-    monkeypatch.setattr(train.Trainer, "try_longest_batch", lambda self: pytest.fail("a finished run tries a batch"))
+    monkeypatch.setattr(train, "try_longest_batch", lambda trainer: pytest.fail("a finished run tries a batch"))
     metrics = train.run(tiny_config(tmp_path, small_data, max_steps=4, save_steps=0, resume_from="latest"),
                         train.DistEnv())
     assert (out / "checkpoint-4").stat().st_ino == written

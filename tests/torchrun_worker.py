@@ -76,14 +76,13 @@ class RecordingTrainer(train.Trainer):
         super().__init__(*args, **kwargs)
         self.step_grads: dict[str, torch.Tensor] = {}
         named = [(n, p) for n, p in self.raw_model.named_parameters() if p.requires_grad]
-        real_step = self.optimizer.step
 
-        def recording_step(*step_args, **step_kwargs):
-            # Called by GradScaler.step after all-reduce, unscale_ and clipping: what the update is made from.
-            self.step_grads.update({f"{self.step + 1}/{n}": p.grad.detach().clone() for n, p in named})
-            return real_step(*step_args, **step_kwargs)
+        def record_gradients(optimizer, step_args, step_kwargs):
+            # Runs when GradScaler.step calls optimizer.step, after all-reduce, unscale_ and clipping: what the
+            # update is made from. (A pre-hook, not a replaced optimizer.step, which the LR scheduler warns about.)
+            self.step_grads.update({f"{self.progress.step + 1}/{n}": p.grad.detach().clone() for n, p in named})
 
-        self.optimizer.step = recording_step
+        self.optimizer.register_step_pre_hook(record_gradients)
 
     def save_final_adapter(self) -> None:
         super().save_final_adapter()

@@ -1,0 +1,82 @@
+"""Tests for config.py: one validated TrainConfig from env vars and flags, every bad value a one-line error naming the
+variable, every setting classified for resume, and docs/options.md generated from it."""
+
+import dataclasses
+import re
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import config
+from config import ConfigError, TrainConfig, load_config
+from conftest import FIELDS, ODD_VALUES, REPO
+
+
+def test_options_doc_is_generated_from_the_config():
+    """A new or changed TrainConfig field must reach docs/options.md; the message says how to regenerate it."""
+    assert (REPO / "docs" / "options.md").read_text() == config.options_markdown(), (
+        "docs/options.md is out of date; regenerate it with "
+        "python -c \"import config; print(config.options_markdown(), end='')\" > docs/options.md")
+
+
+def test_env_and_flags_build_one_validated_config():
+    cfg = load_config(["--batch-size", "2"], {"BATCH_SIZE": "16", "DEBUG": "yes", "LORA_R": "4",
+                                             "MIX_PREC_TRAIN": "0", "TARGET_MODULES": "query_key_value,dense"})
+    assert cfg.batch_size == 2  # the flag wins over the environment
+    assert cfg.debug and not cfg.mix_prec_train and cfg.lora_r == 4
+    assert cfg.target_module_list == ["query_key_value", "dense"]
+    assert cfg.data_path.endswith("alpaca_sample.json") and cfg.num_epochs == 1  # DEBUG's defaults
+    assert load_config([], {"DEBUG": "true", "NUM_EPOCHS": "2"}).num_epochs == 2  # explicit beats DEBUG
+
+
+def test_seed_hyper_parameters_are_the_defaults():
+    cfg = load_config([], {})
+    assert (cfg.learning_rate, cfg.warmup_steps, cfg.max_length, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout) == (
+        3e-4, 100, 512, 8, 16, 0.05)
+    assert cfg.model_path == "bigscience/bloom-1b7" and cfg.weight_decay > 0
+
+
+@pytest.mark.parametrize("env, message", [
+    ({"BATCH_SIZE": "abc"}, "BATCH_SIZE must be an integer, got 'abc'"),
+    ({"DEBUG": "maybe"}, "DEBUG must be one of 1/0/true/false/yes/no, got 'maybe'"),
+    ({"LEARNING_RATE": "fast"}, "LEARNING_RATE must be a number"),
+    ({"LEARNING_RATE": "nan"}, "LEARNING_RATE must be a finite number"),
+    ({"BATCH_SIZE": "0"}, "BATCH_SIZE must be > 0"),
+    ({"LORA_DROPOUT": "1.5"}, "LORA_DROPOUT must be in [0, 1)"),
+    ({"PRECISION": "fp8"}, "PRECISION must be one of fp32, bf16, fp16"),
+    ({"MAX_STEPS": "0"}, "MAX_STEPS must be a positive step count or -1"),
+    ({"SIZE_VALID_SET": "2.5"}, "SIZE_VALID_SET must be a whole count or a fraction"),
+])
+def test_bad_setting_names_the_variable(env, message):
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        load_config([], env)
+
+
+def test_help_lists_every_option_with_its_default(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        load_config(["--help"], {})
+    assert exit_info.value.code == 0
+    help_text = " ".join(capsys.readouterr().out.split())
+    for name in ("DEBUG", "MIX_PREC_TRAIN", "DDP", "BATCH_SIZE", "TRAIN_ON_INPUTS", "GROUP_BY_LENGTH", "RESUME_FROM"):
+        assert name in help_text
+    assert "LEARNING_RATE, default 0.0003)" in help_text
+
+
+def test_every_setting_is_classified_for_resume():
+    """A new setting must be placed in one of the three groups (must match, may change with a note, free)."""
+    groups = config.RESUME_MUST_MATCH + config.RESUME_MAY_CHANGE_WITH_NOTE + config.RESUME_FREE
+    assert sorted(groups) == sorted(f.name for f in dataclasses.fields(TrainConfig))
+
+
+@settings(max_examples=300, deadline=None, derandomize=True)
+@given(env=st.dictionaries(st.sampled_from(FIELDS).map(str.upper), ODD_VALUES, max_size=4),
+       flags=st.dictionaries(st.sampled_from(FIELDS), ODD_VALUES, max_size=2))
+def test_config_parsing_accepts_or_refuses_in_one_line(env, flags):
+    argv = [f"--{name}={value}" for name, value in flags.items()]
+    try:
+        cfg = load_config(argv, env)
+    except ConfigError as err:
+        assert "\n" not in str(err) and str(err)
+        return
+    assert cfg.batch_size > 0 and 0 <= cfg.seed < 2**32  # an accepted config is a valid one
