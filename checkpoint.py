@@ -28,11 +28,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.distributed as torch_dist
 
 from atomic import atomic_write
 from config import RESUME_MUST_MATCH, ConfigError, TrainConfig
-from distributed import DistEnv, note
+from distributed import DistEnv, broadcast_from_master, note
 from lora_model import ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME, LoraModelForCasualLM
 
 TRAINER_STATE_NAME = "trainer_state.pt"
@@ -328,23 +327,17 @@ def resolve_resume(cfg: TrainConfig, dist: DistEnv) -> tuple[Path, dict] | None:
     """
     output_dir = Path(cfg.output_dir)
     if not cfg.resume_from:
-        if checkpoint_dirs(output_dir):
-            note(f"{output_dir} already holds checkpoints up to {checkpoint_dirs(output_dir)[0].name}; this run "
-                 "starts at step 0 (RESUME_FROM=latest would continue the earlier run instead)", dist)
         return None
     if cfg.resume_from != "latest":
         return Path(cfg.resume_from), verify_resume_checkpoint(Path(cfg.resume_from))
     skipped: list[str] = []
-    found = [newest_complete_checkpoint(output_dir, skipped) if dist.is_master else None]
-    if dist.ddp:
-        torch_dist.broadcast_object_list(found, src=0)
+    found = broadcast_from_master(newest_complete_checkpoint(output_dir, skipped) if dist.is_master else None, dist)
     for reason in skipped:
         note(f"RESUME_FROM=latest: skipping {reason}", dist)
-    if found[0] is None:
+    if found is None:
         note(f"RESUME_FROM=latest: no complete checkpoint in {output_dir} yet; starting at step 0", dist)
-    if found[0] is None:
         return None
-    folder, manifest = found[0]
+    folder, manifest = found
     return Path(folder), manifest if dist.is_master else verify_resume_checkpoint(Path(folder))
 
 

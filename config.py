@@ -62,6 +62,9 @@ class TrainConfig:
                                                                "(0: keep all)"})
     train_on_inputs: bool = field(default=True, metadata={"help": "false: prompt tokens carry no label"})
     group_by_length: bool = field(default=False, metadata={"help": "batch similar lengths together (less padding)"})
+    overwrite_output_dir: bool = field(default=False, metadata={"help": "a new run into a folder that holds another "
+                                                                       "run's results moves them aside to "
+                                                                       "<OUTPUT_DIR>.replaced-<time>/ first"})
     resume_from: str = field(default="", metadata={"help": "checkpoint folder to continue from, or 'latest': the "
                                                             "newest complete one in OUTPUT_DIR (none yet: start "
                                                             "at step 0, with a note)"})
@@ -114,6 +117,9 @@ class TrainConfig:
             raise ConfigError(f"LORA_DROPOUT must be in [0, 1), got {self.lora_dropout}")
         if self.precision and self.precision not in PRECISIONS:
             raise ConfigError(f"PRECISION must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
+        if self.overwrite_output_dir and self.resume_from:
+            raise ConfigError(f"RESUME_FROM={self.resume_from!r} continues a run and OVERWRITE_OUTPUT_DIR=true starts "
+                              "a new one; set one of them")
         if not self.target_module_list:
             raise ConfigError("TARGET_MODULES must name at least one module")
         if 0 < self.size_valid_set < 1 or self.size_valid_set == int(self.size_valid_set):
@@ -153,7 +159,7 @@ RESUME_MAY_CHANGE_WITH_NOTE = ("num_epochs", "max_steps", "mix_prec_train", "pre
 # activations are kept or recomputed (GRADIENT_CHECKPOINTING: the same adapter, tested). DATA_PATH may name another
 # copy of the same data (the content is compared); DEBUG acts only through the settings above.
 RESUME_FREE = ("debug", "ddp", "data_path", "output_dir", "cache_dir", "num_workers", "eval_freq", "save_steps",
-               "save_total_limit", "ddp_timeout", "resume_from", "gradient_checkpointing")
+               "save_total_limit", "ddp_timeout", "resume_from", "gradient_checkpointing", "overwrite_output_dir")
 
 
 def parse_value(name: str, raw: str, kind: type):

@@ -80,6 +80,15 @@ def all_reduce_sum(value: torch.Tensor, dist: DistEnv) -> torch.Tensor:
     return value
 
 
+def broadcast_from_master(value, dist: DistEnv):
+    """Rank 0's `value` (any picklable object), on every rank: for decisions all ranks must take together."""
+    if not dist.ddp:
+        return value
+    box = [value]
+    torch_dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
 def gather_objects(value, dist: DistEnv) -> list:
     """Every rank's `value`, in rank order, on every rank."""
     if not dist.ddp:

@@ -44,6 +44,7 @@ from distributed import (DistEnv, all_reduce_sum, gather_objects, no_buffer_sync
 from faults import RunError, StopSignals, TrainingStopped
 from lora_model import LoraConfig, LoraModelForCasualLM, read_adapter_dir
 from metrics import MetricsLog
+from output_dir import check_output_dir, own_output_dir
 from prompter import Prompter
 from token_loss import count_label_tokens, next_token_labels, sum_token_loss
 
@@ -250,6 +251,7 @@ class Trainer:
         a stop signal this process received, or 0 (faults.StopSignals), read once per step and between evaluation
         batches; a signal raises TrainingStopped once the step in progress is finished and checkpointed."""
         self.stop_signal = stop_signal
+        self.metrics.trim(self.progress.step)  # rows past the checkpoint (or of a run that had none) are redone
         self.raw_model.train()
         # `with`: the bar's line is ended also when an error ends the run, so the error gets a line of its own.
         with tqdm(total=self.total_steps, initial=self.progress.step, disable=not self.dist.is_master,
@@ -436,7 +438,6 @@ class Trainer:
             self._saved_step = self.progress.step
         for remark in resume_notes(manifest, self.total_steps, self.precision):
             note(remark, self.dist)
-        self.metrics.trim(self.progress.step)
 
     def save_final_adapter(self) -> None:
         """The finished adapter, directly in OUTPUT_DIR (PeftModel.from_pretrained(base, OUTPUT_DIR) loads it), and
@@ -513,6 +514,7 @@ def run(cfg: TrainConfig, dist: DistEnv) -> dict:
     Raises:
         TrainingStopped: a stop signal; the checkpoint is written.
     """
+    check_output_dir(cfg, dist)  # another run's folder: refused at once, nothing written
     seed_everything(cfg.seed)
     precision = resolve_precision(cfg, dist.device)
     tokenizer = load_tokenizer(cfg.model_path)
@@ -532,14 +534,15 @@ def run(cfg: TrainConfig, dist: DistEnv) -> dict:
     fits = "nothing left to train" if trainer.finished else try_longest_batch(trainer)
     if dist.is_master:
         print(f"memory       {fits}", flush=True)
-    with StopSignals(force_on_second_sigint=not dist.ddp) as signals:
-        metrics = trainer.train(stop_signal=lambda: signals.received)
-    trainer.save_final_adapter()
-    if dist.is_master:
-        print(f"adapter saved to {cfg.output_dir}" + (
-            f"; {trainer.progress.skipped_steps} of {trainer.progress.step} fp16 steps skipped by the GradScaler "
-            "(inf/NaN gradients)" if trainer.gradscaler.is_enabled() else ""), flush=True)
-    return metrics
+    with own_output_dir(cfg, dist):  # this run's folder until it ends; nothing is written to it before (output_dir.py)
+        with StopSignals(force_on_second_sigint=not dist.ddp) as signals:
+            metrics = trainer.train(stop_signal=lambda: signals.received)
+        trainer.save_final_adapter()
+        if dist.is_master:
+            print(f"adapter saved to {cfg.output_dir}" + (
+                f"; {trainer.progress.skipped_steps} of {trainer.progress.step} fp16 steps skipped by the GradScaler "
+                "(inf/NaN gradients)" if trainer.gradscaler.is_enabled() else ""), flush=True)
+        return metrics
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -47,6 +47,8 @@ def test_seed_hyper_parameters_are_the_defaults():
     ({"PRECISION": "fp8"}, "PRECISION must be one of fp32, bf16, fp16"),
     ({"MAX_STEPS": "0"}, "MAX_STEPS must be a positive step count or -1"),
     ({"SIZE_VALID_SET": "2.5"}, "SIZE_VALID_SET must be a whole count or a fraction"),
+    ({"RESUME_FROM": "latest", "OVERWRITE_OUTPUT_DIR": "true"}, "RESUME_FROM='latest' continues a run and "
+                                                                "OVERWRITE_OUTPUT_DIR=true starts a new one"),
 ])
 def test_bad_setting_names_the_variable(env, message):
     with pytest.raises(ConfigError, match=re.escape(message)):

@@ -274,7 +274,7 @@ def test_torchrun_two_ranks_train_identical_adapters_and_only_rank0_writes(tmp_p
     assert any(path.endswith("metrics.jsonl") for _, path in writes[0])  # the hook does see rank 0's writes
     assert sorted(p.name for p in out.iterdir()) == ["adapter_config.json", "adapter_model.safetensors",
                                                      "checkpoint-2", "checkpoint-3", "loss_curve.png",
-                                                     "metrics.jsonl"]  # SAVE_STEPS=2 and the last step
+                                                     "metrics.jsonl", "run.lock"]  # SAVE_STEPS=2 and the last step
     # Printing on rank 0 only: one banner, one precision line naming the automatic choice.
     assert result.stdout.count("precision    bf16 on cpu (MIX_PREC_TRAIN=true): bf16 autocast") == 1
     assert result.stdout.count("processes    2 (DDP, gloo)") == 1

@@ -226,7 +226,7 @@ def test_nan_loss_without_a_scaler_stops_with_one_line_and_keeps_the_last_checkp
     out = Path(settings["output_dir"])
     assert err_lines == [f"error: loss is nan at step 3 with bf16; stopping before the update. The last good "
                          f"checkpoint is {out / 'checkpoint-2'}; try a lower LEARNING_RATE or PRECISION=fp32"]
-    assert sorted(p.name for p in out.iterdir()) == ["checkpoint-2", "metrics.jsonl"]  # no final adapter
+    assert sorted(p.name for p in out.iterdir()) == ["checkpoint-2", "metrics.jsonl", "run.lock"]  # no final adapter
     kept = adapter_tensors(out / "checkpoint-2")
     assert all(torch.isfinite(t).all() for t in kept.values())
     state = torch.load(out / "checkpoint-2" / "trainer_state.pt", weights_only=True)
@@ -261,7 +261,7 @@ def test_inf_gradient_without_a_scaler_stops_before_the_update(tmp_path, small_d
     err_lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
     assert len(err_lines) == 1 and err_lines[0].startswith("error: gradient norm is inf at step 2 with bf16")
     out = Path(settings["output_dir"])
-    assert sorted(p.name for p in out.iterdir()) == ["checkpoint-1", "metrics.jsonl"]
+    assert sorted(p.name for p in out.iterdir()) == ["checkpoint-1", "metrics.jsonl", "run.lock"]
     assert all(torch.isfinite(t).all() for t in adapter_tensors(out / "checkpoint-1").values())
 
 
