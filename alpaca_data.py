@@ -2,7 +2,7 @@
 
 `train.py` calls these in order::
 
-    records = load_records(source, cache_dir)                  # raw list of dicts (data_sources.py)
+    records = load_records(source, cache_dir, fields)          # raw dicts, each named by line/record/row
     records, stats = validate_records(records, source)         # clean records, counts for the banner
     dataset = tokenize_records(records, tokenizer, Prompter(), max_length, train_on_inputs, cache_dir)
     train_ds, valid_ds = split_train_valid(dataset, size_valid_set, seed)
@@ -10,7 +10,8 @@
     loader = DataLoader(train_ds, batch_size, sampler=sampler, collate_fn=PadCollator(tokenizer))
 
 Every problem with the user's data is raised as `DataError`, whose one-line message names the file or URL,
-the record and what is wrong, so `train.py` can print it and exit before loading the model.
+the record (as "line 7", "record 3" or "row 2", counted from 1) and what is wrong, so `train.py` can print it and
+exit before loading the model.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ import datasets
 import torch
 
 from atomic import atomic_write
-from data_sources import DataError, _type_name
+from data_sources import DataError, Records, _names, _type_name, quiet_datasets
 from prompter import Prompter
 
 IGNORE_INDEX = -100  # label value that torch.nn.CrossEntropyLoss (and HF models) skip
@@ -59,7 +60,9 @@ def validate_records(records: Sequence, source: str) -> tuple[list[dict], dict]:
     as they are.
 
     Args:
-        records: the list returned by `load_records`.
+        records: the list returned by `load_records`, whose `Records.where` names each record in messages as
+            the file does ("line 7" of a JSONL or CSV file, "record 3" of a JSON list, "row 2" of a table);
+            a plain list is numbered "record 1", "record 2", ...
         source: the file, URL or dataset id the records came from, used in messages.
 
     Returns:
@@ -69,30 +72,32 @@ def validate_records(records: Sequence, source: str) -> tuple[list[dict], dict]:
 
     Raises:
         DataError: the list is empty or not a list, a record is malformed (the message names the source,
-            the 0-based record index and the problem), or no record has an output.
+            the record as above and the problem), or no record has an output.
     """
     if not isinstance(records, (list, tuple)):
         raise DataError(f"{source}: expected a list of records, got {_type_name(records)}")
     if not records:
         raise DataError(f"{source}: no records (the list is empty)")
+    records = records if isinstance(records, Records) else Records(records)
+    name = records.column  # messages use the data's own column names (DATA_FIELDS may have renamed them)
     clean, empty_outputs, placeholders = [], 0, 0
     for i, record in enumerate(records):
-        where = f"{source}: record {i}"
+        where = f"{source}: {records.where(i)}"
         if not isinstance(record, Mapping):
-            raise DataError(f"{where}: expected an object with 'instruction' and 'output', "
+            raise DataError(f"{where}: expected an object with '{name('instruction')}' and '{name('output')}', "
                             f"got {_type_name(record)}")
         for key in ("instruction", "output"):
             if key not in record:
-                raise DataError(f"{where}: missing '{key}'")
+                raise DataError(f"{where}: {_missing(records, record, key)}")
             if not isinstance(record[key], str):
-                raise DataError(f"{where}: '{key}' must be a string, got {_type_name(record[key])}")
+                raise DataError(f"{where}: '{name(key)}' must be a string, got {_type_name(record[key])}")
         if not record["instruction"].strip():
-            raise DataError(f"{where}: 'instruction' is empty")
+            raise DataError(f"{where}: '{name('instruction')}' is empty")
         text_input = record.get("input")
         if text_input is None:
             text_input = ""
         elif not isinstance(text_input, str):
-            raise DataError(f"{where}: 'input' must be a string, got {_type_name(text_input)}")
+            raise DataError(f"{where}: '{name('input')}' must be a string, got {_type_name(text_input)}")
         elif text_input and _is_placeholder_input(text_input):
             text_input = ""
             placeholders += 1
@@ -111,6 +116,15 @@ def validate_records(records: Sequence, source: str) -> tuple[list[dict], dict]:
         "with_input": sum(1 for r in clean if r["input"]),
     }
     return clean, stats
+
+
+def _missing(records: Records, record: Mapping, key: str) -> str:
+    """Why a record lacks `key`: the columns it has instead, and how to map them (DATA_FIELDS)."""
+    has = f"the record has: {_names(records.column(k) for k in record)}" if record else "the record is empty"
+    if records.column(key) != key:
+        return f"missing '{records.column(key)}', which DATA_FIELDS maps to {key} ({has})"
+    return (f"missing '{key}' ({has}; expected: instruction, output, and optionally input); "
+            f"map other names with DATA_FIELDS=instruction=...,output=...")
 
 
 def data_stats_line(stats: Mapping) -> str:
@@ -292,15 +306,18 @@ def tokenize_records(records: Sequence[Mapping], tokenizer, prompter: Prompter, 
     root = Path(cache_dir) / "tokenized"
     final = root / fingerprint
     if not (final / _META_FILE).is_file():
-        _tokenize_to_cache(records, tokenizer, prompter, max_length, train_on_inputs, num_proc,
-                           root, final, fingerprint, key)
+        # No "Tokenizing" or "Saving the dataset" bars: the run prints its own one-line summary of the data.
+        with quiet_datasets():
+            _tokenize_to_cache(records, tokenizer, prompter, max_length, train_on_inputs, num_proc,
+                               root, final, fingerprint, key)
     meta = json.loads((final / _META_FILE).read_text(encoding="utf-8"))
     if meta["examples"] == 0:
         raise DataError(f"no example keeps a response token within max_length={max_length}: every prompt "
                         f"is at least that long; raise max_length")
     if stats is not None:
         stats.update({k: meta[k] for k in ("examples", "truncated", "no_label_dropped")}, fingerprint=fingerprint)
-    return datasets.load_from_disk(str(final))
+    with quiet_datasets():
+        return datasets.load_from_disk(str(final))
 
 
 def _tokenize_to_cache(records, tokenizer, prompter, max_length, train_on_inputs, num_proc,

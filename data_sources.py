@@ -1,17 +1,22 @@
-"""Where the records come from: a local JSON or JSONL file, an http(s) URL or Google Drive link downloaded once into
-a cache, or a Hugging Face dataset id. `load_records` returns the raw records; alpaca_data.py checks and tokenizes
-them. Every problem is a `DataError` whose one-line message names the file or URL and what is wrong.
+"""Where the records come from: a local .json, .jsonl, .csv or .parquet file, an http(s) URL or Google Drive link
+downloaded once into a cache, or a Hugging Face dataset id. `load_records` returns the raw records, renamed to the
+Alpaca fields by an optional field map (DATA_FIELDS); alpaca_data.py checks and tokenizes them. Every problem is a
+`DataError` whose one-line message names the file or URL, the line, record or row, and what is wrong.
 """
 
 from __future__ import annotations
 
+import contextlib
+import csv
 import hashlib
 import http.client
+import io
 import json
 import re
 import urllib.error
 import urllib.parse
 import urllib.request
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -28,13 +33,50 @@ class DataError(ValueError):
         super().__init__(str(message).replace("\r", "\\r").replace("\n", "\\n"))
 
 
+class Records(list):
+    """The records of a source, as a list, plus what a message needs to point at one of them: `where(i)` names
+    record i as an editor shows it, from 1 ("line 7" of a JSONL or CSV file, "record 3" of a JSON list, "row 2" of
+    a Parquet file or Hugging Face dataset); `column(field)` is the data's own name for a field DATA_FIELDS renamed.
+    """
+
+    def __init__(self, records=(), unit: str = "record", numbers: list[int] | None = None,
+                 fields: Mapping[str, str] | None = None):
+        super().__init__(records)
+        self.unit, self.numbers, self.fields = unit, numbers, dict(fields or {})
+
+    def where(self, i: int) -> str:
+        return f"{self.unit} {self.numbers[i] if self.numbers is not None else i + 1}"
+
+    def column(self, field: str) -> str:
+        return self.fields.get(field, field)
+
+
+ALPACA_FIELDS = ("instruction", "input", "output")
 ALPACA_URL = "https://raw.githubusercontent.com/tatsu-lab/stanford_alpaca/main/alpaca_data.json"
 ALPACA_RECORDS, ALPACA_BYTES = 52002, 22773992  # checked when the default full data set is downloaded
 DEBUG_SAMPLE = Path(__file__).parent / "data" / "alpaca_sample.json"
 DOWNLOAD_TIMEOUT_S = 60
+FORMATS = (".json", ".jsonl", ".csv", ".parquet")
 # "owner/name" as on the Hugging Face hub, e.g. "tatsu-lab/alpaca".
 _HF_DATASET_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 _GDRIVE_HOSTS = ("drive.google.com", "docs.google.com")
+
+
+@contextlib.contextmanager
+def quiet_datasets(log_errors: bool = True) -> Iterator[None]:
+    """Hide datasets' progress bars ("Generating train split", "Tokenizing", "Saving the dataset") inside the
+    block and restore the caller's setting after: a run prints its own one-line summary of the data. With
+    `log_errors=False` its logged errors go too, for calls whose failure we re-raise as a DataError anyway."""
+    bars, verbosity = datasets.is_progress_bar_enabled(), datasets.logging.get_verbosity()
+    datasets.disable_progress_bars()
+    if not log_errors:
+        datasets.logging.set_verbosity(datasets.logging.CRITICAL)
+    try:
+        yield
+    finally:
+        datasets.logging.set_verbosity(verbosity)
+        if bars:
+            datasets.enable_progress_bars()
 
 
 def _parse_json(text: str, where: str, whole_file: bool):
@@ -55,61 +97,116 @@ def _type_name(value: Any) -> str:
     return "null" if value is None else type(value).__name__
 
 
+def _names(keys, limit: int = 12) -> str:
+    """"a, b, c" for a message; a long list is cut after `limit` names."""
+    keys = list(keys)
+    more = f", ... ({len(keys)} in all)" if len(keys) > limit else ""
+    return ", ".join(str(k) for k in keys[:limit]) + more
+
+
+def _first_line(e: BaseException) -> str:
+    """An exception from a library as "Type: first line of its message"."""
+    return f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0]}"
+
+
 # --------------------------------------------------------------------------------------------------------
 # Loading
 # --------------------------------------------------------------------------------------------------------
 
-def load_records(source: str, cache_dir: str | Path) -> list[dict]:
+def load_records(source: str, cache_dir: str | Path, fields: Mapping[str, str] | None = None) -> Records:
     """Resolve a data source to its list of raw records.
 
     Args:
         source: one of
-            - a local `.json` file holding a list of objects, or a `.jsonl` file with one object per line;
-            - an http(s) URL, downloaded once into `cache_dir/downloads/`: written to a temp file, parsed,
-              then renamed into place, so a cut-off or malformed download never enters the cache.
-              `ALPACA_URL` is also checked against the known size and record count of the Stanford
-              Alpaca file;
-            - a Google Drive link (drive.google.com/...), downloaded once with gdown the same way;
-            - a Hugging Face dataset id such as "tatsu-lab/alpaca", loaded with
-              `datasets.load_dataset(source)["train"]` (needs the hub or its local cache).
+            - a local file: a `.json` list of objects, a `.jsonl` file with one object per line, or a `.csv`
+              (header line; every cell read as text) or `.parquet` table, read by datasets' own loaders;
+            - an http(s) URL, downloaded once into `cache_dir/downloads/` (see `_cached_download`), its
+              extension picking the format; `ALPACA_URL` is checked against the Stanford Alpaca file;
+            - a Google Drive link, downloaded once with gdown the same way (JSON or JSONL: it has no extension);
+            - a Hugging Face dataset id such as "tatsu-lab/alpaca": the train split of `datasets.load_dataset`.
             "owner/name" is read as a local file when the file or its folder exists.
-        cache_dir: folder for downloads (and the Hugging Face cache); created if missing.
+        cache_dir: folder for downloads and the Hugging Face cache (`cache_dir/hf`); created if missing.
+        fields: {Alpaca field: the data's column}, e.g. {"instruction": "prompt", "output": "completion"}
+            (DATA_FIELDS): those columns are renamed to the Alpaca fields; other fields keep their own name.
 
     Returns:
-        The records as parsed, not yet validated (see `validate_records`).
+        The records as parsed and renamed, not yet validated: a `Records` list, whose `where(i)` names record i
+        for `validate_records`'s messages.
 
     Raises:
-        DataError: the file is missing, unreadable, not UTF-8 or not valid JSON/JSONL; the top level is not a
-            list; a download fails or does not match the expected size; the dataset cannot be loaded.
+        DataError: the file is missing, unreadable, not UTF-8 or not valid JSON/JSONL/CSV/Parquet; a download
+            fails or does not match the expected size; the dataset cannot be loaded; `fields` names an unknown
+            Alpaca field or a column that no record has.
     """
     source = str(source).strip()
     if not source:
-        raise DataError("data source is empty: give a .json/.jsonl path, an http(s) URL, a Google Drive "
-                        "link or a Hugging Face dataset id")
+        raise DataError(f"data source is empty: give a {'/'.join(FORMATS)} path, an http(s) URL, a Google Drive "
+                        f"link or a Hugging Face dataset id")
     cache_dir = Path(cache_dir)
+    hf_cache = cache_dir / "hf"
     url = urllib.parse.urlparse(source)
-    if url.scheme.lower() in ("http", "https"):
-        if (url.hostname or "").lower() in _GDRIVE_HOSTS:
-            return _cached_download(source, _cache_path(cache_dir, source, "gdrive-"), _fetch_gdrive)
-        return _cached_download(source, _cache_path(cache_dir, source), _fetch_http)
     path = Path(source).expanduser()
-    # "owner/name" is a hub id unless it names something local: an existing file, a .json/.jsonl name, or a
+    # "owner/name" is a hub id unless it names something local: an existing file, a known extension, or a
     # file in an existing folder ("data/alpaca" with a missing extension should say "file not found").
-    looks_local = path.exists() or path.suffix.lower() in (".json", ".jsonl") or path.parent.is_dir()
-    if looks_local or not _HF_DATASET_ID.match(source):
-        return _read_records_file(path, source)
-    return _load_hf_dataset(source, cache_dir)
+    looks_local = path.exists() or path.suffix.lower() in FORMATS or path.parent.is_dir()
+    if url.scheme.lower() in ("http", "https"):
+        gdrive = (url.hostname or "").lower() in _GDRIVE_HOSTS
+        dest = _cache_path(cache_dir, source, "gdrive-" if gdrive else "")
+        records = _cached_download(source, dest, _fetch_gdrive if gdrive else _fetch_http, hf_cache)
+    elif looks_local or not _HF_DATASET_ID.match(source):
+        records = _read_records_file(path, source, hf_cache)
+    else:
+        records = _load_hf_dataset(source, hf_cache)
+    return _apply_fields(records, dict(fields or {}), source)
 
 
-def _read_records_file(path: Path, label: str, suffix: str | None = None) -> list:
-    """Parse a .json list or a .jsonl file; `label` names the file in error messages and `suffix` overrides
-    the extension that decides the format (for temp files)."""
+def _apply_fields(records: Records, fields: dict[str, str], label: str) -> Records:
+    """Rename each record's mapped columns to their Alpaca fields (DATA_FIELDS), once the map is checked: Alpaca
+    fields only, each from its own column, one that some record has. A column that already has the name of a mapped
+    field is dropped: the map says which column holds that field."""
+    if not fields:
+        return records
+    found = {key: None for record in records if isinstance(record, dict) for key in record}
+    for field, column in fields.items():
+        if field not in ALPACA_FIELDS:
+            raise DataError(f"DATA_FIELDS: unknown field '{field}' (the Alpaca fields are {_names(ALPACA_FIELDS)})")
+        if list(fields.values()).count(column) > 1:
+            raise DataError(f"DATA_FIELDS: column '{column}' is mapped to more than one field")
+        if found and column not in found:
+            raise DataError(f"{label}: DATA_FIELDS maps {field} to column '{column}', which no record has "
+                            f"(found: {_names(found)})")
+    inverse = {column: field for field, column in fields.items()}
+    renamed = [{inverse.get(k, k): v for k, v in r.items() if k in inverse or k not in fields}
+               if isinstance(r, dict) else r for r in records]
+    return Records(renamed, records.unit, records.numbers, fields)
+
+
+def _read_records_file(path: Path, label: str, hf_cache: Path, suffix: str | None = None) -> Records:
+    """Read a .json, .jsonl, .csv or .parquet file; `label` names it in messages and `suffix` overrides the
+    extension that decides the format (for temp files); other names are read as JSON or JSONL."""
     if path.is_dir():
-        raise DataError(f"{label}: is a directory, expected a .json or .jsonl file")
+        raise DataError(f"{label}: is a directory, expected a {'/'.join(FORMATS)} file")
+    if not path.exists():
+        raise DataError(f"{label}: file not found")
+    suffix = (suffix if suffix is not None else path.suffix).lower()
+    if suffix == ".parquet":
+        return Records(_load_with_datasets("parquet", path, label, hf_cache), "row")
+    text = _read_text(path, label)
+    if suffix == ".csv":
+        return _read_csv(path, text, label, hf_cache)
+    # Downloads may have no useful extension: a JSON list starts with "[", JSONL with "{".
+    if suffix == ".jsonl" or (suffix != ".json" and not text.lstrip().startswith("[")):
+        return _read_jsonl(text, label)
+    data = _parse_json(text, label, whole_file=True)
+    if not isinstance(data, list):
+        raise DataError(f"{label}: expected a JSON list of records at the top level, got {_type_name(data)}")
+    return Records(data, "record")
+
+
+def _read_text(path: Path, label: str) -> str:
+    """The file's text, with an unreadable, non-UTF-8 or empty file as one DataError."""
     try:
         raw = path.read_bytes()
-    except FileNotFoundError:
-        raise DataError(f"{label}: file not found") from None
     except OSError as e:
         raise DataError(f"{label}: cannot read the file: {e.strerror or e}") from None
     try:
@@ -120,27 +217,68 @@ def _read_records_file(path: Path, label: str, suffix: str | None = None) -> lis
                         f"{raw[e.start:e.start + 1]!r}); save the file as UTF-8") from None
     if not text.strip():
         raise DataError(f"{label}: the file is empty")
+    return text
 
-    suffix = (suffix if suffix is not None else path.suffix).lower()
-    # Downloads may have no useful extension: a JSON list starts with "[", JSONL with "{".
-    is_jsonl = suffix == ".jsonl" or (suffix != ".json" and not text.lstrip().startswith("["))
-    if is_jsonl:
-        records = []
-        # split("\n"), not splitlines(): JSON strings may hold raw U+2028/U+0085, which splitlines breaks on.
-        for lineno, line in enumerate(text.split("\n"), start=1):
-            if not line.strip():
-                continue
+
+def _read_jsonl(text: str, label: str) -> Records:
+    """One JSON value per line; blank lines are skipped, so each record keeps its own line number."""
+    records, lines = [], []
+    # split("\n"), not splitlines(): JSON strings may hold raw U+2028/U+0085, which splitlines breaks on.
+    for lineno, line in enumerate(text.split("\n"), start=1):
+        if line.strip():
             records.append(_parse_json(line, f"{label}: line {lineno}", whole_file=False))
-        return records
+            lines.append(lineno)
+    return Records(records, "line", lines)
 
-    data = _parse_json(text, label, whole_file=True)
-    if not isinstance(data, list):
-        raise DataError(f"{label}: expected a JSON list of records at the top level, got {_type_name(data)}")
-    return data
+
+def _read_csv(path: Path, text: str, label: str, hf_cache: Path) -> Records:
+    """Rows of a CSV file with a header line, every cell read as text ("" when empty, and "NA" or "None" stay
+    words, not nulls), each numbered by the line it starts on."""
+    header, starts = _csv_layout(text, label)
+    if not starts:
+        return Records([], "line")
+    features = datasets.Features({name: datasets.Value("string") for name in header})
+    rows = _load_with_datasets("csv", path, label, hf_cache, features=features, na_filter=False)
+    # The csv module and pandas agree on well-formed files; should they ever differ, count records instead.
+    return Records(rows, "line", starts) if len(rows) == len(starts) else Records(rows)
+
+
+def _csv_layout(text: str, label: str) -> tuple[list[str], list[int]]:
+    """The header and the line each record starts on, as an editor numbers lines: a quoted cell may hold line
+    breaks, so record k is not simply on line k + 1. A row with the wrong number of cells is refused by line."""
+    reader = csv.reader(io.StringIO(text, newline=""), strict=True)
+    header, starts, line = None, [], 1
+    try:
+        for row in reader:
+            if row and header is None:
+                header = row
+                if len(set(row)) < len(row) or not all(name.strip() for name in row):
+                    raise DataError(f"{label}: line {line}: a column name is empty or repeated in the header: "
+                                    f"{_names(row)}")
+            elif row:  # blank lines are skipped, as pandas does
+                if len(row) != len(header):
+                    raise DataError(f"{label}: line {line}: {len(row)} cells, but the header has {len(header)}")
+                starts.append(line)
+            line = reader.line_num + 1
+    except csv.Error as e:
+        unclosed = " (a quoted cell that starts on this line is never closed)" if "end of data" in str(e) else ""
+        raise DataError(f"{label}: line {line}: malformed CSV: {e}{unclosed}") from None
+    return header, starts
+
+
+def _load_with_datasets(builder: str, path: Path, label: str, hf_cache: Path, **options) -> list[dict]:
+    """The rows of a local file read by datasets' packaged `builder` ("csv", "parquet"); any failure is a DataError."""
+    try:
+        with quiet_datasets(log_errors=False):
+            return datasets.load_dataset(builder, data_files=str(path), split="train", cache_dir=str(hf_cache),
+                                         **options).to_list()
+    except Exception as e:  # pandas, pyarrow and datasets each raise their own; all mean "cannot read the file"
+        cause = e.__cause__ or e  # datasets wraps the reader's error in a DatasetGenerationError
+        raise DataError(f"{label}: cannot read the {builder} file: {_first_line(cause)}") from None
 
 
 def _cache_path(cache_dir: Path, url: str, prefix: str = "") -> Path:
-    """Where a download of `url` is kept: readable name plus a hash of the full URL (query included)."""
+    """Where a download of `url` is kept: readable name (with its extension) plus a hash of the full URL."""
     digest = hashlib.sha256(url.encode()).hexdigest()[:12]
     name = re.sub(r"[^\w.-]", "_", Path(urllib.parse.urlparse(url).path).name)[:80] or "data"
     return cache_dir / "downloads" / f"{prefix}{digest}-{name}"
@@ -159,7 +297,7 @@ def _check_alpaca(url: str, path: Path, records: list, label: str) -> None:
         raise DataError(f"{label}: {len(records):,} records, expected {ALPACA_RECORDS:,}")
 
 
-def _cached_download(url: str, dest: Path, fetch) -> list:
+def _cached_download(url: str, dest: Path, fetch, hf_cache: Path) -> Records:
     """Records of `url`, downloaded once to `dest`; later calls read `dest` without touching the network.
 
     `fetch(url, tmp)` writes the body to a temporary file beside `dest`, which is parsed and checked before it
@@ -168,7 +306,7 @@ def _cached_download(url: str, dest: Path, fetch) -> list:
     """
     if dest.exists():
         label = f"{url} (cached as {dest})"
-        records = _read_records_file(dest, label)
+        records = _read_records_file(dest, label, hf_cache)
         try:
             _check_alpaca(url, dest, records, label)
         except DataError as e:
@@ -176,7 +314,7 @@ def _cached_download(url: str, dest: Path, fetch) -> list:
         return records
     with atomic_write(dest) as tmp:
         fetch(url, tmp)
-        records = _read_records_file(tmp, url, suffix=dest.suffix)
+        records = _read_records_file(tmp, url, hf_cache, suffix=dest.suffix)
         _check_alpaca(url, tmp, records, url)
     return records
 
@@ -209,19 +347,18 @@ def _fetch_gdrive(url: str, tmp: Path) -> None:
     try:
         gdown.download(url, output=str(tmp), quiet=True, timeout=DOWNLOAD_TIMEOUT_S)
     except Exception as e:  # gdown raises its own errors, requests' and OSError; all mean "failed"
-        first_line = (str(e).strip().splitlines() or [""])[0]
-        raise DataError(f"{url}: Google Drive download failed: {type(e).__name__}: {first_line}") from None
+        raise DataError(f"{url}: Google Drive download failed: {_first_line(e)}") from None
     if not tmp.is_file():
         raise DataError(f"{url}: Google Drive download produced no file (is the link shared publicly?)")
 
 
-def _load_hf_dataset(name: str, cache_dir: Path) -> list[dict]:
-    """Load the train split of a Hugging Face dataset as a list of records."""
+def _load_hf_dataset(name: str, hf_cache: Path) -> Records:
+    """Load the train split of a Hugging Face dataset; its rows are numbered from 1."""
     try:
-        dataset = datasets.load_dataset(name, cache_dir=str(cache_dir / "hf"))
+        with quiet_datasets():
+            dataset = datasets.load_dataset(name, cache_dir=str(hf_cache))
     except Exception as e:  # hub, network, missing-dataset and format errors alike are user-facing here
-        first_line = (str(e).strip().splitlines() or [""])[0]
-        raise DataError(f"{name}: cannot load Hugging Face dataset: {type(e).__name__}: {first_line}") from None
+        raise DataError(f"{name}: cannot load Hugging Face dataset: {_first_line(e)}") from None
     if "train" not in dataset:
         raise DataError(f"{name}: Hugging Face dataset has no 'train' split (it has {sorted(dataset)})")
-    return dataset["train"].to_list()
+    return Records(dataset["train"].to_list(), "row")

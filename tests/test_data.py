@@ -1,8 +1,10 @@
 """Tests for data_sources.py (loading) and alpaca_data.py: validation, tokenization and its cache, splitting, padding,
 sampling."""
 
+import csv
 import http.server
 import json
+import logging
 import math
 import os
 import random
@@ -105,30 +107,46 @@ def test_all_outputs_empty_is_an_error():
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Malformed files: one-line DataError naming the file and, where it applies, the record or line
+# Malformed files: one-line DataError naming the file and, where it applies, the line, record or row (from 1)
 # ---------------------------------------------------------------------------------------------------------
 
 TRUNCATED = SAMPLE.read_text(encoding="utf-8")[:500]
+# A JSON list's records are "record N", a JSONL file's "line N", both counted from 1 as an editor shows them.
 MALFORMED = {
     "truncated_json": ("x.json", TRUNCATED, ["invalid JSON at line"]),
     "top_level_object": ("x.json", json.dumps({"data": [good()]}), ["expected a JSON list", "got dict"]),
-    "record_not_object": ("x.json", json.dumps([good(), "text"]), ["record 1", "got str"]),
-    "missing_instruction": ("x.json", json.dumps([good(), {"output": "o"}]), ["record 1", "missing 'instruction'"]),
+    "record_not_object": ("x.json", json.dumps([good(), "text"]), ["record 2: ", "got str"]),
+    "missing_instruction": ("x.json", json.dumps([good(), {"output": "o"}]),
+                            ["record 2: missing 'instruction' (the record has: output; expected: "]),
     "missing_output": ("x.json", json.dumps([good(), good(), {"instruction": "i"}]),
-                       ["record 2", "missing 'output'"]),
+                       ["record 3: missing 'output'"]),
     "int_instruction": ("x.json", json.dumps([{"instruction": 5, "output": "o"}]),
-                        ["record 0", "'instruction' must be a string, got int"]),
+                        ["record 1: 'instruction' must be a string, got int"]),
     "int_output": ("x.json", json.dumps([good()] * 17 + [{"instruction": "i", "output": 3}]),
-                   ["record 17", "'output' must be a string, got int"]),
+                   ["record 18: 'output' must be a string, got int"]),
     "list_input": ("x.json", json.dumps([{"instruction": "i", "input": ["a"], "output": "o"}]),
-                   ["record 0", "'input' must be a string, got list"]),
+                   ["record 1: 'input' must be a string, got list"]),
     "blank_instruction": ("x.json", json.dumps([{"instruction": " ", "output": "o"}]),
-                          ["record 0", "'instruction' is empty"]),
+                          ["record 1: 'instruction' is empty"]),
     "empty_list": ("x.json", "[]", ["no records"]),
     "empty_file": ("x.json", "", ["empty"]),
     "jsonl_bad_line": ("x.jsonl", json.dumps(good()) + "\n\n" + '{"instruction": "i", "output": \n',
                        ["line 3", "invalid JSON"]),
-    "jsonl_record_not_object": ("x.jsonl", json.dumps(good()) + "\n[1, 2]\n", ["record 1", "got list"]),
+    "jsonl_record_not_object": ("x.jsonl", json.dumps(good()) + "\n[1, 2]\n", ["line 2: ", "got list"]),
+    "jsonl_missing_after_blank_line": ("x.jsonl", json.dumps(good()) + "\n\n" + '{"output": "o"}\n',
+                                       ["line 3: missing 'instruction'"]),
+    "empty_csv": ("x.csv", "", ["the file is empty"]),
+    "csv_header_only": ("x.csv", "instruction,output\n", ["no records"]),
+    "csv_ragged_row": ("x.csv", "instruction,output\na,b\nc,d,e\n", ["line 3: 3 cells, but the header has 2"]),
+    "csv_open_quote": ("x.csv", 'instruction,output\na,b\nc,"d\ne,f\n',
+                       ["line 3: malformed CSV", "a quoted cell that starts on this line is never closed"]),
+    "csv_repeated_column": ("x.csv", "instruction,output,output\na,b,c\n",
+                            ["line 1: a column name is empty or repeated in the header: instruction, output, output"]),
+    "csv_unnamed_column": ("x.csv", "instruction,,output\na,b,c\n", ["line 1: a column name is empty"]),
+    "csv_blank_instruction": ("x.csv", "instruction,output\na,b\n,d\n", ["line 3: 'instruction' is empty"]),
+    "not_parquet": ("x.parquet", '[{"instruction": "i", "output": "o"}]',
+                    ["cannot read the parquet file: ArrowInvalid: ", "not a parquet file"]),
+    "empty_parquet": ("x.parquet", "", ["cannot read the parquet file: ArrowInvalid: Parquet file size is 0 bytes"]),
 }
 
 
@@ -205,6 +223,103 @@ def test_fuzz_validate_accepts_or_raises_one_line_data_error(records):
 
 
 # ---------------------------------------------------------------------------------------------------------
+# Formats (.json, .jsonl, .csv, .parquet), the field map (DATA_FIELDS), how records are numbered
+# ---------------------------------------------------------------------------------------------------------
+
+# Cells that trip up naive CSV handling: a comma, quotes, a line break inside a cell, non-ASCII text, an empty
+# input, and words that pandas reads as nulls ("None", "N/A", "NA") or numbers ("3") unless told not to.
+THREE = [
+    {"instruction": 'Say "hi", twice.', "input": "", "output": "hi\nhi"},
+    {"instruction": "Répète : NA", "input": "None", "output": "N/A"},
+    {"instruction": "Count.", "input": "1, 2", "output": "3"},
+]
+PROMPTS = [{"prompt": r["instruction"], "completion": r["output"]} for r in THREE]
+PROMPT_FIELDS = {"instruction": "prompt", "output": "completion"}
+
+
+def write_records(path, records):
+    """Write `records` (dicts with the same keys) in the format of `path`'s extension; returns str(path)."""
+    if path.suffix == ".json":
+        path.write_text(json.dumps(records, ensure_ascii=False), encoding="utf-8")
+    elif path.suffix == ".jsonl":
+        path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records), encoding="utf-8")
+    elif path.suffix == ".csv":
+        with open(path, "w", newline="", encoding="utf-8") as f:
+            writer = csv.DictWriter(f, fieldnames=list(records[0]))
+            writer.writeheader()
+            writer.writerows(records)
+    else:
+        datasets.Dataset.from_list(records).to_parquet(str(path))
+    return str(path)
+
+
+def test_the_same_records_load_alike_from_every_format(tmp_path):
+    loaded = {suffix: sources.load_records(write_records(tmp_path / f"three{suffix}", THREE), tmp_path / "cache")
+              for suffix in sources.FORMATS}
+    for suffix, records in loaded.items():
+        assert records == THREE and ad.validate_records(records, suffix)[0] == THREE, suffix
+    # Each names record i as an editor or viewer shows it, from 1; the first CSV record spans lines 2 and 3.
+    assert [loaded[".json"].where(i) for i in range(3)] == ["record 1", "record 2", "record 3"]
+    assert [loaded[".jsonl"].where(i) for i in range(3)] == ["line 1", "line 2", "line 3"]
+    assert [loaded[".csv"].where(i) for i in range(3)] == ["line 2", "line 4", "line 5"]
+    assert [loaded[".parquet"].where(i) for i in range(3)] == ["row 1", "row 2", "row 3"]
+
+
+@pytest.mark.parametrize("suffix, where", [(".json", "record 3"), (".jsonl", "line 3"), (".csv", "line 5"),
+                                           (".parquet", "row 3")])
+def test_a_bad_record_is_named_as_the_file_numbers_it(tmp_path, suffix, where):
+    blank = {"instruction": " ", "input": "", "output": "o"}
+    path = write_records(tmp_path / f"bad{suffix}", [THREE[0], good(1), blank])
+    with pytest.raises(DataError) as e:
+        load_and_validate(path, tmp_path / "cache")
+    assert str(e.value) == f"{path}: {where}: 'instruction' is empty"
+
+
+@pytest.mark.parametrize("suffix, first", [(".csv", "line 2"), (".parquet", "row 1"), (".jsonl", "line 1")])
+def test_field_map_reads_other_column_names(tmp_path, suffix, first):
+    path = write_records(tmp_path / f"prompts{suffix}", PROMPTS)
+    clean, _ = ad.validate_records(sources.load_records(path, tmp_path / "cache", PROMPT_FIELDS), path)
+    assert clean == [{"instruction": r["instruction"], "input": "", "output": r["output"]} for r in THREE]
+    with pytest.raises(DataError) as e:  # without the map: what the record has, what is expected, how to map
+        load_and_validate(path, tmp_path / "cache")
+    assert str(e.value) == (f"{path}: {first}: missing 'instruction' (the record has: prompt, completion; expected: "
+                            "instruction, output, and optionally input); map other names with "
+                            "DATA_FIELDS=instruction=...,output=...")
+
+
+def test_field_map_mistakes_are_named(tmp_path):
+    path = write_records(tmp_path / "prompts.jsonl", PROMPTS + [{"completion": "c"}])
+    cache = tmp_path / "cache"
+    with pytest.raises(DataError) as e:  # a mapped column that no record has
+        sources.load_records(path, cache, {"instruction": "question", "output": "completion"})
+    assert str(e.value) == (f"{path}: DATA_FIELDS maps instruction to column 'question', which no record has "
+                            "(found: prompt, completion)")
+    with pytest.raises(DataError) as e:  # a mapped column that one record lacks: the message uses the data's names
+        ad.validate_records(sources.load_records(path, cache, PROMPT_FIELDS), path)
+    assert str(e.value) == (f"{path}: line 4: missing 'prompt', which DATA_FIELDS maps to instruction "
+                            "(the record has: completion)")
+    numbers = write_records(tmp_path / "numbers.json", [{"prompt": 5, "completion": "c"}])
+    with pytest.raises(DataError) as e:
+        ad.validate_records(sources.load_records(numbers, cache, PROMPT_FIELDS), numbers)
+    assert str(e.value) == f"{numbers}: record 1: 'prompt' must be a string, got int"
+    for fields, message in [({"prompt": "x"}, "DATA_FIELDS: unknown field 'prompt' (the Alpaca fields are "
+                                              "instruction, input, output)"),
+                            ({"instruction": " "}, f"{path}: DATA_FIELDS maps instruction to column ' ', which no "
+                                                   "record has (found: prompt, completion)"),
+                            ({"instruction": "prompt", "input": "prompt"},
+                             "DATA_FIELDS: column 'prompt' is mapped to more than one field")]:
+        with pytest.raises(DataError) as e:
+            sources.load_records(path, cache, fields)
+        assert str(e.value) == message
+
+
+def test_field_map_picks_the_column_over_one_with_the_alpaca_name(tmp_path):
+    path = write_records(tmp_path / "both.csv", [{"instruction": "old", "prompt": "new", "output": "o", "input": "i"}])
+    assert sources.load_records(path, tmp_path, {"instruction": "prompt"}) == [{"instruction": "new", "output": "o",
+                                                                                 "input": "i"}]
+
+
+# ---------------------------------------------------------------------------------------------------------
 # Sources: URL download, Google Drive, Hugging Face
 # ---------------------------------------------------------------------------------------------------------
 
@@ -277,6 +392,17 @@ def test_url_errors_leave_no_file_in_the_cache(server, tmp_path):
     assert_one_line(e, "download failed")
 
 
+def test_url_ending_in_csv_or_parquet_is_read_as_such(server, tmp_path):
+    cache = tmp_path / "cache"
+    for name in ("three.csv", "three.parquet"):
+        write_records(server.root / name, THREE)
+        assert sources.load_records(f"{server.url}/{name}", cache) == THREE
+        records = sources.load_records(f"{server.url}/{name}", cache)  # from the cache, numbered the same
+        assert records == THREE and records.where(1) == ("line 4" if name.endswith(".csv") else "row 2")
+    assert server.requests == ["/three.csv", "/three.parquet"]
+    assert sorted(Path(name).suffix for name in downloads(cache)) == [".csv", ".parquet"]
+
+
 def test_alpaca_url_is_size_and_count_checked(server, tmp_path, monkeypatch):
     body = json.dumps([good(0), good(1), good(2)]).encode()
     (server.root / "alpaca_data.json").write_bytes(body)
@@ -334,7 +460,8 @@ def test_hugging_face_id_goes_through_load_dataset(tmp_path, monkeypatch):
         return datasets.DatasetDict({"train": datasets.Dataset.from_list([good(0), good(1)])})
 
     monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
-    assert sources.load_records("tatsu-lab/alpaca", tmp_path) == [good(0), good(1)]
+    records = sources.load_records("tatsu-lab/alpaca", tmp_path)
+    assert records == [good(0), good(1)] and records.where(1) == "row 2"
     assert calls == ["tatsu-lab/alpaca"]
 
     def failing_load_dataset(name, **kwargs):
@@ -449,6 +576,44 @@ def test_preamble_shortcut_matches_plain_tokenization(tokenizer, records):
     eos_tok = PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="</s>", pad_token="<pad>")
     assert ad._preamble_ids(eos_tok, Prompter()) == {}
     assert ad._encode_prompts(eos_tok, prompts[:5], {}) == eos_tok(prompts[:5])["input_ids"]
+
+
+@pytest.fixture
+def progress_bars():
+    """datasets' progress bars on, as in a normal run (this module turns them off at import), and off again after."""
+    datasets.enable_progress_bars()
+    yield
+    datasets.disable_progress_bars()
+
+
+def test_datasets_progress_bars_do_not_print(tokenizer, tmp_path, capfd, progress_bars):
+    paths = {suffix: write_records(tmp_path / f"three{suffix}", THREE) for suffix in (".csv", ".parquet")}
+    datasets.Dataset.from_dict({"a": [1]}).map(lambda row: row, desc="Tokenizing")
+    assert "Tokenizing" in capfd.readouterr().err  # the check can see a bar that is not silenced
+    for suffix, path in paths.items():
+        records = sources.load_records(path, tmp_path / "cache")
+        for _ in range(2):  # tokenized and saved, then loaded from the cache
+            ad.tokenize_records(ad.validate_records(records, suffix)[0], tokenizer, Prompter(), 64, False, tmp_path)
+    printed = capfd.readouterr()
+    for text in ("Generating", "Tokenizing", "Saving the dataset", "Loading", "%|"):
+        assert text not in printed.err + printed.out
+    assert datasets.is_progress_bar_enabled()  # the caller's setting is restored
+
+
+def test_a_loader_failure_is_only_the_data_error(tmp_path):
+    """datasets logs "Failed to read ..." before it raises; the DataError already says it, so the log is silenced.
+    (Its own handler may write to a stderr that capfd does not see, so the test listens on the logger.)"""
+    logged = []
+    listener = logging.Handler()
+    listener.emit = logged.append
+    logging.getLogger("datasets").addHandler(listener)
+    (tmp_path / "text.parquet").write_text("not a table")
+    try:
+        with pytest.raises(DataError):
+            sources.load_records(str(tmp_path / "text.parquet"), tmp_path / "cache")
+    finally:
+        logging.getLogger("datasets").removeHandler(listener)
+    assert [record.getMessage() for record in logged] == []
 
 
 class CountingMap:
@@ -645,6 +810,7 @@ def test_grouped_batches_are_far_more_uniform_than_random(tokenizer, sample, cac
     assert all(len(b) == 8 for b in grouped[:-1]) and math.ceil(len(lengths) / 8) == len(grouped)
 
 
+@pytest.mark.slow  # the benchmark end to end
 # --- the benchmark still runs ----------------------------------------------------------------------------------------
 
 def test_bench_data_runs_and_writes_its_table(tmp_path, capsys):
