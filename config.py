@@ -21,6 +21,9 @@ FALSE_WORDS = ("0", "false", "no")
 PRECISIONS = ("fp32", "bf16", "fp16")
 DEFAULT_MODEL = "bigscience/bloom-1b7"
 MAX_INT = 2**31 - 1
+AUTO = -1  # WARMUP_STEPS and SIZE_VALID_SET: chosen from the run's length and the data's size (see resolve_*)
+# What AUTO chooses: 10 % of the run's steps / of the examples, at most the full-Alpaca defaults of the assignment.
+AUTO_FRACTION, MAX_AUTO_WARMUP, MAX_AUTO_VALID = 0.1, 100, 2000
 
 
 class ConfigError(ValueError):
@@ -36,8 +39,13 @@ class TrainConfig:
     precision: str = field(default="", metadata={"help": "force fp32|bf16|fp16 (overrides MIX_PREC_TRAIN)"})
     ddp: bool = field(default=False, metadata={"help": "distributed data parallel; launch with torchrun"})
     model_path: str = field(default=DEFAULT_MODEL, metadata={"help": "hub id or local folder of the base model"})
-    data_path: str = field(default="", metadata={"help": "Alpaca-format .json/.jsonl, URL, Drive link or hub "
-                                                          "dataset id (default: full Alpaca; DEBUG: the sample)"})
+    data_path: str = field(default="", metadata={"help": "training records: a .json, .jsonl, .csv or .parquet "
+                                                          "file, a URL, a Drive link or a hub dataset id (default: "
+                                                          "full Alpaca; DEBUG: the sample)"})
+    data_fields: str = field(default="", metadata={"help": "where the Alpaca fields are in other column names, e.g. "
+                                                            "instruction=prompt,output=completion"})
+    valid_data_path: str = field(default="", metadata={"help": "validation records from their own file (then "
+                                                                "SIZE_VALID_SET is not used)"})
     output_dir: str = field(default="outputs/lora-alpaca", metadata={"help": "adapter, checkpoints, metrics"})
     num_epochs: int = field(default=3, metadata={"help": "passes over the training data"})
     max_steps: int = field(default=-1, metadata={"help": "stop after this many optimizer steps (-1: no limit)"})
@@ -46,14 +54,17 @@ class TrainConfig:
     grad_accum_steps: int = field(default=8, metadata={"help": "micro-batches per optimizer step"})
     learning_rate: float = field(default=3e-4, metadata={"help": "peak AdamW learning rate"})
     weight_decay: float = field(default=0.01, metadata={"help": "AdamW weight decay on the LoRA matrices"})
-    warmup_steps: int = field(default=100, metadata={"help": "linear warm-up steps before the cosine decay"})
+    warmup_steps: int = field(default=AUTO, metadata={"help": "linear warm-up steps before the cosine decay (-1: "
+                                                               "10 % of the run's steps, at most 100)"})
     max_grad_norm: float = field(default=1.0, metadata={"help": "gradient clipping norm (0: off)"})
     lora_r: int = field(default=8, metadata={"help": "LoRA rank"})
     lora_alpha: float = field(default=16, metadata={"help": "LoRA alpha (scaling = alpha / r)"})
     lora_dropout: float = field(default=0.05, metadata={"help": "dropout on the LoRA input"})
     target_modules: str = field(default="query_key_value", metadata={"help": "comma-separated module names, or "
                                                                               "all-linear"})
-    size_valid_set: float = field(default=2000, metadata={"help": "validation records (count, or fraction < 1)"})
+    size_valid_set: float = field(default=AUTO, metadata={"help": "validation examples split off the data: a "
+                                                                  "count, or a fraction < 1 (-1: 10 % of them, at "
+                                                                  "most 2000)"})
     seed: int = field(default=42, metadata={"help": "seed for data order, LoRA init and dropout"})
     eval_freq: int = field(default=200, metadata={"help": "evaluate every N optimizer steps (0: only per epoch)"})
     save_steps: int = field(default=200, metadata={"help": "checkpoint every N optimizer steps, besides each "
@@ -90,11 +101,15 @@ class TrainConfig:
         for name in positive:
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name.upper()} must be > 0, got {getattr(self, name)}")
-        non_negative = ("warmup_steps", "eval_freq", "save_steps", "save_total_limit", "num_workers",
-                        "weight_decay", "max_grad_norm", "size_valid_set")
+        non_negative = ("eval_freq", "save_steps", "save_total_limit", "num_workers", "weight_decay",
+                        "max_grad_norm")
         for name in non_negative:
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name.upper()} must be >= 0, got {getattr(self, name)}")
+        for name in ("warmup_steps", "size_valid_set"):
+            if getattr(self, name) < 0 and getattr(self, name) != AUTO:
+                raise ConfigError(f"{name.upper()} must be >= 0, or -1 to choose it from the data, got "
+                                  f"{getattr(self, name):g}")
         # Larger counts are never meant, and would fail later with an OverflowError from deep inside a library
         # (itertools.islice, torch, NumPy's seed) instead of this line.
         hints = typing.get_type_hints(type(self))
@@ -122,9 +137,10 @@ class TrainConfig:
                               "a new one; set one of them")
         if not self.target_module_list:
             raise ConfigError("TARGET_MODULES must name at least one module")
-        if 0 < self.size_valid_set < 1 or self.size_valid_set == int(self.size_valid_set):
-            return
-        raise ConfigError(f"SIZE_VALID_SET must be a whole count or a fraction in (0, 1), got {self.size_valid_set}")
+        self.data_field_map  # checks DATA_FIELDS
+        if not (0 < self.size_valid_set < 1 or self.size_valid_set == int(self.size_valid_set)):
+            raise ConfigError(f"SIZE_VALID_SET must be a whole count or a fraction in (0, 1), got "
+                              f"{self.size_valid_set}")
 
     @property
     def target_module_list(self) -> list[str] | str:
@@ -132,9 +148,32 @@ class TrainConfig:
         return "all-linear" if names == ["all-linear"] else names
 
     @property
-    def valid_size(self) -> int | float:
-        """SIZE_VALID_SET as the splitter wants it: an int count or a float fraction."""
-        return self.size_valid_set if self.size_valid_set < 1 else int(self.size_valid_set)
+    def data_field_map(self) -> dict[str, str]:
+        """DATA_FIELDS as {Alpaca field: the data's column}, e.g. {"instruction": "prompt", "output": "completion"}."""
+        mapping = {}
+        for pair in (p.strip() for p in self.data_fields.split(",") if p.strip()):
+            ours, sep, theirs = (part.strip() for part in pair.partition("="))
+            if not sep or ours not in ("instruction", "input", "output") or not theirs or ours in mapping:
+                raise ConfigError(f"DATA_FIELDS must be like instruction=prompt,output=completion (instruction, "
+                                  f"input, output, each once), got {self.data_fields!r}")
+            mapping[ours] = theirs
+        return mapping
+
+    def resolve_valid_size(self, examples: int) -> tuple[int | float, str]:
+        """SIZE_VALID_SET as the splitter wants it (an int count or a float fraction) for `examples` examples, and
+        why: as set, or by default 10 % of them, at most 2000 (the assignment's value for the full Alpaca)."""
+        if self.size_valid_set != AUTO:
+            return (self.size_valid_set if self.size_valid_set < 1 else int(self.size_valid_set)), "SIZE_VALID_SET"
+        return (min(MAX_AUTO_VALID, int(examples * AUTO_FRACTION)),
+                f"10 % of {examples:,} examples, at most {MAX_AUTO_VALID:,}")
+
+    def resolve_warmup_steps(self, total_steps: int) -> tuple[int, str]:
+        """WARMUP_STEPS for a run of `total_steps` optimizer steps, and why: as set, or by default 10 % of them, at
+        most 100 (the assignment's value)."""
+        if self.warmup_steps != AUTO:
+            return self.warmup_steps, "WARMUP_STEPS"
+        return (min(MAX_AUTO_WARMUP, int(total_steps * AUTO_FRACTION)),
+                f"10 % of {total_steps:,} steps, at most {MAX_AUTO_WARMUP}")
 
 
 def _field_type(f: dataclasses.Field) -> type:
@@ -157,9 +196,11 @@ RESUME_MUST_MATCH = (
 RESUME_MAY_CHANGE_WITH_NOTE = ("num_epochs", "max_steps", "mix_prec_train", "precision")
 # These never change the numbers: where files go, how often to evaluate or save, how data is loaded, whether
 # activations are kept or recomputed (GRADIENT_CHECKPOINTING: the same adapter, tested). DATA_PATH may name another
-# copy of the same data (the content is compared); DEBUG acts only through the settings above.
-RESUME_FREE = ("debug", "ddp", "data_path", "output_dir", "cache_dir", "num_workers", "eval_freq", "save_steps",
-               "save_total_limit", "ddp_timeout", "resume_from", "gradient_checkpointing", "overwrite_output_dir")
+# copy of the same data (the content is compared: DATA_FIELDS and VALID_DATA_PATH through it too); DEBUG acts only
+# through the settings above.
+RESUME_FREE = ("debug", "ddp", "data_path", "data_fields", "valid_data_path", "output_dir", "cache_dir", "num_workers",
+               "eval_freq", "save_steps", "save_total_limit", "ddp_timeout", "resume_from", "gradient_checkpointing",
+               "overwrite_output_dir")
 
 
 def parse_value(name: str, raw: str, kind: type):
@@ -193,17 +234,25 @@ DEBUG_DEFAULTS = {"num_epochs": 1, "size_valid_set": 100, "eval_freq": 20, "warm
                   "output_dir": "outputs/debug"}
 
 
+def debug_defaults_text() -> str:
+    return ", ".join(f"{name.upper()}={value}" for name, value in DEBUG_DEFAULTS.items())
+
+
 def build_arg_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="train.py",
         description="Fine-tune a causal LM with hand-written LoRA on Alpaca. Every option can also be set as an "
                     "environment variable of the upper-case name, e.g. DEBUG=true or BATCH_SIZE=8; a flag wins "
-                    f"over the environment. DEBUG=true changes these defaults: {DEBUG_DEFAULTS}.",
+                    "over the environment; a yes/no flag alone means yes (--debug). DEBUG=true changes these "
+                    f"defaults: {debug_defaults_text()}.",
     )
     for f in dataclasses.fields(TrainConfig):
         flags = [f"--{f.name}"] + ([f"--{f.name.replace('_', '-')}"] if "_" in f.name else [])
-        parser.add_argument(*flags, dest=f.name, metavar=f.name.upper(), default=argparse.SUPPRESS,
-                            help=f"{f.metadata['help']} (env {f.name.upper()}, default {f.default!r})")
+        # A yes/no flag alone means yes; with a value, it is parsed like the environment variable.
+        bare = {"nargs": "?", "const": "true"} if _field_type(f) is bool else {}
+        parser.add_argument(*flags, dest=f.name, metavar=f.name.upper(), default=argparse.SUPPRESS, **bare,
+                            help=f"{f.metadata['help']} (env {f.name.upper()}, default {f.default!r})".replace(
+                                "%", "%%"))  # argparse formats help with %
     return parser
 
 

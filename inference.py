@@ -127,6 +127,13 @@ class LoadedModel:
     precision: str
     merged: bool
     note: str | None = None
+    base: str = ""
+    adapter: Path | None = None
+
+    def describe(self) -> str:
+        """One line: which base and adapter are loaded, and how."""
+        adapter = f" + adapter {self.adapter} ({'merged' if self.merged else 'unmerged'})" if self.adapter else ""
+        return f"loaded {self.base} ({self.precision} on {self.device}){adapter}"
 
 
 # One model at a time: a second cached 3.4 GB model could fill a notebook GPU. Key -> LoadedModel.
@@ -267,7 +274,7 @@ def load_model(model_path: str | None = None, lora_weights_path=None, precision:
         if note:
             warnings.warn(note, stacklevel=2)
     loaded = LoadedModel(model=model, tokenizer=tokenizer, device=device, precision=precision, merged=merged,
-                         note=note)
+                         note=note, base=model_path, adapter=adapter_dir)
     _cache[key] = loaded
     return loaded
 
@@ -508,9 +515,11 @@ def main(argv: list[str] | None = None) -> int:
             if not stream:
                 print(response, flush=True)
 
+        # Load first: load errors show before the first prompt, and the user sees what answers.
+        loaded = load_model(args.model_path, args.lora_weights, precision=args.precision, merge=not args.no_merge,
+                            device=args.device)
+        print(loaded.describe(), file=sys.stderr, flush=True)
         if args.instruction is None:
-            load_model(args.model_path, args.lora_weights, precision=args.precision, merge=not args.no_merge,
-                       device=args.device)  # load errors show before the first prompt
             _interactive(generate)
         else:
             generate(args.instruction, args.input)

@@ -1,4 +1,5 @@
-"""OUTPUT_DIR/metrics.jsonl, one JSON line per optimizer step and per evaluation, and the loss curve drawn from it.
+"""OUTPUT_DIR/metrics.jsonl, one JSON line per optimizer step and per evaluation (epochs counted from 1, each line
+stamped with its time), and the loss curve drawn from it.
 
 Only rank 0 writes; a log made by another rank is a no-op, so the trainer can log without asking who it is.
 """
@@ -6,6 +7,7 @@ Only rank 0 writes; a log made by another rank is a no-op, so the trainer can lo
 from __future__ import annotations
 
 import contextlib
+import datetime
 import json
 from pathlib import Path
 
@@ -22,8 +24,10 @@ class MetricsLog:
         self.path, self.enabled = Path(output_dir) / METRICS_NAME, enabled
 
     def write(self, row: dict) -> None:
+        """Append `row`, stamped with the local time it was written."""
         if self.enabled:
             self.path.parent.mkdir(parents=True, exist_ok=True)
+            row = {**row, "time": datetime.datetime.now().isoformat(timespec="seconds")}
             with open(self.path, "a", encoding="utf-8") as f:
                 f.write(json.dumps(row) + "\n")
 

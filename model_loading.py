@@ -7,6 +7,7 @@ wrong and what to do; they are FileNotFoundError when the model could not be fou
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 import torch
@@ -40,10 +41,33 @@ def model_load_error(model_path: str, err: Exception, name: str) -> Exception:
                       "local model folder such as models/tiny-bloom")
 
 
+def looks_like_missing_folder(model_path: str) -> bool:
+    """A path (not a hub id like "owner/name") with nothing there: fail at once instead of asking the hub, whose
+    retries take most of a minute on a machine without a network."""
+    is_path = model_path.startswith((".", "/", "~")) or model_path.count("/") > 1 or Path(model_path).is_absolute()
+    return is_path and not Path(model_path).expanduser().exists()
+
+
+@contextlib.contextmanager
+def no_loading_bar():
+    """transformers' "Loading weights" bar, off while we load (it says nothing our banner does not)."""
+    from transformers.utils import logging
+
+    was_enabled = logging.is_progress_bar_enabled()
+    logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            logging.enable_progress_bar()
+
+
 def load_tokenizer(model_path: str, name: str = "model_path"):
     """The base model's tokenizer; one without a pad token pads with its EOS token."""
     from transformers import AutoTokenizer
 
+    if looks_like_missing_folder(model_path):
+        raise model_load_error(model_path, FileNotFoundError(model_path), name)
     try:
         tokenizer = AutoTokenizer.from_pretrained(model_path, trust_remote_code=False)
     except (OSError, ValueError) as err:
@@ -69,8 +93,20 @@ def load_base_model(model_path: str, device: torch.device, dtype: torch.dtype | 
                                                             bnb_4bit_compute_dtype=compute), "dtype": compute}
     if quantize:
         kwargs["device_map"] = {"": device}  # quantized weights are placed while loading; they cannot move after
+    if looks_like_missing_folder(model_path):
+        raise model_load_error(model_path, FileNotFoundError(model_path), name)
     try:
-        model = AutoModelForCausalLM.from_pretrained(model_path, trust_remote_code=False, **kwargs)
+        with no_loading_bar():
+            model = AutoModelForCausalLM.from_pretrained(model_path, trust_remote_code=False, **kwargs)
     except (OSError, ValueError) as err:
         raise model_load_error(model_path, err, name) from None
     return model if quantize else model.to(device)
+
+
+def enable_activation_checkpointing(model, checkpoint_kwargs: dict) -> None:
+    """transformers 5.23 renamed gradient_checkpointing_enable (the old name still works there, with a warning);
+    a notebook's preinstalled, older transformers knows only the old one."""
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=checkpoint_kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=checkpoint_kwargs)

@@ -28,12 +28,12 @@ import torch
 import torch.distributed as torch_dist
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler, Subset
-from tqdm.auto import tqdm
+from tqdm import tqdm  # the plain bar: it renders in a notebook too, without ipywidgets
 
 import faults
 import model_loading
-from alpaca_data import (LengthGroupedSampler, PadCollator, SkipSampler, data_stats_line, split_train_valid,
-                         tokenize_records, validate_records)
+from alpaca_data import (LengthGroupedSampler, PadCollator, SkipSampler, split_train_valid, tokenize_records,
+                         validate_records)
 from checkpoint import (CHECKPOINT_PREFIX, Progress, check_resumable, checkpoint_manifest, find_latest_checkpoint,
                         read_trainer_state, resolve_resume, resume_notes, rng_state, run_identity,
                         save_checkpoint_folder, set_rng_state, trainer_state)
@@ -46,6 +46,7 @@ from lora_model import LoraConfig, LoraModelForCasualLM, read_adapter_dir
 from metrics import MetricsLog
 from output_dir import check_output_dir, own_output_dir
 from prompter import Prompter
+from report import print_banner, print_summary
 from token_loss import count_label_tokens, next_token_labels, sum_token_loss
 
 # What each precision setting computes in: autocast's dtype, None for fp32 (no autocast).
@@ -107,8 +108,10 @@ def load_pretrained_model(model_path: str, device: torch.device, dtype: torch.dt
 
 def build_lora_model(model, cfg: TrainConfig, model_path: str) -> LoraModelForCasualLM:
     """Wrap the base model with LoRA on TARGET_MODULES (the assignment's LoraConfig: r, alpha, dropout)."""
+    # A local folder is recorded as an absolute path, so the adapter finds its base from any working folder.
+    base = str(Path(model_path).resolve()) if Path(model_path).is_dir() else model_path
     config = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
-                        target_modules=cfg.target_module_list, base_model_name_or_path=model_path)
+                        target_modules=cfg.target_module_list, base_model_name_or_path=base)
     try:
         lora_model = LoraModelForCasualLM(model, config)
     except ValueError as err:
@@ -116,30 +119,45 @@ def build_lora_model(model, cfg: TrainConfig, model_path: str) -> LoraModelForCa
     if cfg.gradient_checkpointing:
         # Non-reentrant: gradients reach the LoRA matrices inside a checkpointed block although its input (from
         # the frozen embeddings) does not require grad, and dropout is replayed with the same masks.
-        enable_activation_checkpointing(lora_model.model, {"use_reentrant": False})
+        model_loading.enable_activation_checkpointing(lora_model.model, {"use_reentrant": False})
     return lora_model
 
 
-def enable_activation_checkpointing(model, checkpoint_kwargs: dict) -> None:
-    """transformers 5.23 renamed gradient_checkpointing_enable (the old name still works there, with a warning);
-    a notebook's preinstalled, older transformers knows only the old one."""
-    if hasattr(model, "activation_checkpointing_enable"):
-        model.activation_checkpointing_enable(activation_checkpointing_kwargs=checkpoint_kwargs)
-    else:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=checkpoint_kwargs)
-
-
 def prepare_datasets(cfg: TrainConfig, tokenizer):
-    """Load, check and tokenize the records; split off the validation set. Raises DataError on bad data.
+    """Load, check and tokenize the records; take the validation set from VALID_DATA_PATH or split it off (as many
+    as SIZE_VALID_SET says, by default 10 %, at most 2,000). Raises DataError on bad data.
 
     The stats include `fingerprint`, a hash of the records, tokenizer, template, MAX_LENGTH and TRAIN_ON_INPUTS: a
-    checkpoint stores it, so a resumed run can tell its data are the same even under another DATA_PATH.
+    checkpoint stores it, so a resumed run can tell its data are the same even under another DATA_PATH; and
+    `valid_reason`, where the validation set came from, for the banner.
     """
-    records, stats = validate_records(load_records(cfg.data_path, cfg.cache_dir), cfg.data_path)
-    dataset = tokenize_records(records, tokenizer, Prompter(), cfg.max_length, cfg.train_on_inputs,
-                               Path(cfg.cache_dir), stats=stats)
-    train_set, valid_set = split_train_valid(dataset, cfg.valid_size, cfg.seed)
+    dataset, stats = tokenized_records(cfg.data_path, cfg, tokenizer)
+    if cfg.valid_data_path:
+        valid_set, valid_stats = tokenized_records(cfg.valid_data_path, cfg, tokenizer)
+        stats.update(fingerprint=stats["fingerprint"] + valid_stats["fingerprint"], valid_reason="VALID_DATA_PATH")
+        return dataset, valid_set, stats
+    size, stats["valid_reason"] = cfg.resolve_valid_size(len(dataset))
+    train_set, valid_set = split_train_valid(dataset, size, cfg.seed)
     return train_set, valid_set, stats
+
+
+def tokenized_records(path: str, cfg: TrainConfig, tokenizer):
+    """The records of one data source, checked and tokenized (cached), and their counts for the banner."""
+    records, stats = validate_records(load_records(path, cfg.cache_dir, cfg.data_field_map), path)
+    return tokenize_records(records, tokenizer, Prompter(), cfg.max_length, cfg.train_on_inputs, Path(cfg.cache_dir),
+                            stats=stats), stats
+
+
+def cosine_schedule_with_warmup(optimizer: torch.optim.Optimizer, warmup_steps: int, total_steps: int):
+    """The learning rate rises linearly from 0 over `warmup_steps`, then follows half a cosine down to 0 at
+    `total_steps`: alpaca-lora's schedule (transformers' get_cosine_schedule_with_warmup, the same floats), written
+    out because importing transformers.optimization pulls in PEFT and bitsandbytes where they are installed."""
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return float(step) / float(max(1, warmup_steps))
+        progress = float(step - warmup_steps) / float(max(1, total_steps - warmup_steps))
+        return max(0.0, 0.5 * (1.0 + math.cos(math.pi * progress)))
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
 def seed_everything(seed: int) -> None:
@@ -174,9 +192,8 @@ class Trainer:
         if cfg.max_steps > 0:
             self.total_steps = min(self.total_steps, cfg.max_steps)
         self.optimizer = self._build_optimizer()
-        from transformers import get_cosine_schedule_with_warmup
-
-        self.scheduler = get_cosine_schedule_with_warmup(self.optimizer, cfg.warmup_steps, self.total_steps)
+        self.warmup_steps, self.warmup_reason = cfg.resolve_warmup_steps(self.total_steps)
+        self.scheduler = cosine_schedule_with_warmup(self.optimizer, self.warmup_steps, self.total_steps)
         self.progress = Progress()
         self.resumed_from: Path | None = None
         self._saved_step = -1  # step of the last checkpoint on disk for this run
@@ -282,18 +299,18 @@ class Trainer:
             bar.set_postfix({"loss": f"{metrics['loss']:.4f}", "lr": f"{metrics['lr']:.2e}",
                              "tok_s": f"{metrics['tokens_per_s']:.0f}"}
                             | ({"skipped": progress.skipped_steps} if self.gradscaler.is_enabled() else {}))
-            self._evaluate_and_save(epoch_done)
+            self._evaluate_and_save(epoch_done, epoch=metrics["epoch"])
             if epoch_done:
                 return
 
-    def _evaluate_and_save(self, epoch_done: bool) -> None:
+    def _evaluate_and_save(self, epoch_done: bool, epoch: int) -> None:
         """The loop's one place for evaluation and checkpoints, after each step: every EVAL_FREQ and SAVE_STEPS
         steps, at each epoch's end and at the run's last step (so a larger MAX_STEPS can extend the run from it).
         Then a stop signal ends the run, with this step's checkpoint."""
         cfg, step = self.cfg, self.progress.step
         boundary = epoch_done or self.finished
         if boundary or (cfg.eval_freq and step % cfg.eval_freq == 0):
-            self.progress.last_eval = self.evaluate()
+            self.progress.last_eval = self.evaluate(epoch)
         if boundary or (cfg.save_steps and step % cfg.save_steps == 0):
             self.save_checkpoint()
         if self._stop_signum:
@@ -341,7 +358,7 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         self.progress.step += 1
         self._stop_signum = faults.agreed_signal(sigterm, sigint)
-        return {"step": self.progress.step, "epoch": self.progress.epoch, "loss": loss, "lr": lr,
+        return {"step": self.progress.step, "epoch": self.progress.epoch + 1, "loss": loss, "lr": lr,
                 "grad_norm": grad_norm, "skipped_steps": self.progress.skipped_steps, "tokens": int(real_tokens)}
 
     def _run_batch(self, batch: dict, loss_weight: torch.Tensor, sync_gradients: bool) -> torch.Tensor:
@@ -365,10 +382,10 @@ class Trainer:
         return sum_token_loss(logits, next_token_labels(batch), overwrite_logits=overwrite_logits)
 
     @torch.no_grad()
-    def evaluate(self) -> dict:
+    def evaluate(self, epoch: int | None = None) -> dict:
         """Validation loss (token mean over all ranks' shards) and perplexity, logged and printed. A stop signal
         abandons it (on a real validation set it can take longer than torchrun waits before it kills its workers):
-        it then returns {}, logs nothing, and the loop stops."""
+        it then returns {}, logs nothing, and the loop stops. `epoch` (from 1): the last step's, as its row has it."""
         device = self.dist.device
         self.raw_model.eval()
         totals = torch.zeros(4, device=device, dtype=torch.float64)  # [loss sum, label tokens, SIGTERM, SIGINT]
@@ -386,7 +403,7 @@ class Trainer:
         if tokens == 0 or self._stop_signum:
             return {}
         loss = loss_sum / tokens
-        metrics = {"step": self.progress.step, "epoch": self.progress.epoch, "eval_loss": loss,
+        metrics = {"step": self.progress.step, "epoch": epoch or self.progress.epoch + 1, "eval_loss": loss,
                    "eval_ppl": math.exp(min(loss, 50.0))}
         self.metrics.write(metrics)
         if self.dist.is_master:  # tqdm.write: on its own line, not glued to the progress bar
@@ -478,35 +495,6 @@ def try_longest_batch(trainer: Trainer) -> str:
     return f"{shape}: peak {peak / 2**30:.1f} GiB of the GPU's {total / 2**30:.1f} GiB (forward and backward)"
 
 
-def print_banner(cfg: TrainConfig, dist: DistEnv, stats: dict, trainer: Trainer) -> None:
-    trainable, total = trainer.raw_model.get_nb_trainable_parameters()
-    effective_batch = cfg.batch_size * cfg.grad_accum_steps * dist.world_size
-    lines = [
-        f"model        {cfg.model_path}",
-        f"data         {cfg.data_path}: {data_stats_line(stats)}",
-        f"examples     {len(trainer.train_loader.dataset):,} train / {len(trainer.valid_loader.dataset.dataset):,} "
-        f"validation",
-        f"LoRA         r={cfg.lora_r}, alpha={cfg.lora_alpha:g}, dropout={cfg.lora_dropout:g}, "
-        f"targets={cfg.target_modules}; trainable {trainable:,} of {total:,} ({100 * trainable / total:.4f}%)",
-        f"precision    {describe_precision(cfg, trainer.precision, dist.device)}",
-        f"processes    {dist.world_size}" + (f" (DDP, {torch_dist.get_backend()})" if dist.ddp else ""),
-        f"batch        {cfg.batch_size} x {cfg.grad_accum_steps} accumulation x {dist.world_size} processes = "
-        f"{effective_batch} examples per optimizer step; {trainer.total_steps:,} steps"
-        + ("; gradient checkpointing" if cfg.gradient_checkpointing else ""),
-        f"output       {cfg.output_dir}",
-        "checkpoints  " + (f"every {cfg.save_steps} steps, " if cfg.save_steps else "")
-        + "at each epoch's end and at the last step; " + (f"the newest {cfg.save_total_limit} kept"
-                                                          if cfg.save_total_limit else "all kept"),
-    ]
-    if trainer.resumed_from is not None:
-        progress = trainer.progress
-        position = ("the run had finished (raise NUM_EPOCHS or MAX_STEPS to train on)" if trainer.finished else
-                    f"epoch {progress.epoch + 1}, {progress.batches_done} of its {trainer.micro_batches_per_epoch} "
-                    "micro-batches done")
-        lines.append(f"resumed      from {trainer.resumed_from}: step {progress.step}, {position}")
-    print("\n".join(lines), flush=True)
-
-
 def run(cfg: TrainConfig, dist: DistEnv) -> dict:
     """Everything after set-up; returns the last evaluation's metrics. Errors in the data or settings (a damaged or
     incompatible RESUME_FROM included) surface before the model loads and before anything is written to OUTPUT_DIR.
@@ -514,6 +502,7 @@ def run(cfg: TrainConfig, dist: DistEnv) -> dict:
     Raises:
         TrainingStopped: a stop signal; the checkpoint is written.
     """
+    started = time.perf_counter()
     check_output_dir(cfg, dist)  # another run's folder: refused at once, nothing written
     seed_everything(cfg.seed)
     precision = resolve_precision(cfg, dist.device)
@@ -529,7 +518,7 @@ def run(cfg: TrainConfig, dist: DistEnv) -> dict:
     torch.manual_seed(cfg.seed + dist.rank)
     trainer = Trainer(cfg, dist, lora_model, tokenizer, train_set, valid_set, precision, identity, resume)
     if dist.is_master:
-        print_banner(cfg, dist, stats, trainer)
+        print_banner(cfg, dist, stats, trainer, describe_precision(cfg, trainer.precision, dist.device))
     # An out-of-memory batch shape fails here, not steps into the run; a finished run has no step to fail.
     fits = "nothing left to train" if trainer.finished else try_longest_batch(trainer)
     if dist.is_master:
@@ -539,9 +528,7 @@ def run(cfg: TrainConfig, dist: DistEnv) -> dict:
             metrics = trainer.train(stop_signal=lambda: signals.received)
         trainer.save_final_adapter()
         if dist.is_master:
-            print(f"adapter saved to {cfg.output_dir}" + (
-                f"; {trainer.progress.skipped_steps} of {trainer.progress.step} fp16 steps skipped by the GradScaler "
-                "(inf/NaN gradients)" if trainer.gradscaler.is_enabled() else ""), flush=True)
+            print_summary(cfg, trainer, metrics, time.perf_counter() - started)
         return metrics
 
 

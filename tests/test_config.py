@@ -2,6 +2,7 @@
 variable, every setting classified for resume, and docs/options.md generated from it."""
 
 import dataclasses
+import math
 import re
 
 import pytest
@@ -32,9 +33,40 @@ def test_env_and_flags_build_one_validated_config():
 
 def test_seed_hyper_parameters_are_the_defaults():
     cfg = load_config([], {})
-    assert (cfg.learning_rate, cfg.warmup_steps, cfg.max_length, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout) == (
-        3e-4, 100, 512, 8, 16, 0.05)
+    assert (cfg.learning_rate, cfg.max_length, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout) == (
+        3e-4, 512, 8, 16, 0.05)
     assert cfg.model_path == "bigscience/bloom-1b7" and cfg.weight_decay > 0
+    # Warm-up and validation size follow the run and the data; on the full Alpaca (52,002 records: ~50,000 train
+    # examples, 3 epochs of 32-example steps) they are the assignment's 100 steps and 2,000 examples.
+    assert cfg.resolve_warmup_steps(3 * math.ceil(50_000 / 32)) == (100, "10 % of 4,689 steps, at most 100")
+    assert cfg.resolve_valid_size(51_990) == (2000, "10 % of 51,990 examples, at most 2,000")
+
+
+def test_small_data_and_short_runs_get_defaults_that_fit_them():
+    cfg = load_config([], {})
+    assert cfg.resolve_valid_size(300) == (30, "10 % of 300 examples, at most 2,000")
+    assert cfg.resolve_warmup_steps(10) == (1, "10 % of 10 steps, at most 100")
+    assert cfg.resolve_valid_size(9)[0] == 0  # too few to spare any: no validation set
+    explicit = load_config([], {"SIZE_VALID_SET": "0.25", "WARMUP_STEPS": "100"})
+    assert explicit.resolve_valid_size(300) == (0.25, "SIZE_VALID_SET")
+    assert explicit.resolve_warmup_steps(10) == (100, "WARMUP_STEPS")
+    assert load_config([], {"DEBUG": "true"}).resolve_warmup_steps(60) == (10, "WARMUP_STEPS")  # DEBUG's own
+
+
+def test_yes_no_flags_work_bare_and_with_a_value():
+    assert load_config(["--debug"], {}).debug and load_config(["--debug", "--ddp", "no"], {}).ddp is False
+    assert load_config(["--mix-prec-train"], {}).mix_prec_train
+    assert load_config(["--debug", "false"], {"DEBUG": "true"}).debug is False
+    with pytest.raises(ConfigError, match="--debug must be one of 1/0/true/false/yes/no, got 'maybe'"):
+        load_config(["--debug", "maybe"], {})
+
+
+def test_data_fields_map_alpaca_names_to_the_data_columns():
+    cfg = load_config([], {"DATA_FIELDS": " instruction=prompt, output=completion "})
+    assert cfg.data_field_map == {"instruction": "prompt", "output": "completion"}
+    for bad in ("prompt", "question=prompt", "instruction=", "instruction=a,instruction=b"):
+        with pytest.raises(ConfigError, match="DATA_FIELDS must be like instruction=prompt,output=completion"):
+            load_config([], {"DATA_FIELDS": bad})
 
 
 @pytest.mark.parametrize("env, message", [
@@ -63,6 +95,8 @@ def test_help_lists_every_option_with_its_default(capsys):
     for name in ("DEBUG", "MIX_PREC_TRAIN", "DDP", "BATCH_SIZE", "TRAIN_ON_INPUTS", "GROUP_BY_LENGTH", "RESUME_FROM"):
         assert name in help_text
     assert "LEARNING_RATE, default 0.0003)" in help_text
+    assert "15-35 % slower" in help_text and "{" not in help_text and "%%" not in help_text
+    assert "DEBUG=true changes these defaults: NUM_EPOCHS=1, SIZE_VALID_SET=100" in help_text
 
 
 def test_every_setting_is_classified_for_resume():

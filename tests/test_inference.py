@@ -271,3 +271,49 @@ def test_generation_benchmark_runs_and_writes_its_table(tmp_path):
                          "--repeats", "1", "--warmup", "0", "--out", str(out)])
     table = out.read_text()
     assert table.startswith("# ") and "python bench/bench_generate.py" in table and "merged / base" in table
+
+
+# --- adapters that travel ---------------------------------------------------------------------------------------------
+
+def test_an_adapter_trained_from_the_repo_root_loads_from_any_folder(tmp_path, monkeypatch):
+    """Trained with MODEL_PATH=models/tiny-bloom from the repo root, the adapter records its base as an absolute
+    path, so generate_inference(model_path=None) finds it from another working folder (a notebook's)."""
+    data = tmp_path / "small.json"
+    data.write_text(json.dumps(json.loads(SAMPLE.read_text(encoding="utf-8"))[:24]), encoding="utf-8")
+    monkeypatch.chdir(REPO)
+    cfg = TrainConfig(model_path="models/tiny-bloom", data_path=str(data), output_dir=str(tmp_path / "out"),
+                      cache_dir=str(tmp_path / "cache"), max_length=128, batch_size=4, grad_accum_steps=1,
+                      size_valid_set=4, num_epochs=1, max_steps=2)
+    train.run(cfg, train.DistEnv())
+    recorded = json.loads((tmp_path / "out" / "adapter_config.json").read_text())["base_model_name_or_path"]
+    assert recorded == str(TINY_BLOOM)
+    elsewhere = tmp_path / "notebook"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    answer = inference.generate_inference("Name three primary colors.", None, None, "../out", **GREEDY)
+    assert answer == inference.generate_inference("Name three primary colors.", None, str(TINY_BLOOM),
+                                                  tmp_path / "out", **GREEDY)
+
+
+def test_a_base_folder_that_does_not_exist_fails_at_once_without_asking_the_hub(adapter, tmp_path, monkeypatch):
+    moved = tmp_path / "moved"
+    moved.mkdir()
+    for name in ("adapter_model.safetensors", "adapter_config.json"):
+        (moved / name).write_bytes((adapter / name).read_bytes())
+    config = json.loads((moved / "adapter_config.json").read_text())
+    (moved / "adapter_config.json").write_text(json.dumps({**config, "base_model_name_or_path": "/gone/tiny-bloom"}))
+    for loader in (AutoModelForCausalLM, AutoTokenizer):  # no download attempt (its retries take most of a minute)
+        monkeypatch.setattr(loader, "from_pretrained", lambda *a, **k: pytest.fail("asked transformers to load it"))
+    with pytest.raises(FileNotFoundError) as info:
+        inference.generate_inference("Say hi.", None, None, moved, **GREEDY)
+    assert str(info.value) == ("model_path='/gone/tiny-bloom': no such model folder; pass a local model folder or "
+                               "a hub id such as 'bigscience/bloom-1b7'")
+
+
+@pytest.mark.slow  # the CLI in a process of its own
+def test_the_cli_says_which_base_and_adapter_it_loaded(adapter):
+    result = subprocess.run([sys.executable, "inference.py", "--lora-weights", str(adapter), "--instruction", "Hi.",
+                             "--max-new-tokens", "4", "--device", "cpu", "--no-stream"], cwd=REPO,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert f"loaded {TINY_BLOOM} (fp32 on cpu) + adapter {adapter} (merged)" in result.stderr

@@ -129,7 +129,7 @@ def test_two_debug_runs_a_second_apart_leave_the_first_exactly_as_a_lone_run(tmp
     def results(out: Path) -> dict:
         files = {str(p.relative_to(out)): p.read_bytes() for p in sorted(out.rglob("*"))
                  if p.is_file() and p.name not in ("metrics.jsonl", "manifest.json", "run.lock", "loss_curve.png")}
-        rows = [{k: v for k, v in row.items() if k != "tokens_per_s"} for row in metric_rows(out)]
+        rows = [{k: v for k, v in row.items() if k not in ("tokens_per_s", "time")} for row in metric_rows(out)]
         return {"files": files, "metrics": rows}
 
     assert results(shared) == results(tmp_path / "lone")

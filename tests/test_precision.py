@@ -325,6 +325,7 @@ def test_bench_precision_runs_and_writes_its_table(tmp_path, capsys):
     assert memory["method"] in ("vmhwm", "ru_maxrss") and memory["peak"] > 100 * 2**20
 
 
+@pytest.mark.slow  # the benchmark end to end
 @pytest.mark.parametrize("runs_out_in", ["building", "stepping"])
 def test_bench_precision_times_model_by_model_when_the_models_do_not_fit_together(tmp_path, monkeypatch, capsys,
                                                                                   runs_out_in):
@@ -429,6 +430,7 @@ def test_out_of_memory_is_one_line_with_what_to_change(tmp_path, small_data, mon
     assert "BATCH_SIZE" in capsys.readouterr().err
 
 
+@pytest.mark.slow  # two whole train.main runs
 def test_a_batch_shape_that_does_not_fit_fails_before_the_first_step(tmp_path, small_data, monkeypatch, capsys):
     """A stand-in for a GPU that holds the short batches but not the longest: a training forward pass at the longest
     example's length raises torch.OutOfMemoryError. The run fails at its very first training forward pass

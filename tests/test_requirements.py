@@ -21,6 +21,8 @@ def pins(path: Path) -> dict[str, str]:
         line = line.split("#")[0].strip()
         if line.startswith("-r "):
             found.update(pins(path.parent / line[3:].strip()))
+        elif line.startswith("-e "):
+            continue  # the repo itself, installed editable (pyproject.toml)
         elif line:
             name, version = line.split("==")
             found[normalise(name)] = version.strip()

@@ -19,11 +19,12 @@ import torch
 
 import checkpoint
 import distributed
+import model_loading
 import train
 from alpaca_data import IGNORE_INDEX
 from checkpoint import checkpoint_dirs
 from config import TrainConfig
-from conftest import REPO, SAMPLE, TINY_BLOOM, adapter_tensors, metric_rows
+from conftest import FIELDS, REPO, SAMPLE, TINY_BLOOM, adapter_tensors, metric_rows
 
 
 @pytest.fixture(scope="module")
@@ -91,6 +92,7 @@ def test_bad_input_is_one_line_exit_1_and_writes_nothing(tmp_path, monkeypatch, 
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.slow  # train.py in a process of its own
 def test_cli_error_has_no_traceback(tmp_path):
     env = {**os.environ, "BATCH_SIZE": "abc", "OUTPUT_DIR": str(tmp_path / "out")}
     result = subprocess.run([sys.executable, "train.py"], cwd=REPO, env=env, capture_output=True, text=True,
@@ -191,6 +193,7 @@ def test_a_mean_of_micro_batch_means_would_fail_that_check(tmp_path, small_data)
     assert max(diffs) > 1e-3
 
 
+@pytest.mark.slow  # three whole training runs
 def test_same_seed_gives_the_same_adapter_and_training_changes_it(tmp_path, small_data):
     first = tiny_config(tmp_path / "1", small_data, lora_dropout=0.05)
     second = tiny_config(tmp_path / "2", small_data, lora_dropout=0.05)
@@ -241,7 +244,7 @@ def test_older_libraries_get_the_old_option_names(monkeypatch):
             self.enabled_with = gradient_checkpointing_kwargs
 
     model = OlderModel()
-    train.enable_activation_checkpointing(model, {"use_reentrant": False})
+    model_loading.enable_activation_checkpointing(model, {"use_reentrant": False})
     assert model.enabled_with == {"use_reentrant": False}
 
     assert train.no_buffer_sync_before_forward() == {"forward_sync_buffers": False}  # the pinned torch
@@ -368,7 +371,8 @@ def test_a_run_ended_by_max_steps_is_checkpointed_and_a_longer_run_extends_it(tm
     printed = capsys.readouterr().out
     assert "checkpoint-4: step 4, the run had finished (raise NUM_EPOCHS or MAX_STEPS" in printed
     assert "memory       nothing left to train" in printed
-    assert metrics == [row for row in rows if "eval_loss" in row][-1] and metrics["step"] == 4
+    last_logged = {k: v for k, v in [row for row in rows if "eval_loss" in row][-1].items() if k != "time"}
+    assert metrics == last_logged and metrics["step"] == 4
 
 
 def test_trains_on_a_file_the_repo_has_never_seen(tmp_path):
@@ -393,16 +397,16 @@ def test_trains_on_a_file_the_repo_has_never_seen(tmp_path):
 
 @pytest.mark.slow
 def test_offline_quick_start_learns_and_its_adapter_loads_in_peft(tmp_path):
-    """The README's quick start, as a user runs it; PEFT loads the adapter it writes."""
+    """The README's quick start, `DEBUG=true MODEL_PATH=models/tiny-bloom python train.py`, as a user runs it (from a
+    folder with the repo's models/, nothing else set); everything it prints is ours; PEFT loads the adapter."""
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    env = {**os.environ, "DEBUG": "true", "MODEL_PATH": "models/tiny-bloom", "OUTPUT_DIR": str(tmp_path / "out"),
-           "CACHE_DIR": str(tmp_path / "cache")}
-    result = subprocess.run([sys.executable, "train.py"], cwd=REPO, env=env, capture_output=True, text=True,
-                            timeout=600)
+    result = user_command(tmp_path, DEBUG="true", MODEL_PATH="models/tiny-bloom")
     assert result.returncode == 0, result.stderr[-2000:]
-    out = tmp_path / "out"
+    assert not foreign_lines(result.stdout + result.stderr)
+    assert "python inference.py --lora-weights outputs/debug --instruction" in result.stdout
+    out = tmp_path / "outputs" / "debug"
     rows = metric_rows(out)
     evals = [row["eval_loss"] for row in rows if "eval_loss" in row]
     assert len(evals) >= 2 and evals[-1] < evals[0]
@@ -414,3 +418,72 @@ def test_offline_quick_start_learns_and_its_adapter_loads_in_peft(tmp_path):
         ours = train.LoraModelForCasualLM.from_pretrained(AutoModelForCausalLM.from_pretrained(TINY_BLOOM), out)
         assert (peft_model(input_ids=ids).logits - ours(input_ids=ids).logits).abs().max() <= 1e-5
         assert (peft_model(input_ids=ids).logits - base_logits).abs().max() > 1e-4  # the adapter did something
+
+
+# --- a user's own commands --------------------------------------------------------------------------------------------
+
+# What train.py itself prints: the banner's and summary's keys, its progress bar, its evaluation lines.
+OUR_LINE = re.compile(r"(model|data|examples|LoRA|precision|processes|batch|output|checkpoints|memory|resumed|warning"
+                      r"|done) {2,}|note: |train: |step \d+: eval loss |adapter saved to |python inference\.py ")
+
+
+def foreign_lines(output: str) -> list[str]:
+    """The lines of `output` (progress-bar redraws included) that train.py did not print."""
+    lines = (line.strip() for line in re.split(r"[\r\n]", output))
+    return [line for line in lines if line and not OUR_LINE.match(line)]
+
+
+def user_command(folder: Path, **settings) -> subprocess.CompletedProcess:
+    """`SETTING=... python train.py` with only `settings` set (the environment's other TrainConfig variables
+    removed), from `folder`, which sees the repo's models/ and data/ as a clone's root would."""
+    for name in ("models", "data"):
+        if not (folder / name).exists():
+            (folder / name).symlink_to(REPO / name)
+    env = {k: v for k, v in os.environ.items() if k.lower() not in FIELDS}
+    return subprocess.run([sys.executable, str(REPO / "train.py")], cwd=folder, env={**env, **settings},
+                          capture_output=True, text=True, timeout=600)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("data, examples, valid", [("my300.json", 300, 30), ("data/alpaca_sample.json", 1996, 199)])
+def test_own_data_trains_with_the_defaults(tmp_path, records, data, examples, valid):
+    """`MODEL_PATH=models/tiny-bloom DATA_PATH=<300 records | the shipped sample> MAX_STEPS=10 python train.py`, as
+    typed: the validation set and the warm-up fit the data and the run (with the assignment's full-Alpaca values,
+    2,000 and 100 steps, they would leave nothing to train on, or never finish warming up), and the banner says so."""
+    with_output = [record for record in records if record["output"].strip()]  # none dropped: 300 examples
+    (tmp_path / "my300.json").write_text(json.dumps(with_output[1000:1300]), encoding="utf-8")
+    result = user_command(tmp_path, MODEL_PATH="models/tiny-bloom", DATA_PATH=data, MAX_STEPS="10")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert (f"examples     {examples - valid:,} train / {valid} validation (10 % of {examples:,} examples, at most "
+            "2,000)") in result.stdout
+    assert "10 steps, the first 1 warming up (10 % of 10 steps, at most 100)" in result.stdout
+    rows = metric_rows(tmp_path / "outputs" / "lora-alpaca")
+    # 9 steps to an epoch of 270 examples (4 x 8 per step): step 10 is the first of epoch 2, counted from 1.
+    assert [row["step"] for row in rows if "loss" in row] == list(range(1, 11))
+    assert (rows[0]["epoch"], rows[-1]["epoch"]) == ((1, 2) if examples == 300 else (1, 1))
+    assert {"time", "eval_loss"} <= rows[-1].keys() and rows[1]["lr"] == pytest.approx(3e-4)  # warmed up at step 2
+
+
+def test_a_warm_up_as_long_as_the_run_is_a_one_line_warning(tmp_path, small_data, capsys):
+    train.run(tiny_config(tmp_path, small_data, warmup_steps=5, max_steps=3), train.DistEnv())
+    warnings_printed = [line for line in capsys.readouterr().out.splitlines() if line.startswith("warning")]
+    assert warnings_printed == ["warning      WARMUP_STEPS=5 is not shorter than the run (3 steps): the learning rate "
+                                "never reaches LEARNING_RATE=0.0003"]
+
+
+def test_the_schedule_is_transformers_cosine_with_warm_up_to_the_last_bit():
+    """train.py writes alpaca-lora's schedule out (importing transformers' pulls in PEFT and bitsandbytes); it must
+    give the same learning rate at every step, bit for bit."""
+    from transformers import get_cosine_schedule_with_warmup
+
+    for warmup, total in [(0, 10), (10, 60), (3, 5), (100, 10), (7, 7), (100, 4689)]:
+        rates = []
+        for make in (train.cosine_schedule_with_warmup, get_cosine_schedule_with_warmup):
+            optimizer = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=3e-4)
+            schedule, lrs = make(optimizer, warmup, total), []
+            for _ in range(total + 2):
+                lrs.append(schedule.get_last_lr()[0])
+                optimizer.step()
+                schedule.step()
+            rates.append(lrs)
+        assert rates[0] == rates[1], (warmup, total)
