@@ -420,7 +420,7 @@ def export_merged_model(lora_weights_path, out_dir, model_path: str | None = Non
     model, merged, note = attach_adapter(model, adapter_dir, model_path, merge=True)
     if not merged:
         raise ValueError(f"cannot export a merged model: {note}")
-    with atomic_write(out_dir, folder=True) as staging:
+    with atomic_write(out_dir, folder=True) as staging, model_loading.no_loading_bar():
         model.save_pretrained(staging)  # safetensors
         tokenizer.save_pretrained(staging)
     return out_dir

@@ -50,7 +50,8 @@ def looks_like_missing_folder(model_path: str) -> bool:
 
 @contextlib.contextmanager
 def no_loading_bar():
-    """transformers' "Loading weights" bar, off while we load (it says nothing our banner does not)."""
+    """transformers' progress bars ("Loading weights", "Writing model shards") off inside the block: they say
+    nothing our own lines do not."""
     from transformers.utils import logging
 
     was_enabled = logging.is_progress_bar_enabled()
