@@ -60,8 +60,10 @@ class TrainConfig:
     lora_r: int = field(default=8, metadata={"help": "LoRA rank"})
     lora_alpha: float = field(default=16, metadata={"help": "LoRA alpha (scaling = alpha / r)"})
     lora_dropout: float = field(default=0.05, metadata={"help": "dropout on the LoRA input"})
-    target_modules: str = field(default="query_key_value", metadata={"help": "comma-separated module names, or "
-                                                                              "all-linear"})
+    target_modules: str = field(default="", metadata={"help": "comma-separated module names, or all-linear "
+                                                               "(default: the architecture's usual ones: "
+                                                               "query_key_value for BLOOM, q_proj,v_proj for "
+                                                               "Llama, Mistral and Qwen2, c_attn for GPT-2)"})
     size_valid_set: float = field(default=AUTO, metadata={"help": "validation examples split off the data: a "
                                                                   "count, or a fraction < 1 (-1: 10 % of them, at "
                                                                   "most 2000)"})
@@ -135,8 +137,9 @@ class TrainConfig:
         if self.overwrite_output_dir and self.resume_from:
             raise ConfigError(f"RESUME_FROM={self.resume_from!r} continues a run and OVERWRITE_OUTPUT_DIR=true starts "
                               "a new one; set one of them")
-        if not self.target_module_list:
-            raise ConfigError("TARGET_MODULES must name at least one module")
+        if self.target_modules.strip() and not self.target_module_list:
+            raise ConfigError(f"TARGET_MODULES must name at least one module, or be empty for the architecture's "
+                              f"default, got {self.target_modules!r}")
         self.data_field_map  # checks DATA_FIELDS
         if not (0 < self.size_valid_set < 1 or self.size_valid_set == int(self.size_valid_set)):
             raise ConfigError(f"SIZE_VALID_SET must be a whole count or a fraction in (0, 1), got "
@@ -144,6 +147,7 @@ class TrainConfig:
 
     @property
     def target_module_list(self) -> list[str] | str:
+        """TARGET_MODULES as LoraConfig takes it; [] before train.py has filled in the architecture's default."""
         names = [name.strip() for name in self.target_modules.split(",") if name.strip()]
         return "all-linear" if names == ["all-linear"] else names
 

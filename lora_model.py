@@ -187,6 +187,16 @@ def find_target_names(model: nn.Module, target_modules) -> list[str]:
     return names
 
 
+def targets_conv1d(model: nn.Module, target_modules) -> bool:
+    """Whether the layers `target_modules` selects are GPT-2 Conv1D layers, which store their weight (in, out): a
+    LoraConfig for them wants fan_in_fan_out=True (each layer would otherwise correct it, with a warning).
+
+    Raises:
+        ValueError: as `find_target_names`.
+    """
+    return any(is_conv1d(model.get_submodule(name)) for name in find_target_names(model, target_modules))
+
+
 def _make_lora_layer(base: nn.Module, config: LoraConfig) -> Linear | Embedding:
     common = dict(r=config.r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
                   init_lora_weights=config.init_lora_weights, use_rslora=config.use_rslora)

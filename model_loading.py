@@ -12,6 +12,8 @@ from pathlib import Path
 
 import torch
 
+from lora_model import DEFAULT_TARGET_MODULES
+
 QUANTIZED = ("8bit", "4bit")
 
 
@@ -76,6 +78,25 @@ def load_tokenizer(model_path: str, name: str = "model_path"):
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
+
+
+def default_target_modules(model_path: str, name: str = "model_path") -> list[str] | None:
+    """The layers LoRA adapts by default in this model's architecture, read from its config.json before the weights
+    load (lora_model.DEFAULT_TARGET_MODULES: BLOOM query_key_value, Llama/Mistral/Qwen2 q_proj,v_proj, GPT-2
+    c_attn), or None for an architecture without a default.
+
+    Raises:
+        FileNotFoundError, ValueError: the model's config.json cannot be found or read (see `model_load_error`).
+    """
+    from transformers import AutoConfig
+
+    if looks_like_missing_folder(model_path):
+        raise model_load_error(model_path, FileNotFoundError(model_path), name)
+    try:
+        model_type = AutoConfig.from_pretrained(model_path, trust_remote_code=False).model_type
+    except (OSError, ValueError) as err:
+        raise model_load_error(model_path, err, name) from None
+    return DEFAULT_TARGET_MODULES.get(model_type)
 
 
 def load_base_model(model_path: str, device: torch.device, dtype: torch.dtype | str = torch.float32,

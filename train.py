@@ -15,6 +15,7 @@ peers, exit codes) is in faults.py; how checkpoints reach the disk and when they
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import itertools
 import math
 import os
@@ -42,7 +43,7 @@ from data_sources import load_records
 from distributed import (DistEnv, all_reduce_sum, gather_objects, no_buffer_sync_before_forward, note,
                          setup_distributed, shutdown_distributed)
 from faults import RunError, StopSignals, TrainingStopped
-from lora_model import LoraConfig, LoraModelForCasualLM, read_adapter_dir
+from lora_model import LoraConfig, LoraModelForCasualLM, read_adapter_dir, targets_conv1d
 from metrics import MetricsLog
 from output_dir import check_output_dir, own_output_dir
 from prompter import Prompter
@@ -106,13 +107,28 @@ def load_pretrained_model(model_path: str, device: torch.device, dtype: torch.dt
         raise RunError(str(err)) from None
 
 
+def with_default_targets(cfg: TrainConfig) -> TrainConfig:
+    """TARGET_MODULES unset: the architecture's usual layers (read from the model's config.json), decided once, before
+    the run's identity, so that the banner, the checkpoints and the adapter name the layers actually adapted."""
+    if cfg.target_module_list:
+        return cfg
+    try:
+        targets = model_loading.default_target_modules(cfg.model_path, name="MODEL_PATH")
+    except (OSError, ValueError) as err:
+        raise RunError(str(err)) from None
+    # An architecture without a default keeps it empty: LoRA then fails naming the model's layers (build_lora_model).
+    return dataclasses.replace(cfg, target_modules=",".join(targets)) if targets else cfg
+
+
 def build_lora_model(model, cfg: TrainConfig, model_path: str) -> LoraModelForCasualLM:
     """Wrap the base model with LoRA on TARGET_MODULES (the assignment's LoraConfig: r, alpha, dropout)."""
     # A local folder is recorded as an absolute path, so the adapter finds its base from any working folder.
     base = str(Path(model_path).resolve()) if Path(model_path).is_dir() else model_path
-    config = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
-                        target_modules=cfg.target_module_list, base_model_name_or_path=base)
+    targets = cfg.target_module_list or None  # None: the architecture's default
     try:
+        config = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
+                            target_modules=targets, fan_in_fan_out=targets_conv1d(model, targets),
+                            base_model_name_or_path=base)
         lora_model = LoraModelForCasualLM(model, config)
     except ValueError as err:
         raise ConfigError(f"TARGET_MODULES: {err}") from None
@@ -507,6 +523,7 @@ def run(cfg: TrainConfig, dist: DistEnv) -> dict:
     seed_everything(cfg.seed)
     precision = resolve_precision(cfg, dist.device)
     tokenizer = load_tokenizer(cfg.model_path)
+    cfg = with_default_targets(cfg)
     train_set, valid_set, stats = prepare_datasets(cfg, tokenizer)
     identity = run_identity(cfg, dist.world_size, stats["fingerprint"])
     resume = resolve_resume(cfg, dist)

@@ -1,0 +1,154 @@
+"""train.py and inference.py, unchanged, on the architectures people fine-tune next: Llama, Qwen2, Mistral, GPT-2.
+
+Each model is a tiny random configuration built here (hidden 64, 2 layers, no download), saved with the shipped tiny
+BLOOM's tokenizer: a byte-level BPE any causal LM can use, loaded as a generic fast tokenizer. Llama, Mistral and
+GPT-2 get it without a pad token, as their own tokenizers come, so the run pads with EOS; Llama and GPT-2 pad on the
+right (as theirs do), Mistral and Qwen2 on the left. Each trains 10 steps through train.run with the default
+TARGET_MODULES (the architecture's own: q_proj,v_proj, or GPT-2's c_attn, a Conv1D with (in, out) weights), and its
+adapter is checked against PEFT, the independent reference, then answers through generate_inference.
+"""
+
+import json
+import shutil
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig, MistralConfig, Qwen2Config
+
+import checkpoint
+import inference
+import model_loading
+import train
+from alpaca_data import IGNORE_INDEX, PadCollator
+from config import ConfigError, TrainConfig
+from conftest import SAMPLE, TINY_BLOOM, metric_rows
+
+VOCAB = 4096  # the tiny BLOOM tokenizer's
+SPECIAL_IDS = dict(vocab_size=VOCAB, bos_token_id=1, eos_token_id=2)
+DECODER = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+               num_key_value_heads=2, max_position_embeddings=256, **SPECIAL_IDS)
+# name: (configuration, the tokenizer's pad token kept?, padding side, the default targets)
+ARCHITECTURES = {
+    "llama": (lambda: LlamaConfig(**DECODER), False, "right", "q_proj,v_proj"),
+    "qwen2": (lambda: Qwen2Config(**DECODER), True, "left", "q_proj,v_proj"),
+    "mistral": (lambda: MistralConfig(**DECODER), False, "left", "q_proj,v_proj"),
+    "gpt2": (lambda: GPT2Config(n_embd=64, n_layer=2, n_head=4, n_positions=256, **SPECIAL_IDS), False, "right",
+             "c_attn"),
+}
+
+
+def build_tiny_model(folder: Path, name: str) -> Path:
+    """A tiny random `name` model and a tokenizer in `folder`, as a downloaded model folder holds them."""
+    make_config, keep_pad, padding_side, _ = ARCHITECTURES[name]
+    torch.manual_seed(0)
+    with model_loading.no_loading_bar():
+        AutoModelForCausalLM.from_config(make_config()).save_pretrained(folder)
+    shutil.copy(TINY_BLOOM / "tokenizer.json", folder / "tokenizer.json")
+    for file in ("tokenizer_config.json", "special_tokens_map.json"):
+        settings = json.loads((TINY_BLOOM / file).read_text(encoding="utf-8"))
+        if not keep_pad:
+            del settings["pad_token"]
+        if file == "tokenizer_config.json":  # not BloomTokenizerFast: the generic class any model can use
+            settings.update(tokenizer_class="PreTrainedTokenizerFast", padding_side=padding_side)
+        (folder / file).write_text(json.dumps(settings), encoding="utf-8")
+    return folder
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread_and_an_empty_cache_after():
+    # Tiny models: a second thread costs more than it saves on a busy CPU (see tests/test_inference.py).
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+    inference.clear_cache()
+
+
+@pytest.fixture(scope="module")
+def small_data(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("data") / "small.json"
+    path.write_text(json.dumps(json.loads(SAMPLE.read_text(encoding="utf-8"))[:48]), encoding="utf-8")
+    return path
+
+
+@pytest.mark.parametrize("name", ARCHITECTURES)
+def test_a_tokenizer_without_pad_token_pads_with_eos_and_keeps_the_eos_label(tmp_path, name):
+    folder = build_tiny_model(tmp_path / name, name)
+    _, keep_pad, padding_side, _ = ARCHITECTURES[name]
+    tokenizer = model_loading.load_tokenizer(str(folder))
+    assert tokenizer.padding_side == padding_side  # the tokenizer's own side, as train.py uses it
+    assert (tokenizer.pad_token == "<pad>") if keep_pad else (tokenizer.pad_token_id == tokenizer.eos_token_id)
+    eos = tokenizer.eos_token_id
+    short, long = [5, 6, eos], [5, 6, 7, 8, eos]
+    batch = PadCollator(tokenizer)([{"input_ids": short, "labels": short}, {"input_ids": long, "labels": long}])
+    real = batch["attention_mask"][0].bool()
+    assert batch["labels"][0][real].tolist() == short  # the EOS the example ends with keeps its label
+    assert batch["labels"][0][~real].tolist() == [IGNORE_INDEX] * 2 and (batch["input_ids"][0][~real] ==
+                                                                           tokenizer.pad_token_id).all()
+    assert real.tolist() == ([True] * 3 + [False] * 2 if padding_side == "right" else [False] * 2 + [True] * 3)
+
+
+def test_the_default_targets_resume_a_checkpoint_written_with_bloom_s_old_default():
+    """TARGET_MODULES used to default to BLOOM's query_key_value; it now defaults to the architecture's own, which
+    for BLOOM is the same, so a checkpoint's run identity (the resume check) is unchanged."""
+    default = train.with_default_targets(TrainConfig(model_path=str(TINY_BLOOM)))
+    explicit = TrainConfig(model_path=str(TINY_BLOOM), target_modules="query_key_value")
+    assert default.target_modules == "query_key_value"
+    assert checkpoint.run_identity(default, 1, "data") == checkpoint.run_identity(explicit, 1, "data")
+    assert train.with_default_targets(explicit) is explicit  # a setting is kept as it is
+
+
+def test_an_architecture_without_default_targets_names_its_layers(tmp_path):
+    from transformers import GPTNeoConfig
+
+    folder = tmp_path / "gpt-neo"
+    GPTNeoConfig(hidden_size=32, num_layers=1, attention_types=[[["global"], 1]], num_heads=2,
+                 vocab_size=VOCAB).save_pretrained(folder)
+    cfg = train.with_default_targets(TrainConfig(model_path=str(folder)))
+    assert cfg.target_modules == ""  # none to fill in
+    model = AutoModelForCausalLM.from_config(GPTNeoConfig.from_pretrained(folder))
+    with pytest.raises(ConfigError, match=r"TARGET_MODULES: no default target_modules for model type 'gpt_neo'.*"
+                                          r"q_proj"):
+        train.build_lora_model(model, cfg, str(folder))
+
+
+@pytest.mark.parametrize("name", ARCHITECTURES)
+def test_trains_matches_peft_and_answers(tmp_path, small_data, capsys, name):
+    """10 steps through train.run with the defaults (the loss falls); the adapter gives PEFT's logits (max abs
+    difference <= 1e-5) and changed them (> 1e-4); generate_inference answers with it, finding its base in it, and
+    a batch of prompts of different lengths gets the answers each prompt gets alone."""
+    from peft import PeftModel
+
+    folder = build_tiny_model(tmp_path / name, name)
+    out = tmp_path / "out"
+    cfg = TrainConfig(model_path=str(folder), data_path=str(small_data), output_dir=str(out),
+                      cache_dir=str(tmp_path / "cache"), max_length=64, batch_size=4, grad_accum_steps=1,
+                      learning_rate=1e-2, lora_dropout=0.0, warmup_steps=0, size_valid_set=8, eval_freq=0,
+                      num_epochs=1, max_steps=10)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # e.g. a Conv1D layer correcting fan_in_fan_out
+        metrics = train.run(cfg, train.DistEnv())
+    targets = ARCHITECTURES[name][3]
+    assert f"targets={targets};" in capsys.readouterr().out
+    losses = [row["loss"] for row in metric_rows(out) if "loss" in row]
+    assert len(losses) == 10 and sum(losses[-3:]) < sum(losses[:3]), losses
+    assert metrics["eval_loss"] < losses[0]
+    saved = json.loads((out / "adapter_config.json").read_text(encoding="utf-8"))
+    assert saved["target_modules"] == targets.split(",") and saved["fan_in_fan_out"] == (name == "gpt2")
+
+    ids = torch.tensor([[1, 100, 200, 300, 400, 2000]])
+    with torch.no_grad(), model_loading.no_loading_bar():
+        base = AutoModelForCausalLM.from_pretrained(folder)(input_ids=ids).logits
+        reference = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(folder), out).eval()
+        ours = train.LoraModelForCasualLM.from_pretrained(AutoModelForCausalLM.from_pretrained(folder), out)
+        expected = reference(input_ids=ids).logits
+        assert (ours(input_ids=ids).logits - expected).abs().max() <= 1e-5
+        assert (expected - base).abs().max() > 1e-4  # the adapter did something
+
+    instructions = ["Give three tips for staying healthy.", "Hi"]
+    alone = [inference.generate_inference(i, None, None, out, max_new_tokens=8, device="cpu") for i in instructions]
+    assert all(isinstance(answer, str) for answer in alone)
+    # One left-padded batch (padded with EOS where the tokenizer has no pad token) answers as each prompt alone.
+    assert inference.generate_inference(instructions, None, None, out, max_new_tokens=8, device="cpu") == alone
