@@ -11,6 +11,7 @@ From the shell::
     python inference.py --lora-weights outputs/lora-alpaca --instruction "Name three primary colors."
     python inference.py --lora-weights outputs/lora-alpaca              # interactive: one prompt after another
     python inference.py export --lora-weights outputs/lora-alpaca --out outputs/bloom-alpaca-merged
+    python inference.py serve --lora-weights outputs/lora-alpaca    # a page: base and base + adapter side by side
 
 The model is loaded once per process and kept (one at a time: loading another evicts it), so a loop of calls pays
 for loading once. It goes to the GPU when there is one, in bf16 (fp16 on GPUs without bf16); on the CPU in fp32.
@@ -97,10 +98,12 @@ class GenerationOptions:
     def generate_kwargs(self) -> dict:
         """Keyword arguments for `model.generate` (sampling settings only when sampling)."""
         kwargs = {"max_new_tokens": self.max_new_tokens, "do_sample": self.do_sample, "num_beams": self.num_beams,
-                  "repetition_penalty": self.repetition_penalty}
+                  "repetition_penalty": float(self.repetition_penalty)}
         if self.do_sample:
             kwargs.update({name: default if getattr(self, name) is None else getattr(self, name)
                            for name, default in SAMPLING_DEFAULTS.items()})
+            # transformers refuses an int temperature (temperature=2 passes our check, as 2.0 would)
+            kwargs["temperature"], kwargs["top_p"] = float(kwargs["temperature"]), float(kwargs["top_p"])
         return kwargs
 
 
@@ -307,16 +310,17 @@ def build_prompt(instruction: str, user_inp: str | None) -> str:
 
 @torch.inference_mode()
 def generate_responses(loaded: LoadedModel, prompts: list[str], options: GenerationOptions,
-                       streamer=None) -> list[str]:
+                       streamer=None, stopping_criteria=None) -> list[str]:
     """Generate for a batch of prompts (left-padded) and return each response, in order.
 
     Only the new tokens are decoded; `Prompter.get_response` strips them (and drops anything up to a
-    "### Response:" the model might write itself).
+    "### Response:" the model might write itself). `streamer` and `stopping_criteria` go to `model.generate`.
     """
     tokenizer = loaded.tokenizer
     batch = tokenizer(prompts, return_tensors="pt", padding=True, return_token_type_ids=False).to(loaded.device)
     output = loaded.model.generate(**batch, **options.generate_kwargs(), streamer=streamer,
-                                   pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+                                   stopping_criteria=stopping_criteria, pad_token_id=tokenizer.pad_token_id,
+                                   eos_token_id=tokenizer.eos_token_id)
     new_tokens = output[:, batch["input_ids"].shape[1]:]
     return [PROMPTER.get_response(text) for text in tokenizer.batch_decode(new_tokens, skip_special_tokens=True)]
 
@@ -444,7 +448,8 @@ def _model_arguments(parser: argparse.ArgumentParser) -> None:
 def build_parsers() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
     """(generation parser, export parser)."""
     generate = _Parser(prog="inference.py", description=__doc__.split("\n\n")[0],
-                       epilog="Export a merged model: python inference.py export --help")
+                       epilog="Export a merged model: python inference.py export --help. Base and adapter side by "
+                              "side in the browser: python inference.py serve --help")
     _model_arguments(generate)
     generate.add_argument("--instruction", help="the task; without it, an interactive prompt loop")
     generate.add_argument("--input", default="", help="optional context for the instruction")
@@ -489,11 +494,23 @@ def _interactive(generate) -> None:
         generate(instruction, user_inp)
 
 
+def _serve(argv: list[str]) -> int:
+    try:
+        import playground  # Gradio: requirements-playground.txt, which training and generating do not need
+    except ModuleNotFoundError as err:
+        if err.name != "gradio":
+            raise
+        raise ValueError("the playground needs Gradio: pip install -r requirements-playground.txt") from None
+    return playground.main(argv)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Command-line entry point; returns the exit code (1 with one `error:` line for a user error)."""
     argv = sys.argv[1:] if argv is None else argv
     generate_parser, export_parser = build_parsers()
     try:
+        if argv[:1] == ["serve"]:
+            return _serve(argv[1:])
         if argv[:1] == ["export"]:
             args = export_parser.parse_args(argv[1:])
             out = export_merged_model(args.lora_weights, args.out, model_path=args.model_path, dtype=args.dtype,

@@ -39,6 +39,23 @@ def metric_rows(output_dir: Path) -> list[dict]:
     return rows
 
 
+@pytest.fixture(scope="module")
+def adapter(tmp_path_factory) -> Path:
+    """An adapter trained by train.run for a few steps at a high learning rate, so it changes the greedy text (the
+    quick-start path, in a few seconds)."""
+    import train
+
+    tmp = tmp_path_factory.mktemp("adapter")
+    data = tmp / "small.json"
+    data.write_text(json.dumps(json.loads(SAMPLE.read_text(encoding="utf-8"))[:24]), encoding="utf-8")
+    cfg = TrainConfig(model_path=str(TINY_BLOOM), data_path=str(data), output_dir=str(tmp / "out"),
+                      cache_dir=str(tmp / "cache"), max_length=128, batch_size=4, grad_accum_steps=1,
+                      lora_dropout=0.0, warmup_steps=0, size_valid_set=4, eval_freq=0, num_epochs=1, max_steps=5,
+                      learning_rate=3e-3)
+    train.run(cfg, train.DistEnv())
+    return tmp / "out"
+
+
 @pytest.fixture
 def fake_gpu(monkeypatch):
     """`fake_gpu(native_bf16)`: torch.cuda.is_bf16_supported answers as on an A100 (native bf16) or a T4 (emulation

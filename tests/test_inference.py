@@ -30,20 +30,6 @@ INPUTS = [None, "", "n/a", "I like cheese very much."]  # the first three all me
 GREEDY = {"max_new_tokens": 16, "device": "cpu"}  # short, so the suite stays fast
 
 
-@pytest.fixture(scope="module")
-def adapter(tmp_path_factory) -> Path:
-    """An adapter trained by train.run for a few steps at a high learning rate, so it changes the greedy text."""
-    tmp = tmp_path_factory.mktemp("adapter")
-    data = tmp / "small.json"
-    data.write_text(json.dumps(json.loads(SAMPLE.read_text(encoding="utf-8"))[:24]), encoding="utf-8")
-    cfg = TrainConfig(model_path=str(TINY_BLOOM), data_path=str(data), output_dir=str(tmp / "out"),
-                      cache_dir=str(tmp / "cache"), max_length=128, batch_size=4, grad_accum_steps=1,
-                      lora_dropout=0.0, warmup_steps=0, size_valid_set=4, eval_freq=0, num_epochs=1, max_steps=5,
-                      learning_rate=3e-3)
-    train.run(cfg, train.DistEnv())
-    return tmp / "out"
-
-
 @pytest.fixture(autouse=True, scope="module")
 def one_thread_and_an_empty_cache_after():
     # The tiny model's ops take microseconds: with several threads on a busy CPU, waiting for a descheduled
@@ -173,6 +159,15 @@ def test_auto_precision_is_bf16_only_where_the_gpu_has_it_natively(fake_gpu, dev
 def test_bad_generation_options_are_named_before_anything_loads(options, message):
     with pytest.raises(ValueError, match=message):
         inference.generate_inference("Say hi.", None, "no/such-model", "/no/such/adapter", **options)
+
+
+def test_whole_numbers_are_accepted_where_transformers_wants_floats(adapter):
+    """temperature=2 passes our check as 2.0 does; transformers' own warper refuses an int, so we pass floats."""
+    kwargs = inference.GenerationOptions(do_sample=True, temperature=2, top_p=1, repetition_penalty=2).generate_kwargs()
+    assert [type(kwargs[name]) for name in ("temperature", "top_p", "repetition_penalty")] == [float, float, float]
+    torch.manual_seed(0)
+    assert isinstance(inference.generate_inference("Say hi.", None, str(TINY_BLOOM), adapter, do_sample=True,
+                                                   temperature=2, **GREEDY), str)
 
 
 def test_bad_arguments_are_one_line_errors_that_say_what_to_do(adapter, tmp_path):

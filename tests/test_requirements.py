@@ -1,6 +1,7 @@
-"""The two requirement files against the code's own import statements (every one, also those inside functions):
+"""The requirement files against the code's own import statements (every one, also those inside functions):
 requirements.txt pins what the scripts a user runs import (train.py, inference.py and their modules, the tiny-model
-build script); requirements-dev.txt adds what only the tests and benchmarks import, PEFT among them.
+build script); requirements-playground.txt adds Gradio for the playground (playground.py), which training does not
+need; requirements-dev.txt adds what only the tests and benchmarks import, PEFT among them.
 """
 
 import ast
@@ -54,19 +55,32 @@ def imported_distributions(files) -> dict[str, set[str]]:
     return found
 
 
+PLAYGROUND = REPO / "playground.py"
+
+
 def test_requirements_txt_pins_what_the_scripts_import_and_no_test_tool():
-    product = sorted(REPO.glob("*.py")) + [REPO / "models" / "build_tiny_bloom.py"]
+    product = [path for path in sorted(REPO.glob("*.py")) if path != PLAYGROUND]
     runtime = pins(REPO / "requirements.txt")
-    imported = imported_distributions(product)
+    imported = imported_distributions(product + [REPO / "models" / "build_tiny_bloom.py"])
     assert {"torch", "transformers", "datasets", "safetensors"} <= imported.keys()  # the scan sees imports
     missing = {name: files for name, files in imported.items() if name not in runtime}
     assert not missing, f"imported but not in requirements.txt: {missing}"
-    assert not {"peft", "pytest", "hypothesis", "psutil"} & runtime.keys()
+    assert not {"peft", "pytest", "hypothesis", "psutil", "gradio", "playwright"} & runtime.keys()
+
+
+def test_requirements_playground_txt_adds_gradio_to_the_runtime_pins():
+    runtime, playground = pins(REPO / "requirements.txt"), pins(REPO / "requirements-playground.txt")
+    assert runtime.items() <= playground.items()
+    assert set(playground) - set(runtime) == {"gradio"}
+    imported = imported_distributions([PLAYGROUND])
+    assert "gradio" in imported
+    missing = {name: files for name, files in imported.items() if name not in playground}
+    assert not missing, f"imported but not in requirements-playground.txt: {missing}"
 
 
 def test_requirements_dev_txt_adds_what_tests_and_benchmarks_import():
     dev = pins(REPO / "requirements-dev.txt")
-    assert pins(REPO / "requirements.txt").items() <= dev.items()
+    assert pins(REPO / "requirements-playground.txt").items() <= dev.items()
     imported = imported_distributions(sorted((REPO / "tests").glob("*.py")) + sorted((REPO / "bench").glob("*.py")))
     assert {"peft", "pytest", "hypothesis", "psutil"} <= imported.keys()
     missing = {name: files for name, files in imported.items() if name not in dev}

@@ -1,0 +1,188 @@
+"""The playground as a user meets it: `python inference.py serve` started as a subprocess on a free loopback port,
+the page driven in headless Chromium (Debian's `chromium`, which .ci/run installs; Playwright drives it, no browser
+of its own downloaded), and stopped with SIGTERM.
+
+References are independent of the page: `generate_inference` (merged, as a notebook calls it) for the adapter pane,
+plain transformers greedy generation for the base pane, `GenerationOptions`' own ValueError for a bad option.
+About 25 s on 2 shared cores: the adapter's five training steps, the server's start (torch, transformers, Gradio),
+the two generations of 16 tokens and the references.
+"""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+import torch
+from playwright.sync_api import expect, sync_playwright
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+import inference
+from prompter import Prompter
+from conftest import REPO, SAMPLE, TINY_BLOOM
+
+pytestmark = pytest.mark.slow
+
+CHROMIUM = Path("/usr/bin/chromium")
+# Headless, and none of Chromium's own background connections (updates, sync, safe browsing...): on a machine
+# without a network each one is refused, many at a time. Playwright gives every launch a fresh profile folder.
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync", "--no-first-run"]
+MAX_NEW_TOKENS = 16
+TIMEOUT_MS = 60_000  # generous: a shared CI machine can be slow to start a generation, never to finish one this short
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def port_answers(port: int) -> bool:
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=1).close()
+        return True
+    except OSError:
+        return False
+
+
+@pytest.fixture(scope="module")
+def server(adapter, tmp_path_factory):
+    """The server process and its URL, once the page answers; killed at the end if a test left it running."""
+    port = free_port()
+    log = tmp_path_factory.mktemp("server") / "server.log"
+    # One torch thread: the toy model's ops take microseconds, and on a busy 2-core machine waiting for a second
+    # thread costs more than the op (tests/test_inference.py runs single-threaded for the same reason).
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    with open(log, "w") as out:
+        proc = subprocess.Popen([sys.executable, "inference.py", "serve", "--lora-weights", str(adapter),
+                                 "--model-path", str(TINY_BLOOM), "--port", str(port)],
+                                cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}/"
+    deadline = time.monotonic() + 90
+    while True:
+        assert proc.poll() is None, f"the server exited with {proc.returncode}:\n{log.read_text()}"
+        assert time.monotonic() < deadline, f"the server did not answer within 90 s:\n{log.read_text()}"
+        if port_answers(port):
+            try:
+                urllib.request.urlopen(url, timeout=5).close()
+                break
+            except OSError:
+                pass
+        time.sleep(0.2)
+    proc.log = log
+    yield proc, url, port
+    if proc.poll() is None:
+        proc.kill()
+        proc.wait()
+
+
+@pytest.fixture(scope="module")
+def browser():
+    if not CHROMIUM.is_file():
+        pytest.fail(f"no {CHROMIUM}: apt-get install chromium (.ci/run installs it when it is missing)")
+    with sync_playwright() as playwright:
+        chromium = playwright.chromium.launch(executable_path=str(CHROMIUM), headless=True, args=CHROMIUM_ARGS)
+        yield chromium
+        chromium.close()
+
+
+@pytest.fixture
+def page(browser, server):
+    _, url, _ = server
+    page = browser.new_page(viewport={"width": 1100, "height": 1000})
+    requested = []
+    page.on("request", lambda request: requested.append(request.url))
+    page.goto(url)
+    expect(page.locator("#instruction textarea")).to_be_visible()
+    yield page
+    page.close()
+    # Offline means nothing but the page's own server: no fonts, scripts or telemetry from elsewhere.
+    assert all(u.startswith(url) for u in requested), [u for u in requested if not u.startswith(url)]
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+    inference.clear_cache()
+
+
+def base_reference(instruction: str, user_inp: str) -> str:
+    """The base model's greedy answer, from transformers alone."""
+    tokenizer = AutoTokenizer.from_pretrained(TINY_BLOOM)
+    model = AutoModelForCausalLM.from_pretrained(TINY_BLOOM).eval()
+    ids = tokenizer(Prompter().generate_prompt(instruction, user_inp or None), return_tensors="pt")
+    with torch.no_grad():
+        out = model.generate(**ids, max_new_tokens=MAX_NEW_TOKENS, do_sample=False,
+                             pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+    return Prompter().get_response(tokenizer.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True))
+
+
+def open_options(page) -> None:
+    if not page.locator("#max_new_tokens input").is_visible():
+        page.get_by_text("Generation options").click()
+
+
+def test_the_panes_show_generate_inference_and_the_base_model_as_they_stream(page, adapter, one_thread):
+    record = json.loads(SAMPLE.read_text(encoding="utf-8"))[5]  # "Identify the odd one out.", with an input
+    page.get_by_text(record["instruction"], exact=True).click()  # one of the examples
+    expect(page.locator("#instruction textarea")).to_have_value(record["instruction"])
+    expect(page.locator("#input textarea")).to_have_value(record["input"])
+    open_options(page)
+    page.locator("#max_new_tokens input").fill(str(MAX_NEW_TOKENS))
+    # Every value the adapter pane takes, read at each animation frame: streaming shows partial answers.
+    page.evaluate("""() => { window.seen = [];
+        const read = () => { const value = document.querySelector('#adapter-pane textarea').value;
+                             if (window.seen.at(-1) !== value) window.seen.push(value);
+                             requestAnimationFrame(read); };
+        read(); }""")
+    page.locator("#generate").click()
+    expect(page.locator("#status")).to_have_text("done", timeout=TIMEOUT_MS)
+    adapter_pane = page.locator("#adapter-pane textarea").input_value()
+    base_pane = page.locator("#base-pane textarea").input_value()
+    expect(page.locator("#generate")).to_be_enabled()
+
+    expected = inference.generate_inference(record["instruction"], record["input"], str(TINY_BLOOM), adapter,
+                                            max_new_tokens=MAX_NEW_TOKENS, device="cpu")
+    assert adapter_pane == expected
+    assert base_pane == base_reference(record["instruction"], record["input"])
+    assert adapter_pane != base_pane  # the adapter changes the answer, so the panes are not trivially equal
+    partial = [v for v in page.evaluate("window.seen") if v and v != adapter_pane and adapter_pane.startswith(v)]
+    assert partial, f"no partial answer seen before {adapter_pane!r}: {page.evaluate('window.seen')}"
+
+
+@pytest.mark.parametrize("sample, option, value, expected_options", [
+    (False, "max_new_tokens", "0", {"max_new_tokens": 0}),
+    (True, "top_p", "128", {"do_sample": True, "top_p": 128}),
+])
+def test_a_bad_option_is_its_message_on_the_page(page, sample, option, value, expected_options):
+    with pytest.raises(ValueError) as raised:
+        inference.GenerationOptions(**expected_options)
+    page.locator("#instruction textarea").fill("Name three primary colors.")
+    expect(page.locator("#top_p input")).to_be_hidden()  # sampling settings show only with "sample" ticked
+    open_options(page)
+    if sample:
+        page.locator("#sample input").check()
+    page.locator(f"#{option} input").fill(value)
+    page.locator("#generate").click()
+    expect(page.locator("#status")).to_have_text(f"error: {raised.value}", timeout=TIMEOUT_MS)
+    assert page.locator("#adapter-pane textarea").input_value() == page.locator("#base-pane textarea").input_value()
+    assert page.locator("#adapter-pane textarea").input_value() == ""
+
+
+def test_sigterm_stops_the_server_cleanly_and_frees_the_port(server):
+    proc, _, port = server
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=30) == 0, proc.log.read_text()
+    assert "playground stopped" in proc.log.read_text()
+    assert "Traceback" not in proc.log.read_text()
+    assert not port_answers(port)
