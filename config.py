@@ -85,6 +85,9 @@ class TrainConfig:
                                                                         "recompute the rest in the backward pass: "
                                                                         "far less activation memory, 15-35 % "
                                                                         "slower (one more forward pass)"})
+    fused_modules: bool = field(default=True, metadata={"help": "BLOOM's attention and GELU on PyTorch's fused "
+                                                                 "kernels (fused_bloom.py); false: transformers' "
+                                                                 "eager modules (the same numbers up to rounding)"})
     cache_dir: str = field(default=".cache", metadata={"help": "downloads and tokenized data"})
     num_workers: int = field(default=0, metadata={"help": "data-loader worker processes"})
     ddp_timeout: int = field(default=1800, metadata={"help": "seconds a DDP process waits for the others in a "
@@ -195,9 +198,9 @@ RESUME_MUST_MATCH = (
     "learning_rate", "weight_decay", "warmup_steps", "max_grad_norm",         # the optimizer and schedule
 )
 # These change the run's length or arithmetic on purpose: more epochs (the cosine schedule is then recomputed for
-# the new total), or an fp16 T4 session followed by a bf16 A100 one. Allowed, with a note that the rest of the run
-# differs from an uninterrupted one.
-RESUME_MAY_CHANGE_WITH_NOTE = ("num_epochs", "max_steps", "mix_prec_train", "precision")
+# the new total), an fp16 T4 session followed by a bf16 A100 one, fused or eager modules (they round differently).
+# Allowed, with a note that the rest of the run differs from an uninterrupted one.
+RESUME_MAY_CHANGE_WITH_NOTE = ("num_epochs", "max_steps", "mix_prec_train", "precision", "fused_modules")
 # These never change the numbers: where files go, how often to evaluate or save, how data is loaded, whether
 # activations are kept or recomputed (GRADIENT_CHECKPOINTING: the same adapter, tested). DATA_PATH may name another
 # copy of the same data (the content is compared: DATA_FIELDS and VALID_DATA_PATH through it too); DEBUG acts only

@@ -125,6 +125,18 @@ def load_base_model(model_path: str, device: torch.device, dtype: torch.dtype | 
     return model if quantize else model.to(device)
 
 
+def keep_residual_stream_float32(model) -> None:
+    """For a base loaded in half precision to train under autocast: norms back in float32, and the embeddings'
+    output cast to float32, so that the residual stream (embeddings, norms, the additions around each block) stays
+    float32, as with float32 weights. Autocast rounds only the matmuls' inputs; on a GPU it also runs layer_norm in
+    float32, but on a CPU layer_norm keeps its input's dtype, so half-precision embeddings would make the whole
+    stream half precision."""
+    for module in model.modules():
+        if isinstance(module, torch.nn.LayerNorm) or type(module).__name__.endswith("RMSNorm"):
+            module.float()
+    model.get_input_embeddings().register_forward_hook(lambda module, args, output: output.float())
+
+
 def enable_activation_checkpointing(model, checkpoint_kwargs: dict) -> None:
     """transformers 5.23 renamed gradient_checkpointing_enable (the old name still works there, with a warning);
     a notebook's preinstalled, older transformers knows only the old one."""

@@ -43,6 +43,7 @@ from data_sources import load_records
 from distributed import (DistEnv, all_reduce_sum, gather_objects, no_buffer_sync_before_forward, note,
                          setup_distributed, shutdown_distributed)
 from faults import RunError, StopSignals, TrainingStopped
+from fused_bloom import use_fused_modules
 from lora_model import LoraConfig, LoraModelForCasualLM, read_adapter_dir, targets_conv1d
 from metrics import MetricsLog
 from output_dir import check_output_dir, own_output_dir
@@ -67,9 +68,10 @@ def resolve_precision(cfg: TrainConfig, device: torch.device) -> str:
 
 
 def base_weight_dtype(precision: str, device: torch.device) -> torch.dtype:
-    """Frozen base weights in half precision on a GPU (half the memory, as the assignment loads them); on the
-    CPU they stay float32 and autocast does the casting."""
-    if device.type != "cuda":
+    """Frozen base weights in the compute dtype under mixed precision (as the assignment loads them): autocast
+    would round them to it at every matmul anyway, so this saves those casts and half the memory. Not fp16 on a CPU,
+    which has no fp16 arithmetic to gain from it."""
+    if precision == "fp16" and device.type != "cuda":
         return torch.float32
     return MIXED_PRECISION_DTYPES[precision] or torch.float32
 
@@ -100,11 +102,15 @@ def load_tokenizer(model_path: str):
 
 
 def load_pretrained_model(model_path: str, device: torch.device, dtype: torch.dtype):
-    """Load the frozen base model onto `device` in `dtype` (no trust_remote_code)."""
+    """Load the frozen base model onto `device` in `dtype` (no trust_remote_code); a half-precision one keeps its
+    norms and residual stream float32 (model_loading.keep_residual_stream_float32)."""
     try:
-        return model_loading.load_base_model(model_path, device, dtype, name="MODEL_PATH")
+        model = model_loading.load_base_model(model_path, device, dtype, name="MODEL_PATH")
     except (OSError, ValueError) as err:
         raise RunError(str(err)) from None
+    if dtype != torch.float32:
+        model_loading.keep_residual_stream_float32(model)
+    return model
 
 
 def with_default_targets(cfg: TrainConfig) -> TrainConfig:
@@ -530,6 +536,8 @@ def run(cfg: TrainConfig, dist: DistEnv) -> dict:
     if resume is not None:
         check_resumable(*resume, identity)
     model = load_pretrained_model(cfg.model_path, dist.device, base_weight_dtype(precision, dist.device))
+    if cfg.fused_modules:
+        use_fused_modules(model)  # BLOOM's attention and GELU on fused kernels; other architectures have their own
     lora_model = build_lora_model(model, cfg, cfg.model_path)  # same seed on every rank: identical LoRA init
     # Dropout masks should differ between ranks; the offset keeps each rank's stream reproducible.
     torch.manual_seed(cfg.seed + dist.rank)

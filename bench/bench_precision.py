@@ -11,10 +11,11 @@ cross-entropy dominate a small model's step. `--real-shape` uses BLOOM-1b7's con
 hidden 2048, 24 layers, 16 heads; 1.7e9 parameters, for a GPU). LoRA r=8, alpha=16, dropout 0.05 on query_key_value
 (lora_model.py, adapters float32), batch 4 x 256 tokens.
 
-Variants, each what train.py runs for some PRECISION / MIX_PREC_TRAIN setting:
+Variants, each what train.py runs for some PRECISION / MIX_PREC_TRAIN setting, on transformers' eager BLOOM modules
+(train.py's FUSED_MODULES=false; bench/bench_vs_hf_trainer.py times the fused ones):
   fp32            float32 weights, no autocast                            (the default)
-  bf16 autocast   float32 weights, bf16 autocast                          (MIX_PREC_TRAIN=true on a CPU)
-  bf16 weights    bfloat16 base weights, bf16 autocast                    (MIX_PREC_TRAIN=true on an A100/H100)
+  bf16 autocast   float32 weights, bf16 autocast                          (MIX_PREC_TRAIN=true on a CPU until 12/2026)
+  bf16 weights    bfloat16 base weights, bf16 autocast                    (MIX_PREC_TRAIN=true on an A100/H100, a CPU)
   fp16 autocast   float32 weights, fp16 autocast, GradScaler              (PRECISION=fp16 on a CPU)
   fp16 weights    float16 base weights, fp16 autocast, GradScaler         (MIX_PREC_TRAIN=true on a T4; GPU only)
   ... + checkpointing   the same with GRADIENT_CHECKPOINTING=true: activations recomputed in the backward pass
@@ -133,7 +134,7 @@ def unsupported(name: str, device: torch.device) -> str | None:
     if device.type == "cuda" and precision == "bf16" and not torch.cuda.is_bf16_supported(including_emulation=False):
         return "this GPU has no native bf16"
     if device.type == "cpu" and VARIANTS[name][1] == torch.float16:
-        return "train.py keeps float32 base weights on a CPU"
+        return "train.py keeps float32 base weights for fp16 on a CPU"
     return None
 
 

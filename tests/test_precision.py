@@ -79,17 +79,48 @@ def test_mix_prec_train_picks_the_hardwares_precision_and_precision_overrides(fa
     assert train.resolve_precision(load_config([], env), torch.device(device)) == expected
 
 
-def test_base_weights_are_half_on_a_gpu_only_and_the_banner_says_so():
+def test_base_weights_are_in_the_compute_dtype_but_not_fp16_on_a_cpu_and_the_banner_says_so():
     cuda, cpu = torch.device("cuda"), torch.device("cpu")
     assert train.base_weight_dtype("fp16", cuda) == torch.float16
     assert train.base_weight_dtype("bf16", cuda) == torch.bfloat16
     assert train.base_weight_dtype("fp32", cuda) == torch.float32
-    assert {train.base_weight_dtype(p, cpu) for p in ("fp16", "bf16", "fp32")} == {torch.float32}
+    assert train.base_weight_dtype("bf16", cpu) == torch.bfloat16
+    assert {train.base_weight_dtype(p, cpu) for p in ("fp16", "fp32")} == {torch.float32}
     t4 = train.describe_precision(load_config([], {"MIX_PREC_TRAIN": "true"}), "fp16", cuda)
     assert t4 == ("fp16 on cuda (MIX_PREC_TRAIN=true): fp16 autocast + GradScaler; base weights float16, "
                   "LoRA float32")
     assert train.describe_precision(load_config([], {"PRECISION": "bf16"}), "bf16", cpu) == (
-        "bf16 on cpu (PRECISION): bf16 autocast; base weights float32, LoRA float32")
+        "bf16 on cpu (PRECISION): bf16 autocast; base weights bfloat16, LoRA float32")
+
+
+def test_a_half_precision_base_keeps_float32_norms_and_residual_stream_and_its_loss():
+    """bf16 base weights under bf16 autocast compute what float32 weights under autocast compute (autocast rounds
+    the matmuls' weights to bf16 either way): only the embedding lookup is rounded in addition. The residual
+    stream stays float32 (on a CPU layer_norm would otherwise follow half-precision embeddings into bf16)."""
+    device = torch.device("cpu")
+    batch = {k: v[:, :48] for k, v in json_batch().items()}
+    losses, streams = {}, {}
+    for dtype in (torch.float32, torch.bfloat16):
+        model = train.load_pretrained_model(str(TINY_BLOOM), device, dtype)
+        norms = [m.weight.dtype for m in model.modules() if isinstance(m, torch.nn.LayerNorm)]
+        assert norms and set(norms) == {torch.float32}
+        captured = []
+        model.transformer.h[0].register_forward_hook(lambda module, args, out: captured.append(out[0].dtype))
+        with torch.autocast("cpu", dtype=torch.bfloat16), torch.no_grad():
+            losses[dtype] = model(**batch).loss.item()
+        streams[dtype] = captured[0]
+    assert streams == {torch.float32: torch.float32, torch.bfloat16: torch.float32}
+    assert abs(losses[torch.bfloat16] - losses[torch.float32]) <= 0.01 * losses[torch.float32]
+
+
+def json_batch() -> dict:
+    """Four Alpaca records, tokenized and right-padded, labels on every real token."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(TINY_BLOOM)
+    texts = [r["instruction"] + " " + r["output"] for r in json.loads(SAMPLE.read_text(encoding="utf-8"))[:4]]
+    batch = tokenizer(texts, return_tensors="pt", padding=True, return_token_type_ids=False)
+    return {**batch, "labels": batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)}
 
 
 # --- autocast and the GradScaler -----------------------------------------------------------------------------------
@@ -173,20 +204,24 @@ def test_mixed_precision_losses_stay_finite_and_close_to_fp32(runs, name):
 def test_half_precision_base_weights_train_as_on_a_gpu(tmp_path, small_data, monkeypatch, runs, precision, weights):
     """What MIX_PREC_TRAIN=true runs on a GPU (T4: float16 base weights, fp16 autocast and GradScaler; A100/H100:
     bfloat16 weights, bf16 autocast), run on the CPU by giving it the GPU's weight dtype: the base stays frozen in
-    half precision, only the float32 adapter trains, and the losses stay close to the float32 run's."""
+    half precision (its norms float32), only the float32 adapter trains, and the losses stay close to the float32
+    run's."""
     monkeypatch.setattr(train, "base_weight_dtype", lambda precision, device: weights)
     built = []
     real_build = train.build_lora_model
 
     def build(model, *args, **kwargs):
-        built.extend((p, p.detach().clone()) for p in model.parameters())  # before LoRA: the base alone
+        built.extend((name, p, p.detach().clone()) for name, p in model.named_parameters())  # the base alone
         return real_build(model, *args, **kwargs)
 
     monkeypatch.setattr(train, "build_lora_model", build)
     cfg = TrainConfig(**tiny_settings(tmp_path, small_data, precision=precision))
     train.run(cfg, train.DistEnv())
 
-    assert built and all(p.dtype == weights and not p.requires_grad and torch.equal(p, before) for p, before in built)
+    assert built and all(not p.requires_grad and torch.equal(p, before) for _, p, before in built)
+    assert {(name, p.dtype) for name, p, _ in built} == {
+        (name, torch.float32 if "layernorm" in name or name.endswith(("ln_f.weight", "ln_f.bias")) else weights)
+        for name, _, _ in built}
     reference, rows = step_rows(runs["fp32"]), step_rows(Path(cfg.output_dir))
     assert len(rows) == len(reference) == 5 and rows[-1]["skipped_steps"] == 0  # fp16; bf16 has no GradScaler
     for row, ref in zip(rows, reference):
@@ -380,7 +415,7 @@ def test_bench_precision_out_of_memory_with_one_model_is_one_line(tmp_path, monk
 
 def test_bench_precision_with_no_variant_that_can_run_is_one_line(tmp_path):
     with pytest.raises(SystemExit, match=r"^error: none of --variants can run on cpu: fp16 weights: train.py keeps "
-                                         r"float32 base weights on a CPU$"):
+                                         r"float32 base weights for fp16 on a CPU$"):
         load_bench_precision().main([*TOY_SHAPE, "--variants", "fp16 weights", "--out", str(tmp_path / "p.md")])
     assert not list(tmp_path.iterdir())
 

@@ -1,0 +1,100 @@
+"""BLOOM's attention and GELU on PyTorch's fused kernels, swapped in for transformers' eager modules.
+
+transformers' BLOOM has only an eager attention: `baddbmm` of the scores with ALiBi, the padding mask added, a
+float32 softmax over a materialised batch x heads x seq x seq tensor, a cast back, then `bmm`; and its GELU is nine
+elementwise operations forward and backward, each a pass over the MLP's widest activation. On a CPU those
+memory-bound passes, not the matrix multiplications, took most of a training step (bench/bench_vs_hf_trainer.py).
+Here the attention is one `F.scaled_dot_product_attention` call with ALiBi and the padding mask as its additive
+mask, and the GELU is `F.gelu(approximate="tanh")`, the same formula in one kernel each way.
+
+The swap works like lora_model's injection of LoRA layers: each block's module is replaced by one of ours holding
+the same weights under the same names (state dicts, adapters and checkpoints are unchanged). The numbers are the
+eager modules' up to rounding: tests/test_fused_bloom.py holds logits and LoRA gradients to 1e-5 in float32,
+padding and dropout-free training included.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class TanhGelu(nn.Module):
+    """BLOOM's GELU, 0.5 x (1 + tanh(sqrt(2 / pi) (x + 0.044715 x^3))), as one fused kernel forward and backward."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.gelu(x, approximate="tanh")
+
+
+class SdpaBloomAttention(nn.Module):
+    """transformers' BloomAttention computed by `F.scaled_dot_product_attention`, on the loaded module's layers.
+
+    Eager BLOOM computes softmax(beta * alibi + q k^T / sqrt(d) + mask) v with beta = 1; SDPA computes
+    softmax(q k^T * scale + bias) v, so the bias is alibi + mask, built once per forward pass and shared by every
+    layer (all layers receive the same alibi and mask tensors). Attention weights are not returned (SDPA never forms
+    them): with `output_attentions=True` the caller gets None, as from transformers' own SDPA attentions.
+    """
+
+    def __init__(self, eager: nn.Module, bias_cache: dict):
+        super().__init__()
+        self.num_heads, self.head_dim = eager.num_heads, eager.head_dim
+        self.hidden_dropout, self.layer_idx = eager.hidden_dropout, eager.layer_idx
+        self.scale = eager.inv_norm_factor
+        # The same child names as BloomAttention, so parameter names (and LoRA keys) do not change.
+        self.query_key_value, self.dense, self.attention_dropout = (eager.query_key_value, eager.dense,
+                                                                    eager.attention_dropout)
+        self._bias_cache = bias_cache
+
+    def forward(self, hidden_states: torch.Tensor, residual: torch.Tensor, alibi: torch.Tensor,
+                attention_mask: torch.Tensor | None, layer_past=None, use_cache: bool = False,
+                output_attentions: bool = False, **kwargs):
+        batch, q_length, _ = hidden_states.shape
+        fused_qkv = self.query_key_value(hidden_states).view(batch, q_length, self.num_heads, 3, self.head_dim)
+        # unbind, not three slices: its backward is one stack instead of three zero-filled copies added together
+        query, key, value = (t.transpose(1, 2) for t in fused_qkv.unbind(3))  # batch x heads x seq x dim
+        if layer_past is not None:
+            key, value = layer_past.update(key, value, self.layer_idx)
+        bias = self._attention_bias(alibi, attention_mask, batch, q_length, key.shape[2], query.dtype)
+        dropout = self.attention_dropout.p if self.training else 0.0
+        context = F.scaled_dot_product_attention(query, key, value, attn_mask=bias, dropout_p=dropout,
+                                                 scale=self.scale)
+        output = self.dense(context.transpose(1, 2).reshape(batch, q_length, self.num_heads * self.head_dim))
+        output = residual + F.dropout(output, p=self.hidden_dropout, training=self.training)
+        return output, None
+
+    def _attention_bias(self, alibi: torch.Tensor, mask: torch.Tensor | None, batch: int, q_length: int,
+                        kv_length: int, dtype: torch.dtype) -> torch.Tensor:
+        """alibi (batch * heads, 1, kv) plus the 4-D mask (additive or boolean; None: causal), in `dtype` as eager's
+        autocast baddbmm rounds alibi; computed for the first layer and reused by the others."""
+        cached = self._bias_cache.get("key")
+        if cached is not None and cached[0] is alibi and cached[1] is mask and cached[2] == dtype:
+            return self._bias_cache["bias"]
+        bias = alibi.view(batch, self.num_heads, 1, kv_length).to(dtype).to(torch.promote_types(dtype, torch.float32))
+        if mask is None:
+            mask = torch.ones(q_length, kv_length, dtype=torch.bool, device=alibi.device).tril(kv_length - q_length)
+        if mask.dtype == torch.bool:
+            bias = bias.masked_fill(~mask, torch.finfo(bias.dtype).min)
+        else:
+            bias = bias + mask
+        bias = bias.to(dtype)
+        self._bias_cache.update(key=(alibi, mask, dtype), bias=bias)
+        return bias
+
+
+def use_fused_modules(model: nn.Module) -> int:
+    """Swap every BLOOM block's attention and GELU in `model` (a base model or one wrapped by LoRA) for the fused
+    ones above; returns how many blocks were swapped (0 for other architectures, which keep their own)."""
+    from transformers.models.bloom.modeling_bloom import BloomAttention, BloomGelu
+
+    bias_cache: dict = {}  # one per model: its blocks all see the same alibi and mask in a forward pass
+    swapped = 0
+    for module in list(model.modules()):
+        attention = getattr(module, "self_attention", None)
+        if isinstance(attention, BloomAttention) and not (attention.pretraining_tp > 1 and attention.slow_but_exact):
+            module.self_attention = SdpaBloomAttention(attention, bias_cache)
+            swapped += 1
+        mlp = getattr(module, "mlp", None)
+        if isinstance(getattr(mlp, "gelu_impl", None), BloomGelu):
+            mlp.gelu_impl = TanhGelu()
+    return swapped
