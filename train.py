@@ -199,7 +199,7 @@ class Trainer:
                  valid_set, precision: str, identity: dict | None = None,
                  resume: tuple[Path, dict] | None = None) -> None:
         self.cfg, self.dist, self.identity = cfg, dist, identity or {}
-        self.raw_model = self.model = model  # self.model becomes the DDP wrapper under DDP; raw_model is for saving
+        self.raw_model = self.model = model  # self.model: the DDP wrapper under DDP (FSDP shards model in place)
         self.output_dir = Path(cfg.output_dir)
         self.metrics = MetricsLog(self.output_dir, enabled=dist.is_master)
         self.set_mixed_precision_context(precision)
@@ -250,7 +250,7 @@ class Trainer:
                                   collate_fn=collate, num_workers=cfg.num_workers,
                                   pin_memory=dist.device.type == "cuda",
                                   generator=torch.Generator().manual_seed(cfg.seed))
-        # Every rank evaluates its own slice once (no example repeats); the loss sums are all-reduced.
+        # Every rank evaluates its own slice once (FSDP pads the shorter with label-less examples); sums all-reduced.
         valid_shard = even_validation_shard(valid_set, dist)
         valid_loader = DataLoader(valid_shard, batch_size=cfg.batch_size, shuffle=False, collate_fn=collate,
                                   num_workers=cfg.num_workers, generator=torch.Generator().manual_seed(cfg.seed))
@@ -439,7 +439,8 @@ class Trainer:
         if self._saved_step == progress.step:
             return final  # SAVE_STEPS, an epoch's end and a stop signal can fall on the same step
         rng_states = gather_objects(rng_state(), self.dist)
-        adapter, optimizer_state = full_adapter_state(self.raw_model), full_optimizer_state(self.optimizer)  # FSDP
+        # Whole tensors, in DDP's layout: under FSDP every rank takes part in gathering the shards.
+        adapter, optimizer_state = full_adapter_state(self.raw_model), full_optimizer_state(self.optimizer)
         error = ""
         if self.dist.is_master:
             state = trainer_state(progress, optimizer_state, self.scheduler, self.gradscaler, rng_states)
