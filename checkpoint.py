@@ -66,9 +66,10 @@ class Progress:
         return cls(**{f.name: state[f.name] for f in dataclasses.fields(cls) if f.name in state})
 
 
-def trainer_state(progress: Progress, optimizer, scheduler, scaler, rng_states: list) -> dict:
-    """Everything besides the adapter that an exact resume needs (`rng_states`: every rank's `rng_state()`)."""
-    return {**dataclasses.asdict(progress), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+def trainer_state(progress: Progress, optimizer_state: dict, scheduler, scaler, rng_states: list) -> dict:
+    """Everything besides the adapter that an exact resume needs (`optimizer_state`: the optimizer's state_dict(),
+    whole also under FSDP; `rng_states`: every rank's `rng_state()`)."""
+    return {**dataclasses.asdict(progress), "optimizer": optimizer_state, "scheduler": scheduler.state_dict(),
             "scaler": scaler.state_dict(), "rng": rng_states}
 
 
@@ -235,26 +236,29 @@ def remove_leftovers(output_dir: Path) -> None:
             shutil.rmtree(path, ignore_errors=True)
 
 
-def write_checkpoint(final: Path, model: LoraModelForCasualLM, state: dict, manifest: dict) -> None:
-    """Write a checkpoint folder so that it is complete or absent (atomic.atomic_write): the adapter,
-    trainer_state.pt, then the manifest with every file's size and SHA-256, in a hidden staging folder renamed to
-    `final` once everything is on disk. A crash's staging folder is removed by the next save."""
+def write_checkpoint(final: Path, model: LoraModelForCasualLM, state: dict, manifest: dict,
+                     adapter: dict | None = None) -> None:
+    """Write a checkpoint folder so that it is complete or absent (atomic.atomic_write): the adapter (`adapter`, the
+    whole tensors under FSDP, or the model's own), trainer_state.pt, then the manifest with every file's size and
+    SHA-256, in a hidden staging folder renamed to `final` once everything is on disk. A crash's staging folder is
+    removed by the next save."""
     final.parent.mkdir(parents=True, exist_ok=True)
     remove_leftovers(final.parent)
     with atomic_write(final, folder=True) as staging:
-        model.save_pretrained(staging)
+        model.save_pretrained(staging, state_dict=adapter)
         torch.save(state, staging / TRAINER_STATE_NAME)
         write_manifest(staging, manifest)
 
 
-def save_checkpoint_folder(final: Path, model: LoraModelForCasualLM, state: dict, manifest: dict, keep: int) -> str:
+def save_checkpoint_folder(final: Path, model: LoraModelForCasualLM, state: dict, manifest: dict, keep: int,
+                           adapter: dict | None = None) -> str:
     """Write a checkpoint (`write_checkpoint`), then keep only the newest `keep` (SAVE_TOTAL_LIMIT; 0 keeps all).
 
     Returns:
         "" when the checkpoint is on disk, else one line saying why it is not (disk full, read-only folder).
     """
     try:
-        write_checkpoint(final, model, state, manifest)
+        write_checkpoint(final, model, state, manifest, adapter)
     except OSError as err:
         reason = f"[Errno {err.errno}] {err.strerror}" if err.strerror else str(err)
         return f"cannot write checkpoint to {final}: {reason}"

@@ -38,6 +38,8 @@ class TrainConfig:
     mix_prec_train: bool = field(default=False, metadata={"help": "mixed precision: bf16 where supported, else fp16"})
     precision: str = field(default="", metadata={"help": "force fp32|bf16|fp16 (overrides MIX_PREC_TRAIN)"})
     ddp: bool = field(default=False, metadata={"help": "distributed data parallel; launch with torchrun"})
+    fsdp: bool = field(default=False, metadata={"help": "fully sharded data parallel (FSDP2) instead of DDP: each "
+                                                        "process holds 1/N of the base model; launch with torchrun"})
     model_path: str = field(default=DEFAULT_MODEL, metadata={"help": "hub id or local folder of the base model"})
     data_path: str = field(default="", metadata={"help": "training records: a .json, .jsonl, .csv or .parquet "
                                                           "file, a URL, a Drive link or a hub dataset id (default: "
@@ -137,6 +139,9 @@ class TrainConfig:
             raise ConfigError(f"LORA_DROPOUT must be in [0, 1), got {self.lora_dropout}")
         if self.precision and self.precision not in PRECISIONS:
             raise ConfigError(f"PRECISION must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
+        if self.ddp and self.fsdp:
+            raise ConfigError("DDP=true and FSDP=true: set one of them (DDP copies the model to every process, FSDP "
+                              "shards it)")
         if self.overwrite_output_dir and self.resume_from:
             raise ConfigError(f"RESUME_FROM={self.resume_from!r} continues a run and OVERWRITE_OUTPUT_DIR=true starts "
                               "a new one; set one of them")
@@ -202,12 +207,12 @@ RESUME_MUST_MATCH = (
 # Allowed, with a note that the rest of the run differs from an uninterrupted one.
 RESUME_MAY_CHANGE_WITH_NOTE = ("num_epochs", "max_steps", "mix_prec_train", "precision", "fused_modules")
 # These never change the numbers: where files go, how often to evaluate or save, how data is loaded, whether
-# activations are kept or recomputed (GRADIENT_CHECKPOINTING: the same adapter, tested). DATA_PATH may name another
-# copy of the same data (the content is compared: DATA_FIELDS and VALID_DATA_PATH through it too); DEBUG acts only
-# through the settings above.
-RESUME_FREE = ("debug", "ddp", "data_path", "data_fields", "valid_data_path", "output_dir", "cache_dir", "num_workers",
-               "eval_freq", "save_steps", "save_total_limit", "ddp_timeout", "resume_from", "gradient_checkpointing",
-               "overwrite_output_dir")
+# activations are kept or recomputed (GRADIENT_CHECKPOINTING: the same adapter, tested), whether the ranks copy the
+# model (DDP) or shard it (FSDP: the same checkpoints, tested). DATA_PATH may name another copy of the same data (the
+# content is compared: DATA_FIELDS and VALID_DATA_PATH through it too); DEBUG acts only through the settings above.
+RESUME_FREE = ("debug", "ddp", "fsdp", "data_path", "data_fields", "valid_data_path", "output_dir", "cache_dir",
+               "num_workers", "eval_freq", "save_steps", "save_total_limit", "ddp_timeout", "resume_from",
+               "gradient_checkpointing", "overwrite_output_dir")
 
 
 def parse_value(name: str, raw: str, kind: type):

@@ -1,6 +1,7 @@
 """Distributed data parallel (DDP) set-up, in one place: which process this is, the device it drives, and the few
 collective operations train.py uses. torchrun starts one process per GPU (or CPU process group member) and sets
-RANK, LOCAL_RANK, WORLD_SIZE, MASTER_ADDR and MASTER_PORT; `DDP=true` makes train.py join them.
+RANK, LOCAL_RANK, WORLD_SIZE, MASTER_ADDR and MASTER_PORT; `DDP=true` (or `FSDP=true`, fsdp.py) makes train.py join
+them.
 
     DDP=true torchrun --standalone --nproc_per_node=2 train.py          # 2 GPUs (NCCL), or 2 CPU processes (gloo)
     DDP=true torchrun --nnodes=2 --nproc_per_node=4 --rdzv-backend=c10d --rdzv-endpoint=HOST:29500 train.py
@@ -8,6 +9,7 @@ RANK, LOCAL_RANK, WORLD_SIZE, MASTER_ADDR and MASTER_PORT; `DDP=true` makes trai
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import gc
 import inspect
@@ -16,6 +18,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as torch_dist
+from torch.distributed.fsdp import FSDPModule
 from torch.nn.parallel import DistributedDataParallel
 
 from config import ConfigError, TrainConfig
@@ -23,13 +26,15 @@ from config import ConfigError, TrainConfig
 
 @dataclass(frozen=True)
 class DistEnv:
-    """Where this process sits: rank among world_size processes, and the device it drives."""
+    """Where this process sits: rank among world_size processes, and the device it drives. `ddp`: in torchrun's
+    process group (DDP=true or FSDP=true), so every collective is real; `fsdp`: the model is sharded, not copied."""
 
     rank: int = 0
     local_rank: int = 0
     world_size: int = 1
     device: torch.device = torch.device("cpu")
     ddp: bool = False
+    fsdp: bool = False
 
     @property
     def is_master(self) -> bool:
@@ -37,21 +42,24 @@ class DistEnv:
 
 
 def setup_distributed(cfg: TrainConfig) -> DistEnv:
-    """Join torchrun's process group when DDP=true; otherwise pick the single device.
+    """Join torchrun's process group when DDP=true or FSDP=true; otherwise pick the single device. FSDP=true with
+    one process (torchrun --nproc_per_node=1) runs, sharding nothing; without torchrun it is refused, as DDP=true is.
 
     Raises:
-        ConfigError: DDP=true without torchrun's environment variables, or torchrun's processes without DDP=true.
+        ConfigError: DDP=true or FSDP=true without torchrun's environment variables, or torchrun's processes
+            without either.
     """
-    if not cfg.ddp:
+    if not (cfg.ddp or cfg.fsdp):
         if int(os.environ.get("WORLD_SIZE", "1")) > 1:
             # Each process would train alone on all the data and all would write the same OUTPUT_DIR.
             raise ConfigError(f"DDP is not true but torchrun started WORLD_SIZE={os.environ['WORLD_SIZE']} "
-                              "processes; set DDP=true (or launch one process with `python train.py`)")
+                              "processes; set DDP=true or FSDP=true (or launch one process with `python train.py`)")
         return DistEnv(device=torch.device("cuda" if torch.cuda.is_available() else "cpu"))
+    mode = "FSDP" if cfg.fsdp else "DDP"
     missing = [v for v in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT") if v not in os.environ]
     if missing:
-        raise ConfigError(f"DDP=true needs torchrun's variables ({', '.join(missing)} unset); launch with "
-                          "`DDP=true torchrun --standalone --nproc_per_node=2 train.py`")
+        raise ConfigError(f"{mode}=true needs torchrun's variables ({', '.join(missing)} unset); launch with "
+                          f"`{mode}=true torchrun --standalone --nproc_per_node=2 train.py`")
     rank, local_rank, world = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"]), int(os.environ["WORLD_SIZE"])
     if torch.cuda.is_available():
         # One GPU per process, chosen by LOCAL_RANK; NCCL moves the gradients between them.
@@ -64,7 +72,25 @@ def setup_distributed(cfg: TrainConfig) -> DistEnv:
     torch_dist.init_process_group(backend=backend, rank=rank, world_size=world,
                                   timeout=datetime.timedelta(seconds=cfg.ddp_timeout),
                                   device_id=device if device.type == "cuda" else None)
-    return DistEnv(rank=rank, local_rank=local_rank, world_size=world, device=device, ddp=True)
+    return DistEnv(rank=rank, local_rank=local_rank, world_size=world, device=device, ddp=True, fsdp=cfg.fsdp)
+
+
+def ddp_model(model: torch.nn.Module, dist: DistEnv) -> DistributedDataParallel:
+    """`model` in DDP, after LoRA's injection, so that only the adapter's gradients are all-reduced (DDP reduces the
+    parameters that require grad). One GPU per process; on the CPU, no device_ids."""
+    device_ids = [dist.local_rank] if dist.device.type == "cuda" else None
+    return DistributedDataParallel(model, device_ids=device_ids, **no_buffer_sync_before_forward())
+
+
+def gradient_sync(model: torch.nn.Module, sync: bool) -> contextlib.AbstractContextManager:
+    """The context of one micro-batch's forward and backward pass. DDP and FSDP reduce the gradients over ranks in
+    the backward pass; without `sync` (every micro-batch of a step but the last) they accumulate on each rank
+    instead: DDP's no_sync(), FSDP's set_requires_gradient_sync(False)."""
+    if isinstance(model, FSDPModule):
+        model.set_requires_gradient_sync(sync)
+    elif isinstance(model, DistributedDataParallel) and not sync:
+        return model.no_sync()
+    return contextlib.nullcontext()
 
 
 def note(message: str, dist: DistEnv) -> None:

@@ -371,13 +371,15 @@ class LoraModelForCasualLM(nn.Module):
         return {PEFT_KEY_PREFIX + name: param.detach()
                 for name, param in self.model.named_parameters() if is_adapter_tensor(name)}
 
-    def save_pretrained(self, save_directory: str | os.PathLike) -> None:
+    def save_pretrained(self, save_directory: str | os.PathLike, state_dict: dict | None = None) -> None:
         """Write `adapter_model.safetensors` (the float32 LoRA tensors), then `adapter_config.json`, into
         `save_directory` (created if missing; other files in it are left alone, as PEFT does). Each file is complete
-        or not at all (atomic.atomic_write), so a crash never leaves a half-written adapter."""
+        or not at all (atomic.atomic_write), so a crash never leaves a half-written adapter. `state_dict`: the
+        adapter tensors to write instead of the model's own, as PEFT takes it (train.py's, gathered whole under
+        FSDP)."""
         folder = Path(save_directory)
-        tensors = {key: (t.float() if "lora_" in key else t).contiguous().cpu()
-                   for key, t in self.adapter_state_dict().items()}
+        state_dict = self.adapter_state_dict() if state_dict is None else state_dict
+        tensors = {key: (t.float() if "lora_" in key else t).contiguous().cpu() for key, t in state_dict.items()}
         with atomic_write(folder / ADAPTER_WEIGHTS_NAME) as staging:
             save_file(tensors, str(staging), metadata={"format": "pt"})
         write_text_atomically(folder / ADAPTER_CONFIG_NAME, json.dumps(self.lora_config.to_peft_dict(), indent=2)

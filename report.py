@@ -22,7 +22,8 @@ def print_banner(cfg: TrainConfig, dist: DistEnv, stats: dict, trainer, precisio
         f"LoRA         r={cfg.lora_r}, alpha={cfg.lora_alpha:g}, dropout={cfg.lora_dropout:g}, "
         f"targets={cfg.target_modules}; trainable {trainable:,} of {total:,} ({100 * trainable / total:.4f}%)",
         f"precision    {precision_line}",
-        f"processes    {dist.world_size}" + (f" (DDP, {torch_dist.get_backend()})" if dist.ddp else ""),
+        f"processes    {dist.world_size}"
+        + (f" ({'FSDP' if dist.fsdp else 'DDP'}, {torch_dist.get_backend()})" if dist.ddp else ""),
         f"batch        {cfg.batch_size} x {cfg.grad_accum_steps} accumulation x {dist.world_size} processes = "
         f"{effective_batch} examples per optimizer step; {trainer.total_steps:,} steps, the first "
         f"{trainer.warmup_steps:,} warming up ({trainer.warmup_reason})"

@@ -4,6 +4,7 @@
     DEBUG=true MODEL_PATH=models/tiny-bloom python train.py          # offline quick start, minutes on a CPU
     MIX_PREC_TRAIN=true python train.py                              # bf16 where supported, else fp16 + GradScaler
     DDP=true torchrun --standalone --nproc_per_node=2 train.py       # data parallel on 2 GPUs (or 2 CPU processes)
+    FSDP=true torchrun --standalone --nproc_per_node=2 train.py      # the same, each GPU holding half the model
 
 Read it top to bottom as nanoGPT's train.py: the distributed set-up in one block, the model and the data, then the
 `Trainer`: set-up, `prepare_dataloader`, `_set_ddp_training`, and the loop `train` -> `_run_epoch` ->
@@ -27,8 +28,7 @@ from typing import Callable
 import numpy as np
 import torch
 import torch.distributed as torch_dist
-from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import DataLoader, DistributedSampler, Subset
+from torch.utils.data import DataLoader, DistributedSampler
 from tqdm import tqdm  # the plain bar: it renders in a notebook too, without ipywidgets
 
 import faults
@@ -40,9 +40,11 @@ from checkpoint import (CHECKPOINT_PREFIX, Progress, check_resumable, checkpoint
                         save_checkpoint_folder, set_rng_state, trainer_state)
 from config import ConfigError, TrainConfig, load_config
 from data_sources import load_records
-from distributed import (DistEnv, all_reduce_sum, gather_objects, no_buffer_sync_before_forward, note,
-                         setup_distributed, shutdown_distributed)
+from distributed import (DistEnv, all_reduce_sum, ddp_model, gather_objects, gradient_sync, note, setup_distributed,
+                         shutdown_distributed)
 from faults import RunError, StopSignals, TrainingStopped
+from fsdp import (agreed_stop_signal, even_validation_shard, full_adapter_state, full_optimizer_state, full_tensor,
+                  load_adapter_weights, load_optimizer_state, shard_model)
 from fused_bloom import use_fused_modules
 from lora_model import LoraConfig, LoraModelForCasualLM, read_adapter_dir, targets_conv1d
 from metrics import MetricsLog
@@ -89,7 +91,8 @@ def describe_precision(cfg: TrainConfig, precision: str, device: torch.device) -
     compute = "no autocast" if precision == "fp32" else f"{precision} autocast"
     scaler = " + GradScaler" if precision == "fp16" else ""
     base = str(base_weight_dtype(precision, device)).removeprefix("torch.")
-    return f"{precision} on {device.type} ({reason}): {compute}{scaler}; base weights {base}, LoRA float32"
+    gathered = f"; FSDP gathers them in {precision}" if cfg.fsdp and precision != "fp32" else ""
+    return f"{precision} on {device.type} ({reason}): {compute}{scaler}; base weights {base}, LoRA float32{gathered}"
 
 
 # --- model and data ---------------------------------------------------------------------------------------------
@@ -202,7 +205,7 @@ class Trainer:
                  valid_set, precision: str, identity: dict | None = None,
                  resume: tuple[Path, dict] | None = None) -> None:
         self.cfg, self.dist, self.identity = cfg, dist, identity or {}
-        self.raw_model = self.model = model  # self.model becomes the DDP wrapper under DDP; raw_model is for saving
+        self.raw_model = self.model = model  # self.model: the DDP wrapper under DDP (FSDP shards model in place)
         self.output_dir = Path(cfg.output_dir)
         self.metrics = MetricsLog(self.output_dir, enabled=dist.is_master)
         self.set_mixed_precision_context(precision)
@@ -213,6 +216,8 @@ class Trainer:
         self.total_steps = cfg.num_epochs * math.ceil(self.micro_batches_per_epoch / cfg.grad_accum_steps)
         if cfg.max_steps > 0:
             self.total_steps = min(self.total_steps, cfg.max_steps)
+        if dist.ddp:  # before the optimizer: FSDP replaces the parameters with their shards
+            self._set_ddp_training()
         self.optimizer = self._build_optimizer()
         self.warmup_steps, self.warmup_reason = cfg.resolve_warmup_steps(self.total_steps)
         self.scheduler = cosine_schedule_with_warmup(self.optimizer, self.warmup_steps, self.total_steps)
@@ -223,8 +228,6 @@ class Trainer:
         self.stop_signal: Callable[[], int] = lambda: 0  # see train()
         if resume is not None:
             self.resume(*resume)
-        if dist.ddp:
-            self._set_ddp_training()
 
     # --- set-up ---
 
@@ -253,17 +256,17 @@ class Trainer:
                                   collate_fn=collate, num_workers=cfg.num_workers,
                                   pin_memory=dist.device.type == "cuda",
                                   generator=torch.Generator().manual_seed(cfg.seed))
-        # Every rank evaluates its own slice once (no padding repeats); the loss sums are all-reduced.
-        valid_shard = Subset(valid_set, range(dist.rank, len(valid_set), dist.world_size))
+        # Every rank evaluates its own slice once (FSDP pads the shorter with label-less examples); sums all-reduced.
+        valid_shard = even_validation_shard(valid_set, dist)
         valid_loader = DataLoader(valid_shard, batch_size=cfg.batch_size, shuffle=False, collate_fn=collate,
                                   num_workers=cfg.num_workers, generator=torch.Generator().manual_seed(cfg.seed))
         return train_loader, valid_loader
 
     def _set_ddp_training(self) -> None:
-        """Wrap the LoRA model in DDP after injection, so only the adapter's gradients are all-reduced (DDP reduces
-        the parameters that require grad). One GPU per process; on the CPU, no device_ids."""
-        device_ids = [self.dist.local_rank] if self.dist.device.type == "cuda" else None
-        self.model = DistributedDataParallel(self.raw_model, device_ids=device_ids, **no_buffer_sync_before_forward())
+        """Wrap the LoRA model after injection: DDP (distributed.py) gives every rank a whole copy and all-reduces the
+        adapter's gradients; FSDP=true (fsdp.py) shards it, frozen base included, over the ranks."""
+        self.model = (shard_model(self.raw_model, self.dist, self.mixed_precision_dtype) if self.dist.fsdp
+                      else ddp_model(self.raw_model, self.dist))
 
     def _build_optimizer(self) -> torch.optim.Optimizer:
         # Weight decay on the LoRA matrices only, not on biases (when BIAS trains them).
@@ -359,7 +362,7 @@ class Trainer:
         # clipped at their true size, and step() skips the update when unscale_ found inf/NaN.
         self.gradscaler.unscale_(self.optimizer)
         max_norm = self.cfg.max_grad_norm if self.cfg.max_grad_norm > 0 else math.inf
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.trainable_parameters(), max_norm)
+        grad_norm = full_tensor(torch.nn.utils.clip_grad_norm_(self.trainable_parameters(), max_norm))
         totals = all_reduce_sum(torch.cat([loss_sum.view(1), faults.signal_flags(self.stop_signal(), device)]), dist)
         loss_sum, sigterm, sigint, tokens, real_tokens, grad_norm = torch.cat(  # (3), and the host sync
             [totals, counts.double(), grad_norm.double().view(1)]).tolist()
@@ -386,9 +389,7 @@ class Trainer:
     def _run_batch(self, batch: dict, loss_weight: torch.Tensor, sync_gradients: bool) -> torch.Tensor:
         """One micro-batch: forward under `self.ctx`, the summed token loss, its backward pass (weighted into the
         step's mean, scaled by the GradScaler for fp16). Returns the loss sum, detached."""
-        # DDP all-reduces the gradients in the backward pass; no_sync() skips that on all but the last micro-batch.
-        no_sync = self.model.no_sync() if self.dist.ddp and not sync_gradients else contextlib.nullcontext()
-        with no_sync:
+        with gradient_sync(self.model, sync_gradients):  # DDP and FSDP reduce the gradients of the last one only
             batch = {k: v.to(self.dist.device, non_blocking=True) for k, v in batch.items()}
             loss = self.batch_loss(self.model, batch, overwrite_logits=True)
             self.gradscaler.scale(loss * loss_weight.to(loss.dtype)).backward()
@@ -411,10 +412,11 @@ class Trainer:
         device = self.dist.device
         self.raw_model.eval()
         totals = torch.zeros(4, device=device, dtype=torch.float64)  # [loss sum, label tokens, SIGTERM, SIGINT]
+        stop_signal = agreed_stop_signal(self.stop_signal, self.dist)  # FSDP's ranks must stop at the same batch
         with faults.data_worker_errors(self.cfg.num_workers):
             for batch in self.valid_loader:
-                if self.stop_signal():
-                    totals[2:] = faults.signal_flags(self.stop_signal(), device)
+                if signum := stop_signal():
+                    totals[2:] = faults.signal_flags(signum, device)
                     break
                 batch = {k: v.to(device) for k, v in batch.items()}
                 totals[0] += self.batch_loss(self.raw_model, batch).double()
@@ -443,11 +445,13 @@ class Trainer:
         if self._saved_step == progress.step:
             return final  # SAVE_STEPS, an epoch's end and a stop signal can fall on the same step
         rng_states = gather_objects(rng_state(), self.dist)
+        # Whole tensors, in DDP's layout: under FSDP every rank takes part in gathering the shards.
+        adapter, optimizer_state = full_adapter_state(self.raw_model), full_optimizer_state(self.optimizer)
         error = ""
         if self.dist.is_master:
-            state = trainer_state(progress, self.optimizer, self.scheduler, self.gradscaler, rng_states)
+            state = trainer_state(progress, optimizer_state, self.scheduler, self.gradscaler, rng_states)
             manifest = checkpoint_manifest(progress, self.total_steps, self.precision, self.identity, self.cfg)
-            error = save_checkpoint_folder(final, self.raw_model, state, manifest, self.cfg.save_total_limit)
+            error = save_checkpoint_folder(final, self.raw_model, state, manifest, self.cfg.save_total_limit, adapter)
         # Every rank learns whether rank 0's write worked, so all stop together if it did not; this is also the
         # barrier that keeps any rank from running ahead of (or exiting before) an unfinished checkpoint.
         if all_reduce_sum(torch.tensor([float(bool(error))], device=self.dist.device), self.dist).item():
@@ -459,11 +463,11 @@ class Trainer:
     def resume(self, checkpoint: Path, manifest: dict) -> None:
         """Restore adapter, optimizer, schedule, GradScaler, RNG and data position from a verified checkpoint."""
         try:
-            self.raw_model.load_adapter_weights(read_adapter_dir(checkpoint)[1], source=str(checkpoint))
+            load_adapter_weights(self.raw_model, read_adapter_dir(checkpoint)[1], source=str(checkpoint))
         except (OSError, ValueError) as err:
             raise ConfigError(f"RESUME_FROM: {err}") from None
         state = read_trainer_state(checkpoint)
-        self.optimizer.load_state_dict(state["optimizer"])
+        load_optimizer_state(self.optimizer, state["optimizer"])  # under FSDP each rank keeps its slice
         self.scheduler.load_state_dict(state["scheduler"])
         # A checkpoint from a run without fp16 has an empty scaler state; an fp16 run then starts a fresh scale.
         if state["scaler"] or not self.gradscaler.is_enabled():
@@ -481,8 +485,9 @@ class Trainer:
     def save_final_adapter(self) -> None:
         """The finished adapter, directly in OUTPUT_DIR (PeftModel.from_pretrained(base, OUTPUT_DIR) loads it), and
         the loss curve; the other ranks wait until both are on disk."""
+        adapter = full_adapter_state(self.raw_model)  # every rank: FSDP gathers the shards
         if self.dist.is_master:
-            self.raw_model.save_pretrained(self.output_dir)
+            self.raw_model.save_pretrained(self.output_dir, state_dict=adapter)
             self.metrics.plot()
         if self.dist.ddp:
             torch_dist.barrier()
@@ -494,7 +499,7 @@ def try_longest_batch(trainer: Trainer) -> str:
     A batch is padded to its longest example, and Alpaca's examples run from a few dozen tokens to MAX_LENGTH: a
     shape that does not fit in memory would otherwise fail whenever the loader first draws long examples, maybe
     hours into the run. The gradients are dropped and the random generators restored, so training is the same with
-    or without it; it runs on the raw model, so DDP communicates nothing.
+    or without it; it runs on the raw model, so DDP communicates nothing (FSDP gathers weights: every rank runs it).
 
     Returns:
         A line for the start banner: the shape tried and, on a GPU, the peak memory it took.

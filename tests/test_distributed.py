@@ -1,5 +1,6 @@
-"""DDP on the CPU (gloo), on the shipped tiny BLOOM: the torchrun launch, equivalence with one process, one gradient
-all-reduce per optimizer step, a two-"node" c10d rendezvous on loopback, and the launch errors.
+"""DDP and FSDP on the CPU (gloo), on the shipped tiny BLOOM: the torchrun launch, equivalence with one process (and
+FSDP with DDP), one gradient reduction per optimizer step, FSDP's sharding of the base, a two-"node" c10d rendezvous
+on loopback, and the launch errors.
 
 The reference for every DDP number is an independent single-process run of the same global batch: 2 ranks x batch b
 must train, step for step, the adapter that 1 process x batch 2b trains (float32, no dropout, same seed; and in
@@ -24,10 +25,12 @@ import torch
 import torch.distributed as torch_dist
 from safetensors.torch import load_file
 from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
+from torch.distributed.fsdp import FSDPModule
 
 import torchrun_worker
 import train
 from config import ConfigError, TrainConfig, load_config
+from distributed import gradient_sync
 from conftest import REPO, SAMPLE, TINY_BLOOM, adapter_tensors, metric_rows
 
 WORKER = REPO / "tests" / "torchrun_worker.py"
@@ -245,8 +248,19 @@ def test_ddp_without_torchrun_says_how_to_launch(monkeypatch):
 def test_torchrun_without_ddp_is_refused(monkeypatch):
     """Two processes that each train alone and write the same OUTPUT_DIR is never what was meant."""
     monkeypatch.setenv("WORLD_SIZE", "2")
-    with pytest.raises(ConfigError, match="DDP is not true but torchrun started WORLD_SIZE=2 processes"):
+    with pytest.raises(ConfigError, match="DDP is not true but torchrun started WORLD_SIZE=2 processes; set DDP=true "
+                                          "or FSDP=true"):
         train.setup_distributed(load_config([], {}))
+
+
+def test_fsdp_without_torchrun_says_how_to_launch_and_not_with_ddp(monkeypatch):
+    for var in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(var, raising=False)
+    with pytest.raises(ConfigError, match=r"FSDP=true needs torchrun's variables .*`FSDP=true torchrun --standalone "
+                                          r"--nproc_per_node=2 train.py`"):
+        train.setup_distributed(load_config([], {"FSDP": "true"}))
+    with pytest.raises(ConfigError, match="^DDP=true and FSDP=true: set one of them"):
+        load_config([], {"FSDP": "true", "DDP": "true"})
 
 
 # --- the CLI under torchrun -----------------------------------------------------------------------------------------
@@ -387,6 +401,129 @@ def test_the_equivalence_check_is_sensitive(two_node_runs, small_data, tmp_path,
         assert rel_diff_outside(adapter_tensors(ddp_out), adapter_tensors(half_out), eps_regime) > 1e-2
 
 
+# --- FSDP: the same training as one process and as DDP, each rank holding half the base ---------------------------
+
+# The DDP_RUNS also trained under FSDP=true (2 processes, one torchrun launch), each compared with that name's DDP run
+# and its first single-process reference, with the same checks and tolerances: float32 without and with
+# accumulation, float64 (also with activation checkpointing), and a 2 x T4's float16 base weights with GradScaler.
+FSDP_RUNS = ("plain", "accum", "plain-float64", "accum-float64", "checkpointing-float64", "gpu-fp16-weights")
+ODD_VALID = 9  # validation records: rank 0 evaluates 5 (3 batches of 2), rank 1 4 and a label-less pad (fsdp.py)
+
+
+@pytest.fixture(scope="module")
+def fsdp_runs(tmp_path_factory, small_data, two_node_runs) -> Path:
+    """`torchrun --standalone --nproc_per_node=2` with FSDP=true, training FSDP_RUNS; then "odd-valid" (a validation
+    set the ranks cannot split evenly) and "resumed-from-ddp" (the DDP run "plain", continued from its step-2
+    checkpoint under FSDP)."""
+    root = tmp_path_factory.mktemp("fsdp")
+    runs = [tiny_settings(root, f"fsdp-{name}", small_data, fsdp=True, **DDP_RUNS[name][0]) for name in FSDP_RUNS]
+    valid = root / "valid.json"
+    valid.write_text(json.dumps(json.loads(SAMPLE.read_text(encoding="utf-8"))[100:100 + ODD_VALID]))
+    runs += [tiny_settings(root, "fsdp-odd-valid", small_data, fsdp=True, valid_data_path=str(valid), **PLAIN),
+             tiny_settings(root, "fsdp-resumed-from-ddp", small_data, fsdp=True, **PLAIN,
+                           resume_from=str(two_node_runs / "ddp-plain" / "checkpoint-2"))]
+    command = torchrun("--standalone", "--nproc_per_node=2", str(WORKER), str(root / "dump"), json.dumps(runs))
+    [result] = run_launches([command], launch_env())
+    assert result.returncode == 0, result.stdout[-3000:]
+    assert result.stdout.count("processes    2 (FSDP, gloo)") == len(runs)
+    return root
+
+
+def fsdp_run(fsdp_runs: Path, name: str) -> tuple[Path, Path]:
+    """OUTPUT_DIR and dump folder of an FSDP run, once its ranks are checked: the same gathered adapter on both,
+    nothing written by rank 1."""
+    out, dump = fsdp_runs / f"fsdp-{name}", fsdp_runs / "dump" / f"fsdp-{name}"
+    rank0, rank1 = (load_file(str(dump / f"rank{r}.safetensors")) for r in (0, 1))
+    assert rank0.keys() == rank1.keys() and all(torch.equal(rank0[k], rank1[k]) for k in rank0)
+    assert json.loads((dump / "rank1-writes.json").read_text()) == []
+    return out, dump
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", FSDP_RUNS)
+def test_fsdp_matches_one_process_and_ddp(fsdp_runs, two_node_runs, small_data, tmp_path, monkeypatch, name):
+    """FSDP on 2 processes trains what one process with the whole batch trains, and what DDP trains, step for step."""
+    fsdp_out, fsdp_dump = fsdp_run(fsdp_runs, name)
+    ddp_out = two_node_runs / f"ddp-{name}"
+    reference = DDP_RUNS[name][1][0]
+    split = f"{reference['batch_size']}x{reference.get('grad_accum_steps', 1)}"
+    ref_out, ref_dump = train_reference(tiny_settings(tmp_path, f"one-process-{split}", small_data, **reference),
+                                        tmp_path / "dump", monkeypatch)
+    for other_out, other_dump in ((ref_out, ref_dump), (ddp_out, two_node_runs / "dump" / ddp_out.name)):
+        if name.endswith("float64"):
+            assert_same_training_float64(fsdp_out, fsdp_dump, other_out, other_dump)
+        elif name.startswith("gpu-"):
+            assert_same_losses_in_half_precision(fsdp_out, other_out)
+        else:
+            assert_same_training(fsdp_out, fsdp_dump, other_out, other_dump, weight_tolerance=WEIGHT_TOLERANCE[name])
+
+
+@pytest.mark.slow
+def test_fsdp_ranks_hold_half_the_base_each(fsdp_runs, two_node_runs):
+    """Measured at an optimizer step: each rank's shards of the frozen base are half its bytes (every BLOOM parameter's
+    first dimension is even, so FSDP splits each exactly in two and leaves nothing whole), and together they are the
+    base once; a DDP rank holds all of it. (From a forward pass to its backward pass, and after an evaluation, FSDP
+    keeps the root unit gathered: the embeddings and norms, 0.40 of this tiny base, 15 % of BLOOM-7B1.)"""
+    def held(runs: Path, run: str) -> list[dict]:
+        return [json.loads((runs / "dump" / run / f"rank{r}-bytes.json").read_text()) for r in (0, 1)]
+
+    for name in ("plain", "plain-float64"):
+        ranks = held(fsdp_runs, f"fsdp-{name}")
+        whole = ranks[0]["whole"]
+        print(f"\nFSDP {name}: the ranks hold {ranks[0]['held']:,} and {ranks[1]['held']:,} bytes of the base's "
+              f"{whole:,} ({ranks[0]['held'] / whole:.3f}, {ranks[1]['held'] / whole:.3f})")
+        assert all(0.45 <= rank["held"] / whole <= 0.55 and rank["whole"] == whole for rank in ranks)
+        assert ranks[0]["held"] + ranks[1]["held"] == whole
+    assert all(rank["held"] == rank["whole"] == held(fsdp_runs, "fsdp-plain")[0]["whole"]
+               for rank in held(two_node_runs, "ddp-plain"))
+
+
+@pytest.mark.slow
+def test_fsdp_checkpoints_are_ddp_checkpoints(fsdp_runs, two_node_runs, small_data, tmp_path, monkeypatch):
+    """Saved whole, in the layout DDP saves (the same keys, shapes and dtypes; optimizer state by index), so either
+    resumes from the other's: the DDP run continued under FSDP from its step 2 ends where DDP did."""
+    fsdp_checkpoint, ddp_checkpoint = (runs / f"{mode}-plain" / "checkpoint-2"
+                                       for runs, mode in ((fsdp_runs, "fsdp"), (two_node_runs, "ddp")))
+
+    def layout(value):
+        if isinstance(value, torch.Tensor):
+            return (tuple(value.shape), value.dtype, value.device.type)
+        if isinstance(value, dict):
+            return {k: layout(v) for k, v in value.items() if k not in ("last_eval", "rng")}
+        return [layout(v) for v in value] if isinstance(value, (list, tuple)) else type(value)
+
+    fsdp_state, ddp_state = (torch.load(c / "trainer_state.pt", weights_only=True)
+                             for c in (fsdp_checkpoint, ddp_checkpoint))
+    assert layout(fsdp_state) == layout(ddp_state)
+    assert fsdp_state["optimizer"]["param_groups"] == ddp_state["optimizer"]["param_groups"]
+    assert layout(adapter_tensors(fsdp_checkpoint)) == layout(adapter_tensors(ddp_checkpoint))
+    assert ((fsdp_checkpoint / "adapter_config.json").read_text() ==
+            (ddp_checkpoint / "adapter_config.json").read_text())
+
+    resumed, _ = fsdp_run(fsdp_runs, "resumed-from-ddp")
+    ddp_out = two_node_runs / "ddp-plain"
+    (resumed_losses, resumed_eval), (ddp_losses, ddp_eval) = metrics(resumed), metrics(ddp_out)
+    assert [r["step"] for r in metric_rows(resumed) if "loss" in r] == [3]
+    assert abs(resumed_losses[0] - ddp_losses[2]) <= 1e-5 * abs(ddp_losses[2])
+    assert abs(resumed_eval - ddp_eval) <= 1e-5 * abs(ddp_eval)
+    print(f"\nDDP's step-2 checkpoint resumed under FSDP, final adapter vs DDP's: "
+          f"{rel_diff(adapter_tensors(resumed), adapter_tensors(ddp_out)):.1e}")
+    assert rel_diff(adapter_tensors(resumed), adapter_tensors(ddp_out)) <= 1e-5
+
+
+@pytest.mark.slow
+def test_fsdp_evaluates_a_validation_set_the_ranks_cannot_split_evenly(fsdp_runs, small_data, tmp_path, monkeypatch):
+    """9 validation records on 2 ranks: rank 1 pads its shard with a label-less example, so both run the same
+    forward passes (FSDP gathers weights in each) and the loss is that of the 9 records, as one process has it."""
+    fsdp_out, fsdp_dump = fsdp_run(fsdp_runs, "odd-valid")
+    valid = fsdp_runs / "valid.json"
+    ref_out, ref_dump = train_reference(tiny_settings(tmp_path, "one-process-odd-valid", small_data, batch_size=4,
+                                                      valid_data_path=str(valid)), tmp_path / "dump", monkeypatch)
+    # Every element to 1e-4, as for "accum": these batches (48 records to train on) give a few elements a step-1
+    # gradient in AdamW's eps regime (see assert_same_training); the others are held to 1e-5.
+    assert_same_training(fsdp_out, fsdp_dump, ref_out, ref_dump, weight_tolerance=1e-4)
+
+
 # --- one gradient all-reduce per optimizer step ----------------------------------------------------------------------
 
 @pytest.fixture
@@ -443,6 +580,43 @@ def test_one_gradient_allreduce_per_optimizer_step(tmp_path, small_data, one_ran
     monkeypatch.setenv("MASTER_PORT", str(free_port()))
     settings["output_dir"] = str(tmp_path / "out-no-sync")
     assert counted_allreduces(TrainConfig(**settings), monkeypatch, without_no_sync=True) == 3 * 4
+
+
+def micro_batches_reduced(cfg: TrainConfig, monkeypatch, always_sync: bool = False) -> list[bool]:
+    """Train `cfg` under FSDP (one rank) and say, after each micro-batch's backward pass, whether FSDP has reduced
+    the adapter's gradients into its sharded parameters' .grad (it keeps them unreduced, on the side, until then)."""
+    if always_sync:
+        monkeypatch.setattr(train, "gradient_sync", lambda model, sync: gradient_sync(model, True))
+    reduced = []
+
+    class WatchedTrainer(train.Trainer):
+        def _run_batch(self, *args, **kwargs):
+            loss = super()._run_batch(*args, **kwargs)
+            reduced.append(all(p.grad is not None for p in self.trainable_parameters()))
+            return loss
+
+    dist = train.setup_distributed(cfg)
+    train.seed_everything(cfg.seed)
+    tokenizer = train.load_tokenizer(cfg.model_path)
+    train_set, valid_set, _ = train.prepare_datasets(cfg, tokenizer)
+    model = train.build_lora_model(train.load_pretrained_model(cfg.model_path, dist.device, torch.float32), cfg,
+                                   cfg.model_path)
+    trainer = WatchedTrainer(cfg, dist, model, tokenizer, train_set, valid_set, "fp32")
+    assert isinstance(trainer.model, FSDPModule) and trainer.model is trainer.raw_model
+    trainer.train()
+    torch_dist.destroy_process_group()
+    return reduced
+
+
+def test_fsdp_reduces_gradients_once_per_optimizer_step(tmp_path, small_data, one_rank_group, monkeypatch):
+    """FSDP reduces a step's gradients in the last micro-batch's backward pass only: set_requires_gradient_sync
+    (False) on the others (distributed.gradient_sync), as DDP's no_sync()."""
+    settings = tiny_settings(tmp_path, "out", small_data, fsdp=True, grad_accum_steps=3, max_steps=1, save_steps=0)
+    assert micro_batches_reduced(TrainConfig(**settings), monkeypatch) == [False, False, True]
+    # Sensitivity: syncing every micro-batch reduces each one's gradients at once.
+    monkeypatch.setenv("MASTER_PORT", str(free_port()))
+    settings["output_dir"] = str(tmp_path / "out-always-sync")
+    assert micro_batches_reduced(TrainConfig(**settings), monkeypatch, always_sync=True) == [True] * 3
 
 
 def test_the_process_group_is_destroyed_when_a_ddp_run_fails(tmp_path, one_rank_group, monkeypatch, capsys):

@@ -1,5 +1,6 @@
-"""Surviving faults: kills at random moments, a crash in the middle of a checkpoint, SIGTERM, a dead DDP rank, a dead
-data-loader worker, a full disk, damaged or incompatible checkpoints, and malformed input.
+"""Surviving faults: kills at random moments, a crash in the middle of a checkpoint, SIGTERM, a dead DDP or FSDP rank,
+a whole FSDP job killed, a dead data-loader worker, a full disk, damaged or incompatible checkpoints, and malformed
+input.
 
 The reference for every resumed run is the same command run without interruption: a run killed and resumed (once
 or several times) must end with the same adapter, bit for bit, and must have logged the same loss at every step.
@@ -76,7 +77,7 @@ def run_env(data: Path, cache: Path, out: Path, **extra: str) -> dict:
     env = {**os.environ, **RUN_SETTINGS, "DATA_PATH": str(data), "CACHE_DIR": str(cache), "OUTPUT_DIR": str(out),
            "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
            "TOKENIZERS_PARALLELISM": "false", **extra}
-    for var in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "DEBUG", "DDP", "RESUME_FROM",
+    for var in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "DEBUG", "DDP", "FSDP", "RESUME_FROM",
                 "MIX_PREC_TRAIN", "PRECISION", "CRASH_BEFORE"):
         if var not in extra:
             env.pop(var, None)
@@ -153,9 +154,14 @@ def train_py(env: dict, log: Path) -> Run:
     return Run(["train.py"], env, log)
 
 
-def torchrun(env: dict, log: Path) -> Run:
+def torchrun(env: dict, log: Path, mode: str = "DDP") -> Run:
+    """`<mode>=true torchrun --standalone --nproc_per_node=2 train.py`; mode is DDP or FSDP."""
     return Run(["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train.py"],
-               {**env, "DDP": "true"}, log)
+               {**env, mode: "true"}, log)
+
+
+def torchrun_fsdp(env: dict, log: Path) -> Run:
+    return torchrun(env, log, "FSDP")
 
 
 def worker_processes(run: Run) -> dict[int, psutil.Process]:
@@ -236,6 +242,11 @@ def straight(tmp_path_factory, data, cache):
 @pytest.fixture(scope="module")
 def straight_ddp(tmp_path_factory, data, cache):
     yield from start_straight(tmp_path_factory, data, cache, "straight_ddp", torchrun)
+
+
+@pytest.fixture(scope="module")
+def straight_fsdp(tmp_path_factory, data, cache):
+    yield from start_straight(tmp_path_factory, data, cache, "straight_fsdp", torchrun_fsdp)
 
 
 # --- kills, crashes and signals: the run always resumes exactly -------------------------------------------------------
@@ -338,6 +349,54 @@ def test_two_ranks_survive_sigterm_and_a_killed_worker(tmp_path, data, cache, st
 
     diff = assert_same_run(out, straight_ddp.result())
     print(f"two ranks: SIGTERM at step {stopped}, rank {victim} killed; max |resumed - straight| = {diff}")
+    assert diff == 0.0  # bit-identical
+
+
+@pytest.mark.slow
+def test_fsdp_survives_kill_9_of_the_whole_job_and_of_one_worker(tmp_path, data, cache, straight_fsdp):
+    """`FSDP=true torchrun --nproc_per_node=2 train.py`: kill -9 of the whole job (torchrun and both workers, as when
+    a machine is lost) and, once resumed, of one worker (the other reports it and exits); RESUME_FROM=latest each
+    time, and the run ends bit-identical to the uninterrupted FSDP run."""
+    rng = random.Random(8)
+    out = tmp_path / "out"
+    env = run_env(data, cache, out)
+    with runs() as started:
+        # 1. SIGKILL to torchrun a random moment after step 15, and at once to its workers (which are not in its
+        #    process group): every process of the job, as when its machine is lost.
+        started.append(first := torchrun_fsdp(env, tmp_path / "1.txt"))
+        first.wait_for_step(15)
+        workers = worker_processes(first)
+        kill_after_step(first, 15, rng, signal.SIGKILL)
+        for worker in workers.values():
+            worker.kill()
+        assert first.wait(EXIT_TIMEOUT_S) == -signal.SIGKILL
+        assert not psutil.wait_procs(list(workers.values()), timeout=5)[1]
+        killed_at = max(logged_steps(out))
+        assert 15 <= killed_at < STEPS
+        before = find_latest_checkpoint(out)
+
+        # 2. Resumed; a random moment after two steps past the killed run's last one (its rows are in metrics.jsonl
+        #    until the resumed run trims them), one worker is killed: the other must say so and everything must be
+        #    gone within 60 s.
+        started.append(second := torchrun_fsdp({**env, "RESUME_FROM": "latest"}, tmp_path / "2.txt"))
+        second.wait_for_text(f"resumed      from {before}")
+        second.wait_for(f"step {killed_at + 2}", lambda: max(logged_steps(out), default=0) >= killed_at + 2)
+        workers = worker_processes(second)
+        victim = rng.choice([0, 1])
+        killed = kill_after_step(second, 0, rng, signal.SIGKILL, target=workers[victim].pid)
+        assert second.wait(60) not in (None, 0), second.text()[-3000:]
+        assert time.monotonic() - killed < 60
+        assert not psutil.wait_procs(list(workers.values()), timeout=5)[1]
+        assert f"error: [rank {1 - victim}] lost contact with another process" in second.text(), second.text()[-3000:]
+
+        # 3. Resumed to the end.
+        started.append(last := torchrun_fsdp({**env, "RESUME_FROM": "latest"}, tmp_path / "3.txt"))
+        assert last.wait() == 0, last.text()[-3000:]
+        assert "processes    2 (FSDP, gloo)" in last.text()
+
+    diff = assert_same_run(out, straight_fsdp.result())
+    print(f"FSDP: whole job killed at step {killed_at}, resumed from {before.name}, rank {victim} killed; "
+          f"max |resumed - straight| = {diff}")
     assert diff == 0.0  # bit-identical
 
 

@@ -14,7 +14,12 @@ Each rank writes, for each run, into DUMP_DIR/<name of the run's OUTPUT_DIR>/:
     rank<r>-grads.safetensors  the gradients handed to the optimizer at every step ("<step>/<parameter name>");
     rank<r>-writes.json        every file-system change it made inside OUTPUT_DIR, seen by a Python audit hook
                                (open for writing, mkdir, rename/replace, remove, rmtree; writes from C++/Rust
-                               code, such as safetensors' own file, show up through the folders they land in).
+                               code, such as safetensors' own file, show up through the folders they land in);
+    rank<r>-bytes.json         the bytes of the frozen base's parameters this rank holds (its FSDP shards) and
+                               of the whole base, at the last optimizer step (after the backward pass, when FSDP
+                               has resharded every unit; it keeps the root gathered from a forward pass to the
+                               backward pass, and after an evaluation's).
+Under FSDP the adapter and the gradients are gathered whole (every rank takes part) before they are written.
 The tests also use RecordingTrainer in-process, for the single-process references.
 Not collected by pytest (the name does not start with test_).
 """
@@ -32,10 +37,12 @@ sys.path.insert(0, str(REPO))
 import torch  # noqa: E402
 import torch.distributed as torch_dist  # noqa: E402
 from safetensors.torch import save_file  # noqa: E402
+from torch.distributed.tensor import DTensor  # noqa: E402
 from transformers.models.bloom import modeling_bloom  # noqa: E402
 
 import train  # noqa: E402
 from config import TrainConfig  # noqa: E402
+from fsdp import full_adapter_state, full_tensor  # noqa: E402
 
 RANK = int(os.environ.get("RANK", "0"))
 WRITES: dict[str, list] = {}  # OUTPUT_DIR -> [(event, path), ...] made by this rank
@@ -80,7 +87,9 @@ class RecordingTrainer(train.Trainer):
         def record_gradients(optimizer, step_args, step_kwargs):
             # Runs when GradScaler.step calls optimizer.step, after all-reduce, unscale_ and clipping: what the
             # update is made from. (A pre-hook, not a replaced optimizer.step, which the LR scheduler warns about.)
-            self.step_grads.update({f"{self.progress.step + 1}/{n}": p.grad.detach().clone() for n, p in named})
+            self.step_grads.update({f"{self.progress.step + 1}/{n}": full_tensor(p.grad.detach()).clone()
+                                    for n, p in named})
+            self.base_bytes = base_bytes(self.raw_model)
 
         self.optimizer.register_step_pre_hook(record_gradients)
 
@@ -89,10 +98,19 @@ class RecordingTrainer(train.Trainer):
         out = os.path.abspath(self.cfg.output_dir)
         target = self.dump_dir / Path(out).name
         target.mkdir(parents=True, exist_ok=True)
-        tensors = {k: v.detach().cpu().contiguous() for k, v in self.raw_model.adapter_state_dict().items()}
+        tensors = {k: v.detach().cpu().contiguous() for k, v in full_adapter_state(self.raw_model).items()}
         save_file(tensors, str(target / f"rank{RANK}.safetensors"))
         save_file(self.step_grads, str(target / f"rank{RANK}-grads.safetensors"))
         (target / f"rank{RANK}-writes.json").write_text(json.dumps(WRITES.get(out, [])))
+        (target / f"rank{RANK}-bytes.json").write_text(json.dumps(self.base_bytes))
+
+
+def base_bytes(model: torch.nn.Module) -> dict:
+    """{"held": bytes of the frozen parameters this rank holds, "whole": bytes of all of them}: under FSDP a rank
+    holds its shard (DTensor.to_local()) of each; otherwise the whole tensor."""
+    frozen = [p for p in model.parameters() if not p.requires_grad]
+    held = sum((p.to_local() if isinstance(p, DTensor) else p).nbytes for p in frozen)
+    return {"held": held, "whole": sum(p.numel() * p.element_size() for p in frozen)}
 
 
 @contextlib.contextmanager
