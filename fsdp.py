@@ -32,6 +32,7 @@ import faults
 from alpaca_data import IGNORE_INDEX
 from config import ConfigError
 from distributed import DistEnv, all_reduce_sum
+from model_loading import is_norm
 
 
 def transformer_blocks(model: nn.Module) -> list[nn.Module]:
@@ -59,6 +60,10 @@ def shard_model(model: nn.Module, dist: DistEnv, compute_dtype: torch.dtype | No
     """
     mesh = init_device_mesh(dist.device.type, (dist.world_size,))
     policy = MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=compute_dtype and torch.float32)
+    # Float32 norms of a half-precision base (model_loading.keep_residual_stream_float32) are units of their own,
+    # gathered as they are: the policy above would cast them, and a float32 input meets a half-precision weight.
+    for norm in [m for m in model.modules() if is_norm(m) and m.weight.dtype == torch.float32 != compute_dtype]:
+        fully_shard(norm, mesh=mesh, mp_policy=MixedPrecisionPolicy(cast_forward_inputs=False))
     for block in transformer_blocks(model.model):
         fully_shard(block, mesh=mesh, mp_policy=policy)
     fully_shard(model, mesh=mesh, mp_policy=policy)

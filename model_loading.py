@@ -125,6 +125,11 @@ def load_base_model(model_path: str, device: torch.device, dtype: torch.dtype | 
     return model if quantize else model.to(device)
 
 
+def is_norm(module: torch.nn.Module) -> bool:
+    """LayerNorm (BLOOM, GPT-2) or an RMSNorm (Llama, Qwen2, Mistral: each model has its own class)."""
+    return isinstance(module, torch.nn.LayerNorm) or type(module).__name__.endswith("RMSNorm")
+
+
 def keep_residual_stream_float32(model) -> None:
     """For a base loaded in half precision to train under autocast: norms back in float32, and the embeddings'
     output cast to float32, so that the residual stream (embeddings, norms, the additions around each block) stays
@@ -132,7 +137,7 @@ def keep_residual_stream_float32(model) -> None:
     float32, but on a CPU layer_norm keeps its input's dtype, so half-precision embeddings would make the whole
     stream half precision."""
     for module in model.modules():
-        if isinstance(module, torch.nn.LayerNorm) or type(module).__name__.endswith("RMSNorm"):
+        if is_norm(module):
             module.float()
     model.get_input_embeddings().register_forward_hook(lambda module, args, output: output.float())
 
