@@ -86,7 +86,8 @@ def describe_precision(cfg: TrainConfig, precision: str, device: torch.device) -
               else "MIX_PREC_TRAIN=false")
     compute = "no autocast" if precision == "fp32" else f"{precision} autocast"
     scaler = " + GradScaler" if precision == "fp16" else ""
-    base = str(base_weight_dtype(precision, device)).removeprefix("torch.")
+    base = (model_loading.describe_quantized_base(cfg.quantize, MIXED_PRECISION_DTYPES[precision], device)
+            if cfg.quantize else str(base_weight_dtype(precision, device)).removeprefix("torch."))
     return f"{precision} on {device.type} ({reason}): {compute}{scaler}; base weights {base}, LoRA float32"
 
 
@@ -99,9 +100,14 @@ def load_tokenizer(model_path: str):
         raise RunError(str(err)) from None
 
 
-def load_pretrained_model(model_path: str, device: torch.device, dtype: torch.dtype):
-    """Load the frozen base model onto `device` in `dtype` (no trust_remote_code)."""
+def load_pretrained_model(model_path: str, device: torch.device, dtype: torch.dtype, quantize: str = "",
+                          precision: str = "fp32"):
+    """Load the frozen base model onto `device` in `dtype` (no trust_remote_code); with QUANTIZE, quantized instead,
+    in dtypes that follow `precision`, and prepared for training (model_loading.load_quantized_for_training)."""
     try:
+        if quantize:
+            return model_loading.load_quantized_for_training(model_path, device, quantize,
+                                                             MIXED_PRECISION_DTYPES[precision], name="MODEL_PATH")
         return model_loading.load_base_model(model_path, device, dtype, name="MODEL_PATH")
     except (OSError, ValueError) as err:
         raise RunError(str(err)) from None
@@ -529,7 +535,8 @@ def run(cfg: TrainConfig, dist: DistEnv) -> dict:
     resume = resolve_resume(cfg, dist)
     if resume is not None:
         check_resumable(*resume, identity)
-    model = load_pretrained_model(cfg.model_path, dist.device, base_weight_dtype(precision, dist.device))
+    model = load_pretrained_model(cfg.model_path, dist.device, base_weight_dtype(precision, dist.device),
+                                  cfg.quantize, precision)
     lora_model = build_lora_model(model, cfg, cfg.model_path)  # same seed on every rank: identical LoRA init
     # Dropout masks should differ between ranks; the offset keeps each rank's stream reproducible.
     torch.manual_seed(cfg.seed + dist.rank)
