@@ -517,7 +517,10 @@ def main(argv: list[str] | None = None) -> int:
             args = export_parser.parse_args(argv[1:])
             out = export_merged_model(args.lora_weights, args.out, model_path=args.model_path, dtype=args.dtype,
                                       overwrite=args.overwrite)
-            print(f"merged model written to {out}")
+            # Which base the adapter went into: an adapter trained with QUANTIZE still merges into the original weights.
+            weights = "its own dtype" if args.dtype == "auto" else args.dtype
+            print(f"merged model written to {out}: the adapter merged into the unquantized base, loaded in {weights} "
+                  "(never dequantized 8/4-bit weights)")
             return 0
         args = generate_parser.parse_args(argv)
         sampling = {"temperature": args.temperature, "top_p": args.top_p, "top_k": args.top_k}
