@@ -302,8 +302,10 @@ def prune_checkpoints(output_dir: Path, keep: int, written: Path) -> list[Path]:
 def resume_conflicts(saved: dict, current: dict) -> list[str]:
     """What differs between the checkpoint's run identity and this run's, one phrase each."""
     conflicts = []
+    # A setting added after the checkpoint was written (QUANTIZE) had its default then.
+    defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
     for key, value in current.items():
-        old = saved.get(key)
+        old = saved.get(key, defaults.get(key))
         if old == value:
             continue
         if key == "world_size":

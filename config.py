@@ -19,6 +19,7 @@ from data_sources import ALPACA_URL, DEBUG_SAMPLE
 TRUE_WORDS = ("1", "true", "yes")
 FALSE_WORDS = ("0", "false", "no")
 PRECISIONS = ("fp32", "bf16", "fp16")
+QUANTIZE_CHOICES = ("8bit", "4bit")
 DEFAULT_MODEL = "bigscience/bloom-1b7"
 MAX_INT = 2**31 - 1
 AUTO = -1  # WARMUP_STEPS and SIZE_VALID_SET: chosen from the run's length and the data's size (see resolve_*)
@@ -37,6 +38,9 @@ class TrainConfig:
     debug: bool = field(default=False, metadata={"help": "sample run: shipped 2,000-record Alpaca sample, 1 epoch"})
     mix_prec_train: bool = field(default=False, metadata={"help": "mixed precision: bf16 where supported, else fp16"})
     precision: str = field(default="", metadata={"help": "force fp32|bf16|fp16 (overrides MIX_PREC_TRAIN)"})
+    quantize: str = field(default="", metadata={"help": "8bit|4bit: the frozen base quantized by bitsandbytes "
+                                                        "(4bit: QLoRA's NF4 with double quantization, its matmuls "
+                                                        "in the precision's dtype); the adapter stays float32"})
     ddp: bool = field(default=False, metadata={"help": "distributed data parallel; launch with torchrun"})
     fsdp: bool = field(default=False, metadata={"help": "fully sharded data parallel (FSDP2) instead of DDP: each "
                                                         "process holds 1/N of the base model; launch with torchrun"})
@@ -142,6 +146,13 @@ class TrainConfig:
         if self.ddp and self.fsdp:
             raise ConfigError("DDP=true and FSDP=true: set one of them (DDP copies the model to every process, FSDP "
                               "shards it)")
+        if self.quantize not in ("", *QUANTIZE_CHOICES):
+            raise ConfigError(f"QUANTIZE must be one of {', '.join(QUANTIZE_CHOICES)}, or empty for none, got "
+                              f"{self.quantize!r}")
+        if self.fsdp and self.quantize:
+            raise ConfigError(f"QUANTIZE={self.quantize} and FSDP=true: this repo does not shard bitsandbytes' "
+                              "quantized weights; use DDP=true (each process holds the quantized base) or FSDP "
+                              "without QUANTIZE")
         if self.overwrite_output_dir and self.resume_from:
             raise ConfigError(f"RESUME_FROM={self.resume_from!r} continues a run and OVERWRITE_OUTPUT_DIR=true starts "
                               "a new one; set one of them")
@@ -197,7 +208,8 @@ def _field_type(f: dataclasses.Field) -> type:
 # another number of processes, and for training data of other content). Optimizer settings are here too because
 # the optimizer's saved state would silently override a new LEARNING_RATE or WEIGHT_DECAY.
 RESUME_MUST_MATCH = (
-    "model_path", "target_modules", "lora_r", "lora_alpha", "lora_dropout",   # the adapter and its shapes
+    "model_path", "quantize",                                                 # the frozen base
+    "target_modules", "lora_r", "lora_alpha", "lora_dropout",                 # the adapter and its shapes
     "max_length", "train_on_inputs", "size_valid_set", "seed",                # the examples and the split
     "batch_size", "grad_accum_steps", "group_by_length",                      # the data order and batches
     "learning_rate", "weight_decay", "warmup_steps", "max_grad_norm",         # the optimizer and schedule

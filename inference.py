@@ -36,7 +36,7 @@ import torch
 import model_loading
 from atomic import atomic_write
 from lora_model import ADAPTER_WEIGHTS_NAME, LEGACY_WEIGHTS_NAME, LoraModelForCasualLM, read_adapter_dir
-from model_loading import QUANTIZED, has_native_bf16
+from model_loading import QUANTIZED, half_precision_dtype, has_native_bf16
 from prompter import Prompter
 
 PRECISIONS = ("auto", "fp32", "fp16", "bf16", "8bit", "4bit")
@@ -210,7 +210,9 @@ def load_tokenizer(model_path: str):
 def load_base_model(model_path: str, device: torch.device, precision: str):
     """The frozen base model on `device`, in eval mode: in fp32/fp16/bf16, or quantized to 8 or 4 bits."""
     if precision in QUANTIZED:
-        return model_loading.load_base_model(model_path, device, quantize=precision).eval()
+        # LLM.int8 computes in fp16 (it would cast bf16 inputs anyway); 4-bit in the hardware's half precision.
+        dtype = torch.float16 if precision == "8bit" else half_precision_dtype(device)
+        return model_loading.load_base_model(model_path, device, dtype, quantize=precision).eval()
     return model_loading.load_base_model(model_path, device, DTYPES[precision]).eval()
 
 
@@ -515,7 +517,10 @@ def main(argv: list[str] | None = None) -> int:
             args = export_parser.parse_args(argv[1:])
             out = export_merged_model(args.lora_weights, args.out, model_path=args.model_path, dtype=args.dtype,
                                       overwrite=args.overwrite)
-            print(f"merged model written to {out}")
+            # Which base the adapter went into: an adapter trained with QUANTIZE still merges into the original weights.
+            weights = "its own dtype" if args.dtype == "auto" else args.dtype
+            print(f"merged model written to {out}: the adapter merged into the unquantized base, loaded in {weights} "
+                  "(never dequantized 8/4-bit weights)")
             return 0
         args = generate_parser.parse_args(argv)
         sampling = {"temperature": args.temperature, "top_p": args.top_p, "top_k": args.top_k}

@@ -8,6 +8,7 @@ wrong and what to do; they are FileNotFoundError when the model could not be fou
 from __future__ import annotations
 
 import contextlib
+import logging
 from pathlib import Path
 
 import torch
@@ -99,22 +100,38 @@ def default_target_modules(model_path: str, name: str = "model_path") -> list[st
     return DEFAULT_TARGET_MODULES.get(model_type)
 
 
+def quiet_bitsandbytes() -> None:
+    """Silence two informational lines of bitsandbytes 0.50: at import, on a CPU with AVX512-BF16, that the optional
+    `kernels` package is missing (bitsandbytes' own kernel is used instead); and, at every 8-bit matmul whose input
+    is not fp16, that the input is cast to fp16 before it is quantized to int8 (as LLM.int8 always does)."""
+    for logger in ("bitsandbytes.backends.cpu.ops", "bitsandbytes.autograd._functions"):
+        logging.getLogger(logger).setLevel(logging.ERROR)
+
+
+def bitsandbytes_config(quantize: str, compute_dtype: torch.dtype):
+    """`quantize` "8bit" (LLM.int8) or "4bit" (QLoRA's: NF4 with double quantization, the 4-bit matmuls computing in
+    `compute_dtype`) as transformers' BitsAndBytesConfig."""
+    from transformers import BitsAndBytesConfig
+
+    if quantize == "8bit":
+        return BitsAndBytesConfig(load_in_8bit=True)
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                              bnb_4bit_compute_dtype=compute_dtype)
+
+
 def load_base_model(model_path: str, device: torch.device, dtype: torch.dtype | str = torch.float32,
-                    quantize: str | None = None, name: str = "model_path"):
+                    quantize: str | None = None, compute_dtype: torch.dtype | None = None, name: str = "model_path"):
     """The base model on `device`, its weights in `dtype` ("auto": the checkpoint's own), or quantized by
-    bitsandbytes (`quantize` "8bit" or "4bit"; transformers 5 takes these as a `BitsAndBytesConfig`)."""
-    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+    bitsandbytes (`quantize` "8bit" or "4bit", see `bitsandbytes_config`): then `dtype` is that of the weights it
+    leaves unquantized (embeddings, norms, biases) and `compute_dtype` (default `dtype`) that of the 4-bit matmuls."""
+    from transformers import AutoModelForCausalLM
 
     kwargs = {"dtype": dtype}
-    if quantize == "8bit":
-        # LLM.int8 computes in fp16 (it would cast bf16 inputs anyway); the layers it leaves alone are fp16 too.
-        kwargs = {"quantization_config": BitsAndBytesConfig(load_in_8bit=True), "dtype": torch.float16}
-    elif quantize == "4bit":
-        compute = half_precision_dtype(device)
-        kwargs = {"quantization_config": BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
-                                                            bnb_4bit_compute_dtype=compute), "dtype": compute}
     if quantize:
-        kwargs["device_map"] = {"": device}  # quantized weights are placed while loading; they cannot move after
+        quiet_bitsandbytes()
+        # Quantized weights are placed while loading; they cannot move after.
+        kwargs.update(quantization_config=bitsandbytes_config(quantize, compute_dtype or dtype),
+                      device_map={"": device})
     if looks_like_missing_folder(model_path):
         raise model_load_error(model_path, FileNotFoundError(model_path), name)
     try:
@@ -140,6 +157,94 @@ def keep_residual_stream_float32(model) -> None:
         if is_norm(module):
             module.float()
     model.get_input_embeddings().register_forward_hook(lambda module, args, output: output.float())
+
+
+# --- training on a quantized base (QLoRA) ----------------------------------------------------------------------
+
+def quantized_dtypes(precision_dtype: torch.dtype | None, device: torch.device) -> tuple[torch.dtype, torch.dtype]:
+    """For training on a quantized base: (dtype of the weights bitsandbytes leaves unquantized, compute dtype of the
+    4-bit matmuls), from the precision setting's autocast dtype (None for fp32).
+
+    The unquantized weights (BLOOM's 250,880 x 4,096 embedding is 15 % of BLOOM-7B1) are 16-bit even in an fp32 run,
+    or they would hold more memory than the quantized layers save: bf16 where the hardware has it, whose range is
+    fp32's, so activation gradients do not underflow without loss scaling.
+
+    Raises:
+        ValueError: an fp32 run on a GPU without bf16 (T4, V100), whose fp16 activations would need a GradScaler.
+    """
+    if precision_dtype is None and half_precision_dtype(device) == torch.float16:
+        raise ValueError("QUANTIZE on a GPU without bf16 (T4, V100) keeps the unquantized weights in fp16, whose "
+                         "gradients need loss scaling: set MIX_PREC_TRAIN=true (fp16 + GradScaler)")
+    return precision_dtype or torch.bfloat16, precision_dtype or torch.float32
+
+
+def prepare_for_kbit_training(model) -> None:
+    """What PEFT's prepare_model_for_kbit_training does that matters here, done on `model` in place:
+
+    - norms in float32 (their small weights exactly; the statistics in float32 whatever the activations' dtype);
+    - the output layer (unquantized, 16-bit) gets its input in its own dtype: a float32 norm (Llama's RMSNorm) would
+      hand it float32 hidden states;
+    - 4-bit layers keep their training layout on the CPU: on a CPU with AVX512-BF16, bitsandbytes repacks a
+      Linear4bit for its inference kernel at its first forward pass in eval mode (absmax rounded to bf16, double
+      quantization undone) and the repacked weight has no backward, so the first step after an evaluation fails.
+
+    Not done: PEFT's cast of every other weight to float32 (the embeddings would then outweigh the quantized layers),
+    and its hook making the embeddings' output require grad, which only reentrant activation checkpointing needs;
+    train.py checkpoints non-reentrantly (tests/test_qlora.py checks the gradients with it).
+    """
+    for module in model.modules():
+        if is_norm(module):
+            module.float()
+        if type(module).__name__ == "Linear4bit":
+            module.support_avx512bf16_for_cpu = False
+    output = model.get_output_embeddings()
+    if output is not None and output.weight.is_floating_point():
+        output.register_forward_pre_hook(lambda module, args: tuple(
+            a.to(module.weight.dtype) if torch.is_tensor(a) and a.is_floating_point() else a for a in args))
+
+
+def load_quantized_for_training(model_path: str, device: torch.device, quantize: str,
+                                precision_dtype: torch.dtype | None, name: str = "model_path"):
+    """The base quantized by bitsandbytes (`quantize` "8bit" or "4bit"), in the dtypes `quantized_dtypes` picks for the
+    precision setting's autocast dtype (None for fp32), and prepared for training (`prepare_for_kbit_training`)."""
+    dtype, compute_dtype = quantized_dtypes(precision_dtype, device)
+    model = load_base_model(model_path, device, dtype, quantize=quantize, compute_dtype=compute_dtype, name=name)
+    prepare_for_kbit_training(model)
+    return model
+
+
+def describe_quantized_base(quantize: str, precision_dtype: torch.dtype | None, device: torch.device) -> str:
+    """The banner's words for the base's dtypes, e.g. "4bit NF4 + double quantization, matmuls in float32; the rest
+    bfloat16, norms float32"."""
+    dtype, compute_dtype = (str(d).removeprefix("torch.") for d in quantized_dtypes(precision_dtype, device))
+    weights = f"4bit NF4 + double quantization, matmuls in {compute_dtype}" if quantize == "4bit" else "8bit LLM.int8"
+    return f"{weights}; the rest {dtype}, norms float32"
+
+
+def base_model_bytes(model: torch.nn.Module) -> int:
+    """Bytes of storage the base model holds: its parameters and buffers and bitsandbytes' quantization statistics
+    (4-bit absmax and their double quantization, 8-bit row scales), each storage counted once (tied weights share
+    one). LoRA's own tensors are left out, so the wrapped model can be measured too. Under FSDP: this process's
+    shards."""
+    tensors = [p for name, p in model.named_parameters() if "lora_" not in name] + list(model.buffers())
+    for module in model.modules():
+        weight = getattr(module, "weight", None)
+        tensors += _quantization_statistics(getattr(weight, "quant_state", None))
+        tensors += [getattr(holder, "SCB", None) for holder in (weight, getattr(module, "state", None))]
+    tensors = [t.to_local() if hasattr(t, "to_local") else t for t in tensors]  # FSDP: this process's shard
+    storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors if torch.is_tensor(t)}
+    return sum(storages.values())
+
+
+def _quantization_statistics(quant_state) -> list[torch.Tensor]:
+    # A bitsandbytes QuantState: absmax, code and offset, and with double quantization a nested QuantState (state2).
+    if quant_state is None:
+        return []
+    found = []
+    for value in vars(quant_state).values():
+        found += [value] if torch.is_tensor(value) else _quantization_statistics(value) if (
+            type(value).__name__ == "QuantState") else []
+    return found
 
 
 def enable_activation_checkpointing(model, checkpoint_kwargs: dict) -> None:

@@ -8,6 +8,7 @@ import torch.distributed as torch_dist
 from alpaca_data import data_stats_line
 from config import TrainConfig
 from distributed import DistEnv
+from model_loading import base_model_bytes
 
 
 def print_banner(cfg: TrainConfig, dist: DistEnv, stats: dict, trainer, precision_line: str) -> None:
@@ -22,6 +23,8 @@ def print_banner(cfg: TrainConfig, dist: DistEnv, stats: dict, trainer, precisio
         f"LoRA         r={cfg.lora_r}, alpha={cfg.lora_alpha:g}, dropout={cfg.lora_dropout:g}, "
         f"targets={cfg.target_modules}; trainable {trainable:,} of {total:,} ({100 * trainable / total:.4f}%)",
         f"precision    {precision_line}",
+        f"base         {base_memory_line(trainer.raw_model, total - trainable)}"
+        + (" in each process (FSDP shards it)" if dist.fsdp else ""),
         f"processes    {dist.world_size}"
         + (f" ({'FSDP' if dist.fsdp else 'DDP'}, {torch_dist.get_backend()})" if dist.ddp else ""),
         f"batch        {cfg.batch_size} x {cfg.grad_accum_steps} accumulation x {dist.world_size} processes = "
@@ -43,6 +46,20 @@ def print_banner(cfg: TrainConfig, dist: DistEnv, stats: dict, trainer, precisio
         lines.append(f"warning      WARMUP_STEPS={cfg.warmup_steps} is not shorter than the run ({trainer.total_steps} "
                      f"steps): the learning rate never reaches LEARNING_RATE={cfg.learning_rate:g}")
     print("\n".join(lines), flush=True)
+
+
+def base_memory_line(model, parameters: int) -> str:
+    """The base's weights in memory, measured (model_loading.base_model_bytes), and beside float32's 4 bytes for
+    each of its `parameters` (4-bit weights counted unpacked)."""
+    held, float32 = base_model_bytes(model), 4 * parameters
+    return f"{human_bytes(held)} of weights in memory ({held / float32:.2f} x float32's {human_bytes(float32)})"
+
+
+def human_bytes(count: float) -> str:
+    for unit in ("bytes", "KiB", "MiB", "GiB"):
+        if count < 1024 or unit == "GiB":
+            return f"{count:.0f} {unit}" if unit == "bytes" else f"{count:.2f} {unit}"
+        count /= 1024
 
 
 def print_summary(cfg: TrainConfig, trainer, metrics: dict, seconds: float) -> None:

@@ -90,7 +90,8 @@ def describe_precision(cfg: TrainConfig, precision: str, device: torch.device) -
               else "MIX_PREC_TRAIN=false")
     compute = "no autocast" if precision == "fp32" else f"{precision} autocast"
     scaler = " + GradScaler" if precision == "fp16" else ""
-    base = str(base_weight_dtype(precision, device)).removeprefix("torch.")
+    base = (model_loading.describe_quantized_base(cfg.quantize, MIXED_PRECISION_DTYPES[precision], device)
+            if cfg.quantize else str(base_weight_dtype(precision, device)).removeprefix("torch."))
     gathered = f"; FSDP gathers them in {precision}" if cfg.fsdp and precision != "fp32" else ""
     return f"{precision} on {device.type} ({reason}): {compute}{scaler}; base weights {base}, LoRA float32{gathered}"
 
@@ -104,10 +105,15 @@ def load_tokenizer(model_path: str):
         raise RunError(str(err)) from None
 
 
-def load_pretrained_model(model_path: str, device: torch.device, dtype: torch.dtype):
+def load_pretrained_model(model_path: str, device: torch.device, dtype: torch.dtype, quantize: str = "",
+                          precision: str = "fp32"):
     """Load the frozen base model onto `device` in `dtype` (no trust_remote_code); a half-precision one keeps its
-    norms and residual stream float32 (model_loading.keep_residual_stream_float32)."""
+    norms and residual stream float32 (model_loading.keep_residual_stream_float32). With QUANTIZE, quantized
+    instead, in dtypes that follow `precision`, prepared for training (model_loading.load_quantized_for_training)."""
     try:
+        if quantize:
+            return model_loading.load_quantized_for_training(model_path, device, quantize,
+                                                             MIXED_PRECISION_DTYPES[precision], name="MODEL_PATH")
         model = model_loading.load_base_model(model_path, device, dtype, name="MODEL_PATH")
     except (OSError, ValueError) as err:
         raise RunError(str(err)) from None
@@ -540,7 +546,8 @@ def run(cfg: TrainConfig, dist: DistEnv) -> dict:
     resume = resolve_resume(cfg, dist)
     if resume is not None:
         check_resumable(*resume, identity)
-    model = load_pretrained_model(cfg.model_path, dist.device, base_weight_dtype(precision, dist.device))
+    model = load_pretrained_model(cfg.model_path, dist.device, base_weight_dtype(precision, dist.device),
+                                  cfg.quantize, precision)
     if cfg.fused_modules:
         use_fused_modules(model)  # BLOOM's attention and GELU on fused kernels; other architectures have their own
     lora_model = build_lora_model(model, cfg, cfg.model_path)  # same seed on every rank: identical LoRA init

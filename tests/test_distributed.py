@@ -261,6 +261,8 @@ def test_fsdp_without_torchrun_says_how_to_launch_and_not_with_ddp(monkeypatch):
         train.setup_distributed(load_config([], {"FSDP": "true"}))
     with pytest.raises(ConfigError, match="^DDP=true and FSDP=true: set one of them"):
         load_config([], {"FSDP": "true", "DDP": "true"})
+    with pytest.raises(ConfigError, match="^QUANTIZE=4bit and FSDP=true: .* use DDP=true"):
+        load_config([], {"FSDP": "true", "QUANTIZE": "4bit"})
 
 
 # --- the CLI under torchrun -----------------------------------------------------------------------------------------
