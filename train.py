@@ -324,7 +324,7 @@ class Trainer:
             epoch_done = progress.batches_done >= self.micro_batches_per_epoch
             if epoch_done:
                 progress.epoch, progress.batches_done = progress.epoch + 1, 0
-            metrics["tokens_per_s"] = metrics.pop("tokens") / (time.perf_counter() - started)
+            metrics["tokens_per_s"] = metrics["tokens"] / (time.perf_counter() - started)
             self.metrics.write(metrics)
             bar.update(1)
             bar.set_postfix({"loss": f"{metrics['loss']:.4f}", "lr": f"{metrics['lr']:.2e}",
