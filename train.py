@@ -255,7 +255,9 @@ class Trainer:
             # same global batches as 1 process x batch 2b.
             sampler = DistributedSampler(train_set, num_replicas=dist.world_size, rank=dist.rank, shuffle=True,
                                          seed=cfg.seed, drop_last=False)
-        collate = PadCollator(tokenizer)
+        # Lengths rounded up to a multiple of 8, as the usual recipe's collator does: on a CPU oneDNN builds and
+        # caches kernels for each new shape (bf16: 1.5x slower steps and +40 MB a step when every length is new).
+        collate = PadCollator(tokenizer, pad_to_multiple_of=8)
         # Generators of their own: else each new iterator draws a seed from the global RNG, and a resumed run's
         # dropout masks would drift from the uninterrupted run's.
         train_loader = DataLoader(train_set, batch_size=cfg.batch_size, sampler=SkipSampler(sampler),

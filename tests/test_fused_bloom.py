@@ -11,9 +11,18 @@ import pytest
 import torch
 from transformers import BloomConfig, BloomForCausalLM
 
+import fused_bloom
 from fused_bloom import SdpaBloomAttention, TanhGelu, use_fused_modules
 from lora_model import LoraConfig, LoraModelForCasualLM
 from token_loss import next_token_labels, sum_token_loss
+
+@pytest.fixture(autouse=True, params=["sdpa", "explicit"])
+def attention_path(request, monkeypatch):
+    """Every test runs both ways the fused attention computes: F.scaled_dot_product_attention, and on a CPU below
+    CPU_SDPA_MIN_LENGTH keys the explicit baddbmm / softmax / bmm."""
+    monkeypatch.setattr(fused_bloom, "CPU_SDPA_MIN_LENGTH", 0 if request.param == "sdpa" else 10**9)
+    return request.param
+
 
 CONFIG = dict(vocab_size=256, hidden_size=64, n_layer=3, n_head=4,  # head_dim 16: several heads, as BLOOM
               initializer_range=0.2)  # activations of order 1, where the GELU approximations differ
@@ -111,12 +120,14 @@ def test_greedy_generation_with_the_kv_cache_equals_eager():
     assert torch.equal(outputs[0], outputs[1])
 
 
-def test_bf16_autocast_loss_is_within_one_percent_of_eager():
+@pytest.mark.parametrize("side", ["left", "right"])  # left: whole rows of masked keys, which must not turn NaN
+def test_bf16_autocast_loss_and_gradients_are_finite_and_the_loss_within_one_percent_of_eager(side):
     eager, fused = twins()
-    batch = padded_batch("right")
+    batch = padded_batch(side)
     _, loss, _ = loss_and_lora_grads(eager, batch, torch.bfloat16)
-    _, fused_loss, _ = loss_and_lora_grads(fused, batch, torch.bfloat16)
+    _, fused_loss, grads = loss_and_lora_grads(fused, batch, torch.bfloat16)
     assert (fused_loss - loss).abs() <= 0.01 * loss.abs()
+    assert all(torch.isfinite(grad).all() for grad in grads.values())
 
 
 def test_attention_dropout_is_applied_in_training_only():
