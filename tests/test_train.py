@@ -247,14 +247,14 @@ def test_older_libraries_get_the_old_option_names(monkeypatch):
     model_loading.enable_activation_checkpointing(model, {"use_reentrant": False})
     assert model.enabled_with == {"use_reentrant": False}
 
-    assert train.no_buffer_sync_before_forward() == {"forward_sync_buffers": False}  # the pinned torch
+    assert distributed.no_buffer_sync_before_forward() == {"forward_sync_buffers": False}  # the pinned torch
 
     class OlderDDP:  # torch before 2.13
         def __init__(self, module, device_ids=None, broadcast_buffers=True):
             pass
 
     monkeypatch.setattr(distributed, "DistributedDataParallel", OlderDDP)
-    assert train.no_buffer_sync_before_forward() == {"broadcast_buffers": False}
+    assert distributed.no_buffer_sync_before_forward() == {"broadcast_buffers": False}
 
 
 def test_longest_batch_is_tried_before_training_and_leaves_no_trace(tmp_path, small_data):
