@@ -130,6 +130,20 @@ def test_bf16_autocast_loss_and_gradients_are_finite_and_the_loss_within_one_per
     assert all(torch.isfinite(grad).all() for grad in grads.values())
 
 
+def test_a_half_precision_mask_with_minus_inf_rows_gives_finite_attention():
+    """FSDP's fp16 policy casts the float32 mask to fp16, where its minimum is -inf; a padding row masked whole must
+    still come out finite (0 * NaN in the next matmul would spread NaN to every row)."""
+    _, fused = twins()
+    attention = fused.model.transformer.h[0].self_attention
+    query, key, value = (torch.randn(1, CONFIG["n_head"], 4, 16, dtype=torch.float16) for _ in range(3))
+    mask = torch.zeros(1, 1, 4, 4, dtype=torch.float16)
+    mask[..., 0, :] = -torch.inf
+    alibi = torch.zeros(CONFIG["n_head"], 1, 4, dtype=torch.float16)
+    with torch.autocast("cpu", dtype=torch.float16):
+        out = attention._eager_attention(query, key, value, alibi, mask, dropout=0.0)
+    assert torch.isfinite(out).all()
+
+
 def test_attention_dropout_is_applied_in_training_only():
     _, fused = twins(attention_dropout=0.5)
     batch = padded_batch("right")
