@@ -56,6 +56,16 @@ def adapter(tmp_path_factory) -> Path:
     return tmp / "out"
 
 
+@pytest.fixture(scope="session")
+def quick_start_run(tmp_path_factory):
+    """(folder, result) of the README's quick start, `DEBUG=true MODEL_PATH=models/tiny-bloom python train.py`, run
+    once, as typed, for the tests that check it (test_train's, and test_qlora's float32 reference)."""
+    from test_train import user_command
+
+    folder = tmp_path_factory.mktemp("quick-start")
+    return folder, user_command(folder, DEBUG="true", MODEL_PATH="models/tiny-bloom")
+
+
 @pytest.fixture
 def fake_gpu(monkeypatch):
     """`fake_gpu(native_bf16)`: torch.cuda.is_bf16_supported answers as on an A100 (native bf16) or a T4 (emulation

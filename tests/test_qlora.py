@@ -167,15 +167,16 @@ def test_resuming_with_another_quantize_is_refused_and_old_checkpoints_resume():
 # --- slow: issue 19's bar 1, as typed ---------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
-def bar_runs(tmp_path_factory) -> dict[str, tuple[Path, subprocess.CompletedProcess]]:
-    """`DEBUG=true MODEL_PATH=models/tiny-bloom python train.py` with QUANTIZE unset, 4bit and 8bit, each from its
-    own folder, one after the other (three at once oversubscribe 2 cores with 6 threads: minutes instead of
-    seconds)."""
+def bar_runs(tmp_path_factory, quick_start_run) -> dict[str, tuple[Path, subprocess.CompletedProcess]]:
+    """`DEBUG=true MODEL_PATH=models/tiny-bloom python train.py` with QUANTIZE 4bit and 8bit, each from its own
+    folder, one after the other (three at once oversubscribe 2 cores with 6 threads: minutes instead of seconds),
+    beside the quick start itself (QUANTIZE unset), run once for the suite."""
     settings = {"DEBUG": "true", "MODEL_PATH": "models/tiny-bloom"}
-    folders = {quantize: tmp_path_factory.mktemp(quantize) for quantize in ("fp32", "4bit", "8bit")}
-    return {q: (folder / "outputs" / "debug",
-                user_command(folder, **(settings if q == "fp32" else {"QUANTIZE": q, **settings})))
-            for q, folder in folders.items()}
+    runs = {"fp32": (quick_start_run[0] / "outputs" / "debug", quick_start_run[1])}
+    for quantize in ("4bit", "8bit"):
+        folder = tmp_path_factory.mktemp(quantize)
+        runs[quantize] = folder / "outputs" / "debug", user_command(folder, QUANTIZE=quantize, **settings)
+    return runs
 
 
 def eval_losses(out: Path) -> list[float]:

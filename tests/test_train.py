@@ -396,17 +396,17 @@ def test_trains_on_a_file_the_repo_has_never_seen(tmp_path):
 
 
 @pytest.mark.slow
-def test_offline_quick_start_learns_and_its_adapter_loads_in_peft(tmp_path):
+def test_offline_quick_start_learns_and_its_adapter_loads_in_peft(quick_start_run):
     """The README's quick start, `DEBUG=true MODEL_PATH=models/tiny-bloom python train.py`, as a user runs it (from a
     folder with the repo's models/, nothing else set); everything it prints is ours; PEFT loads the adapter."""
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    result = user_command(tmp_path, DEBUG="true", MODEL_PATH="models/tiny-bloom")
+    folder, result = quick_start_run
     assert result.returncode == 0, result.stderr[-2000:]
     assert not foreign_lines(result.stdout + result.stderr)
     assert "python inference.py --lora-weights outputs/debug --instruction" in result.stdout
-    out = tmp_path / "outputs" / "debug"
+    out = folder / "outputs" / "debug"
     rows = metric_rows(out)
     evals = [row["eval_loss"] for row in rows if "eval_loss" in row]
     assert len(evals) >= 2 and evals[-1] < evals[0]
