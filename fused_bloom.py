@@ -84,10 +84,9 @@ class SdpaBloomAttention(nn.Module):
         if mask is None:
             mask = torch.ones(q_length, kv_length, dtype=torch.bool, device=query.device).tril(kv_length - q_length)
         wide = torch.promote_types(scores.dtype, torch.float32)
-        scores = scores.to(wide)
         if mask.dtype == torch.bool:
-            scores = scores.masked_fill(~mask, torch.finfo(wide).min)
-        else:  # FSDP's half-precision policy hands the mask over in fp16, where its minimum became -inf
+            scores = scores.to(wide).masked_fill(~mask, torch.finfo(wide).min)
+        else:  # in `wide` (FSDP's half-precision policy hands the mask over in fp16, where its minimum became -inf)
             scores = scores + mask.to(wide).clamp_min(torch.finfo(wide).min)
         probs = F.dropout(F.softmax(scores, dim=-1, dtype=wide).to(value.dtype), dropout, self.training)
         return torch.bmm(probs.view(-1, q_length, kv_length), value.reshape(-1, kv_length, dim)).view(
