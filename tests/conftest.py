@@ -85,3 +85,15 @@ ODD_VALUES = st.one_of(
     st.sampled_from(["", " ", "true", "No", "latest", "-1", "0", "1e400", "nan", "-inf", "1_000", "0x10", "\u0663",
                      "4294967296", "2147483648", "1" * 5000, "fp16", "all-linear", " , ", "\x00"]),
 )
+
+
+@contextlib.contextmanager
+def one_torch_thread():
+    """The tiny models' ops take microseconds: on a busy CPU, waiting for a descheduled second thread costs more
+    than the op (see bench/bench_lora.py), so the tests of them run single-threaded."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)

@@ -23,7 +23,7 @@ import model_loading
 import train
 from alpaca_data import IGNORE_INDEX, PadCollator
 from config import ConfigError, TrainConfig
-from conftest import SAMPLE, TINY_BLOOM, metric_rows
+from conftest import SAMPLE, TINY_BLOOM, metric_rows, one_torch_thread
 
 VOCAB = 4096  # the tiny BLOOM tokenizer's
 SPECIAL_IDS = dict(vocab_size=VOCAB, bos_token_id=1, eos_token_id=2)
@@ -58,11 +58,8 @@ def build_tiny_model(folder: Path, name: str) -> Path:
 
 @pytest.fixture(autouse=True, scope="module")
 def one_thread_and_an_empty_cache_after():
-    # Tiny models: a second thread costs more than it saves on a busy CPU (see tests/test_inference.py).
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+    with one_torch_thread():
+        yield
     inference.clear_cache()
 
 

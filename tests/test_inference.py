@@ -21,7 +21,7 @@ import train
 from config import TrainConfig
 from lora_model import LoraConfig, LoraModelForCasualLM
 from prompter import Prompter
-from conftest import REPO, SAMPLE, TINY_BLOOM
+from conftest import REPO, SAMPLE, TINY_BLOOM, one_torch_thread
 
 
 INSTRUCTIONS = ["Give three tips for staying healthy.", "What are the three primary colors?",
@@ -32,12 +32,8 @@ GREEDY = {"max_new_tokens": 16, "device": "cpu"}  # short, so the suite stays fa
 
 @pytest.fixture(autouse=True, scope="module")
 def one_thread_and_an_empty_cache_after():
-    # The tiny model's ops take microseconds: with several threads on a busy CPU, waiting for a descheduled
-    # thread costs more than the op (see bench/bench_lora.py), so this module runs single-threaded.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+    with one_torch_thread():
+        yield
     inference.clear_cache()
 
 

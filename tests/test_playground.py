@@ -25,7 +25,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import inference
 from prompter import Prompter
-from conftest import REPO, SAMPLE, TINY_BLOOM
+from conftest import REPO, SAMPLE, TINY_BLOOM, one_torch_thread
 
 pytestmark = pytest.mark.slow
 
@@ -109,10 +109,8 @@ def page(browser, server):
 
 @pytest.fixture(scope="module")
 def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+    with one_torch_thread():
+        yield
     inference.clear_cache()
 
 

@@ -22,7 +22,7 @@ import inference
 import model_loading
 import train
 from config import ConfigError, TrainConfig, load_config
-from conftest import FIELDS, REPO, SAMPLE, TINY_BLOOM, adapter_tensors, metric_rows
+from conftest import FIELDS, REPO, SAMPLE, TINY_BLOOM, adapter_tensors, metric_rows, one_torch_thread
 from lora_model import LoraConfig, LoraModelForCasualLM
 from test_train import foreign_lines, user_command
 
@@ -52,11 +52,8 @@ IDS = torch.randint(4, 4096, (2, 12), generator=torch.Generator().manual_seed(0)
 
 @pytest.fixture(autouse=True, scope="module")
 def one_thread():
-    # The tiny model's ops take microseconds: on a busy CPU, waiting for a descheduled second thread costs more.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+    with one_torch_thread():
+        yield
 
 
 # --- fast: settings, bytes, the preparation for training --------------------------------------------------------
