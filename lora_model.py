@@ -24,6 +24,7 @@ from safetensors.torch import load_file, save_file
 
 from atomic import atomic_write, write_text_atomically
 from lora_layer import Embedding, Linear, LoraLayer, is_conv1d, is_quantized_linear
+from token_loss import causal_lm_token_loss
 
 ADAPTER_CONFIG_NAME = "adapter_config.json"
 ADAPTER_WEIGHTS_NAME = "adapter_model.safetensors"
@@ -263,8 +264,12 @@ class LoraModelForCasualLM(nn.Module):
                 raise
             return getattr(self.model, name)
 
-    def forward(self, *args, **kwargs):
-        return self.model(*args, **kwargs)
+    def forward(self, *args, targets: torch.Tensor | None = None, **kwargs):
+        """The wrapped model's forward; given `targets` (token_loss.next_token_labels), the summed token loss instead
+        of the logits, computed without ever holding them whole where the model allows it (train.py's steps)."""
+        if targets is None:
+            return self.model(*args, **kwargs)
+        return causal_lm_token_loss(self.model, targets, *args, **kwargs)
 
     def generate(self, *args, **kwargs):
         return self.model.generate(*args, **kwargs)

@@ -12,6 +12,12 @@ backward pass writes the gradient straight into one tensor of the logits' own dt
 `overwrite_logits=True` (train.py), into the logits' own memory. The numbers are those of the usual way, up to
 float32 rounding (tests/test_token_loss.py checks both against a float64 reference); `bench/bench_loss.py` measures
 the memory.
+
+`sum_linear_token_loss` goes one step further for the models it knows (`causal_lm_token_loss`): it takes the hidden
+states and the output layer's weight, and computes the logits a block of rows at a time, with each block's loss and
+its gradient towards the hidden states in the same pass (what Liger's fused linear cross-entropy does), so the
+logits never exist whole: the backward pass only scales the kept gradient (rows x hidden, 1/120 of the logits'
+size at BLOOM's vocabulary) by its upstream gradient.
 """
 
 import torch
@@ -86,7 +92,77 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
         return grad, None, None
 
 
-def _row_blocks(logits: torch.Tensor):
-    """Slices of consecutive rows holding about CHUNK_ELEMENTS logits each."""
-    step = max(1, CHUNK_ELEMENTS // max(1, logits.shape[1]))
+def _row_blocks(logits: torch.Tensor, vocab: int | None = None):
+    """Slices of consecutive rows holding about CHUNK_ELEMENTS logits each (`logits`: rows x vocab, or rows of
+    anything with `vocab` given)."""
+    step = max(1, CHUNK_ELEMENTS // max(1, vocab or logits.shape[1]))
     return (slice(start, start + step) for start in range(0, logits.shape[0], step))
+
+
+# Causal LMs whose logits are exactly output_layer(base_model(...).last_hidden_state): no scaling or soft-capping
+# after the output layer (Gemma-2, Cohere and Granite have one, so they take the logits path).
+PLAIN_OUTPUT_LAYER_MODEL_TYPES = frozenset({"bloom", "gpt2", "llama", "mistral", "qwen2"})
+
+
+def causal_lm_token_loss(model, targets: torch.Tensor, *args, **inputs) -> torch.Tensor:
+    """The summed token loss of `model` (a transformers causal LM) on its inputs against `targets`
+    (next_token_labels): through `sum_linear_token_loss` where the output layer is a plain frozen linear layer on
+    the last hidden states, otherwise from the logits (`sum_token_loss`, writing the gradient into them)."""
+    head = model.get_output_embeddings()
+    if (model.config.model_type in PLAIN_OUTPUT_LAYER_MODEL_TYPES and type(head) is torch.nn.Linear
+            and head.bias is None and not head.weight.requires_grad):
+        return sum_linear_token_loss(model.base_model(*args, **inputs).last_hidden_state, head.weight, targets)
+    logits = model(*args, **inputs).logits
+    with torch.autocast(logits.device.type, enabled=False):  # the loss's own float32 math, not autocast's copies
+        return sum_token_loss(logits, targets, overwrite_logits=True)
+
+
+def sum_linear_token_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """`sum_token_loss(F.linear(hidden, weight), targets)` without the logits: `hidden` batch x T x H (the last
+    hidden states), `weight` vocab x H (the output layer's, frozen: it gets no gradient), `targets` batch x T-1.
+    The logits are computed as the output layer computes them (under the ambient autocast: its dtype; otherwise in
+    the weight's), the loss in float32 (wider for float64)."""
+    if weight.requires_grad:
+        raise ValueError("sum_linear_token_loss: the output layer's weight is trainable; it computes no gradient "
+                         "for it (use sum_token_loss on the logits)")
+    device = hidden.device.type
+    logits_dtype = (torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device)
+                    else torch.promote_types(hidden.dtype, weight.dtype))
+    full_targets = F.pad(targets, (0, 1), value=IGNORE_INDEX)
+    with torch.autocast(device, enabled=False):  # the cast above is the only one wanted
+        return _LinearCrossEntropy.apply(hidden.flatten(0, 1), weight, full_targets.flatten(), logits_dtype,
+                                         torch.is_grad_enabled() and hidden.requires_grad)
+
+
+class _LinearCrossEntropy(torch.autograd.Function):
+    """The loss of _ChunkedCrossEntropy on logits = hidden @ weight.T, block by block; the gradient towards the
+    hidden states, (softmax - onehot) @ weight per block, is computed in the forward pass while the block's logits
+    are at hand, and kept (the backward pass multiplies it by the upstream gradient)."""
+
+    @staticmethod
+    def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, logits_dtype: torch.dtype,
+                with_gradient: bool) -> torch.Tensor:
+        compute_dtype = torch.promote_types(logits_dtype, torch.float32)
+        weight = weight.to(logits_dtype)  # once, not per block (autocast would cast it at every block)
+        counted = targets != IGNORE_INDEX
+        total = torch.zeros((), dtype=compute_dtype, device=hidden.device)
+        grad_hidden = torch.empty_like(hidden) if with_gradient else None
+        for rows in _row_blocks(hidden, vocab=weight.shape[0]):
+            logits = F.linear(hidden[rows].to(logits_dtype), weight)
+            log_probs = F.log_softmax(logits, dim=-1, dtype=compute_dtype)
+            picked = log_probs.gather(1, targets[rows].clamp_min(0).unsqueeze(1)).squeeze(1)
+            total -= torch.where(counted[rows], picked, 0).sum()  # where: see _ChunkedCrossEntropy
+            if with_gradient:
+                probs = log_probs.exp_()  # softmax, in place of the log-probabilities
+                probs.scatter_add_(1, targets[rows].clamp_min(0).unsqueeze(1),
+                                   torch.full((probs.shape[0], 1), -1, dtype=probs.dtype, device=probs.device))
+                probs.masked_fill_(~counted[rows].unsqueeze(1), 0)
+                # In the logits' dtype, as the output layer's own backward pass would multiply.
+                grad_hidden[rows] = probs.to(logits_dtype) @ weight
+        ctx.save_for_backward(grad_hidden)
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_total: torch.Tensor):
+        (grad_hidden,) = ctx.saved_tensors
+        return grad_hidden * grad_total.to(grad_hidden.dtype), None, None, None, None

@@ -51,7 +51,7 @@ from metrics import MetricsLog
 from output_dir import check_output_dir, own_output_dir
 from prompter import Prompter
 from report import print_banner, print_summary
-from token_loss import count_label_tokens, next_token_labels, sum_token_loss
+from token_loss import count_label_tokens, next_token_labels
 
 # What each precision setting computes in: autocast's dtype, None for fp32 (no autocast).
 MIXED_PRECISION_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -399,18 +399,16 @@ class Trainer:
         step's mean, scaled by the GradScaler for fp16). Returns the loss sum, detached."""
         with gradient_sync(self.model, sync_gradients):  # DDP and FSDP reduce the gradients of the last one only
             batch = {k: v.to(self.dist.device, non_blocking=True) for k, v in batch.items()}
-            loss = self.batch_loss(self.model, batch, overwrite_logits=True)
+            loss = self.batch_loss(self.model, batch)
             self.gradscaler.scale(loss * loss_weight.to(loss.dtype)).backward()
         return loss.detach()
 
-    def batch_loss(self, model, batch: dict, overwrite_logits: bool = False) -> torch.Tensor:
-        """The summed token loss of one batch, forward pass under `self.ctx`. The logits (1 GiB at BLOOM's vocabulary,
-        4 x 512 tokens, half precision) live only here and in the loss's graph; with `overwrite_logits` (a training
-        step) the backward pass writes their gradient into them, so a step holds one logits-sized tensor."""
-        with self.ctx:
-            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                           use_cache=False).logits  # a KV cache is for generating, not training
-        return sum_token_loss(logits, next_token_labels(batch), overwrite_logits=overwrite_logits)
+    def batch_loss(self, model, batch: dict) -> torch.Tensor:
+        """The summed token loss of one batch, under `self.ctx`: computed by the model's forward pass (so DDP and FSDP
+        see it), without the whole logits (1 GiB at BLOOM's vocabulary, 4 x 512 tokens, half precision)."""
+        with self.ctx:  # a KV cache is for generating, not training
+            return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False,
+                         targets=next_token_labels(batch))
 
     @torch.no_grad()
     def evaluate(self, epoch: int | None = None) -> dict:
@@ -520,7 +518,7 @@ def try_longest_batch(trainer: Trainer) -> str:
         torch.cuda.reset_peak_memory_stats(device)
     trainer.raw_model.train()  # as in a step: dropout and activation checkpointing are on in training mode only
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):  # dropout draws from it
-        trainer.batch_loss(trainer.raw_model, batch, overwrite_logits=True).backward()
+        trainer.batch_loss(trainer.raw_model, batch).backward()
     trainer.optimizer.zero_grad(set_to_none=True)
     shape = f"longest batch {len(longest)} x {batch['input_ids'].shape[1]} tokens"
     if device.type != "cuda":

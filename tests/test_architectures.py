@@ -149,3 +149,48 @@ def test_trains_matches_peft_and_answers(tmp_path, small_data, capsys, name):
     assert all(isinstance(answer, str) for answer in alone)
     # One left-padded batch (padded with EOS where the tokenizer has no pad token) answers as each prompt alone.
     assert inference.generate_inference(instructions, None, None, out, max_new_tokens=8, device="cpu") == alone
+
+
+@pytest.mark.parametrize("name", ["bloom", *ARCHITECTURES])
+def test_the_loss_forward_never_runs_the_output_layer_and_equals_the_logits_loss(tmp_path, name):
+    """LoraModelForCasualLM(..., targets=) as train.py calls it: on these architectures (BLOOM with its fused
+    modules, as train.py loads it) the output layer never runs whole (token_loss.sum_linear_token_loss), and the
+    float32 loss and every adapter gradient equal those of the logits path to 1e-5; padding and skipped labels in."""
+    from lora_model import LoraConfig, LoraModelForCasualLM
+    from token_loss import next_token_labels, sum_token_loss
+
+    folder = TINY_BLOOM if name == "bloom" else build_tiny_model(tmp_path / name, name)
+    with model_loading.no_loading_bar():
+        base = AutoModelForCausalLM.from_pretrained(folder)
+    targets = ARCHITECTURES[name][3].split(",") if name in ARCHITECTURES else None  # None: BLOOM's default
+    model = LoraModelForCasualLM(base, LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=targets,
+                                                  fan_in_fan_out=name == "gpt2"))
+    if name == "bloom":
+        assert train.use_fused_modules(model) > 0
+    torch.manual_seed(1)
+    for param in model.parameters():
+        if param.requires_grad:  # LoRA B starts at zero: random, so that every adapter tensor gets a gradient
+            param.data.normal_(0, 0.05)
+    ids = torch.randint(3, VOCAB, (2, 9), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(ids)
+    mask[1, 6:] = 0  # a right-padded row
+    labels = ids.masked_fill(mask == 0, IGNORE_INDEX)
+    labels[0, :3] = IGNORE_INDEX  # prompt tokens with TRAIN_ON_INPUTS=false
+    targets = next_token_labels({"labels": labels, "attention_mask": mask})
+    head_calls = []
+    model.get_output_embeddings().register_forward_hook(lambda *_: head_calls.append(1))
+
+    results = []
+    for fused in (True, False):
+        model.zero_grad(set_to_none=True)
+        if fused:
+            loss = model(input_ids=ids, attention_mask=mask, targets=targets)
+            assert not head_calls
+        else:
+            loss = sum_token_loss(model(input_ids=ids, attention_mask=mask).logits, targets)
+        (loss * 0.37).backward()
+        results.append((loss.item(), [p.grad.clone() for p in model.parameters() if p.requires_grad]))
+    (fused_loss, fused_grads), (loss, grads) = results
+    assert abs(fused_loss - loss) <= 1e-5 * loss
+    assert grads and all((f - g).abs().max() <= 1e-5 * g.abs().max() and g.abs().max() > 0
+                         for f, g in zip(fused_grads, grads))

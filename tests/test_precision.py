@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-from transformers import BloomForCausalLM
+from transformers import BloomModel
 
 import train
 from config import TrainConfig, load_config
@@ -244,15 +244,15 @@ def test_nan_loss_without_a_scaler_stops_with_one_line_and_keeps_the_last_checkp
                                                                                      monkeypatch, capsys):
     """bf16 (MIX_PREC_TRAIN on the CPU) has no GradScaler: a NaN loss at step 3 must end the run, exit code 1."""
     calls = []
-    real_loss = train.sum_token_loss
+    real_loss = train.Trainer.batch_loss
 
-    def nan_at_step_3(logits, targets, **options):
+    def nan_at_step_3(self, model, batch):
         # One call for try_longest_batch, then one per optimizer step (no accumulation, evaluation only at the end).
         calls.append(1)
-        loss = real_loss(logits, targets, **options)
+        loss = real_loss(self, model, batch)
         return loss * float("nan") if len(calls) == 1 + 3 else loss
 
-    monkeypatch.setattr(train, "sum_token_loss", nan_at_step_3)
+    monkeypatch.setattr(train.Trainer, "batch_loss", nan_at_step_3)
     settings = tiny_settings(tmp_path, small_data, save_steps=2, mix_prec_train="true")
     set_env(monkeypatch, settings)
     assert train.main([]) == 1
@@ -477,7 +477,7 @@ def test_a_batch_shape_that_does_not_fit_fails_before_the_first_step(tmp_path, s
     too_long = max(train_set["length"])
     assert sorted(train_set["length"])[-2] < too_long  # one example alone does not fit
     training_forwards = []
-    real_forward = BloomForCausalLM.forward
+    real_forward = BloomModel.forward  # the body every training forward pass runs, the logits path or not
 
     def forward_short_of_memory(self, *args, **kwargs):
         if torch.is_grad_enabled():
@@ -486,7 +486,7 @@ def test_a_batch_shape_that_does_not_fit_fails_before_the_first_step(tmp_path, s
                 raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 1.96 GiB")
         return real_forward(self, *args, **kwargs)
 
-    monkeypatch.setattr(BloomForCausalLM, "forward", forward_short_of_memory)
+    monkeypatch.setattr(BloomModel, "forward", forward_short_of_memory)
     set_env(monkeypatch, settings)
     assert train.main([]) == 1
     err = capsys.readouterr().err
@@ -499,7 +499,7 @@ def test_a_batch_shape_that_does_not_fit_fails_before_the_first_step(tmp_path, s
     assert not Path(settings["output_dir"]).exists() or not any(Path(settings["output_dir"]).iterdir())
 
     # The same data on a GPU that holds every batch: the longest batch is tried, then the run trains.
-    monkeypatch.setattr(BloomForCausalLM, "forward", real_forward)
+    monkeypatch.setattr(BloomModel, "forward", real_forward)
     assert train.main([]) == 0
     assert f"memory       longest batch {settings['batch_size']} x {padded} tokens" in capsys.readouterr().out
 

@@ -133,6 +133,95 @@ def test_it_does_not_keep_a_float32_copy_of_the_logits_for_backward():
     assert others == 4 * 64 * 8
 
 
+# --- sum_linear_token_loss: the output layer and the loss together ------------------------------------------------
+
+def linear_case(dtype: torch.dtype, batch=3, length=7, hidden=16, vocab=50, seed=2):
+    """Hidden states, an output layer's weight and the targets of random_case (skipped rows included)."""
+    _, targets = random_case(torch.float32, batch, length, vocab, seed)
+    generator = torch.Generator().manual_seed(seed)
+    return (torch.randn(batch, length, hidden, generator=generator).to(dtype),
+            torch.randn(vocab, hidden, generator=generator).to(dtype), targets)
+
+
+@pytest.mark.parametrize("dtype, tolerance", [(torch.float32, 1e-6), (torch.float64, 1e-13)])
+def test_linear_loss_and_gradient_match_the_float64_definition(dtype, tolerance):
+    """The loss of the logits hidden @ weight.T and its gradient towards the hidden states, against float64
+    autograd of the written-out definition; a non-unit upstream gradient, applied in the backward pass."""
+    hidden, weight, targets = linear_case(dtype)
+    ours_in = hidden.clone().requires_grad_()
+    ours = token_loss.sum_linear_token_loss(ours_in, weight, targets)
+    (ours * 0.37).backward()
+
+    ref_in = hidden.double().requires_grad_()
+    ref = reference_loss(ref_in @ weight.double().T, targets)
+    (ref * 0.37).backward()
+
+    assert ours.dtype == torch.promote_types(dtype, torch.float32)
+    assert abs(ours.item() - ref.item()) <= tolerance * abs(ref.item())
+    assert ours_in.grad.dtype == dtype and ours_in.grad.shape == hidden.shape
+    assert (ours_in.grad.double() - ref_in.grad).abs().max() <= tolerance * 10 * ref_in.grad.abs().max()
+    assert torch.equal(ours_in.grad[:, -1], torch.zeros_like(ours_in.grad[:, -1]))  # no target: no gradient
+    assert torch.equal(ours_in.grad[0, :2], torch.zeros_like(ours_in.grad[0, :2]))
+
+
+def test_linear_gradcheck_in_float64():
+    hidden, weight, targets = linear_case(torch.float64, batch=3, length=6, hidden=4, vocab=6)
+    hidden.requires_grad_()
+    assert torch.autograd.gradcheck(lambda x: token_loss.sum_linear_token_loss(x, weight, targets), (hidden,))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_linear_loss_under_autocast_is_the_output_layer_s_then_the_loss(dtype):
+    """Under autocast (float32 hidden states, a half-precision weight as train.py's CPU base), the logits are those
+    F.linear computes there, so the loss equals sum_token_loss on them up to float32 summation order, and the
+    gradient is within the half-precision rounding of the logits-path's gradient."""
+    hidden, weight, targets = linear_case(torch.float32)
+    weight = weight.to(dtype)
+    grads, losses = [], []
+    for fused in (True, False):
+        x = hidden.clone().requires_grad_()
+        with torch.autocast("cpu", dtype=dtype):
+            loss = (token_loss.sum_linear_token_loss(x, weight, targets) if fused
+                    else sum_token_loss(torch.nn.functional.linear(x, weight), targets))
+        (loss * 0.37).backward()
+        grads.append(x.grad), losses.append(loss)
+    assert losses[0].dtype == torch.float32 and abs(losses[0].item() - losses[1].item()) <= 1e-6 * losses[1].item()
+    assert (grads[0] - grads[1]).abs().max() <= 2**-7 * grads[1].abs().max()
+
+
+def test_linear_loss_keeps_only_the_hidden_states_gradient_for_backward():
+    """What autograd keeps: one tensor of the hidden states' size (their gradient); nothing of the logits' size.
+    Without gradients (evaluation) no gradient is computed at all."""
+    hidden, weight, targets = linear_case(torch.float32, batch=4, length=64, hidden=8)
+    hidden.requires_grad_()
+    kept = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: kept.append(t) or t, lambda t: t):
+        token_loss.sum_linear_token_loss(hidden, weight, targets)
+    assert [tuple(t.shape) for t in kept] == [(4 * 64, 8)]
+
+    with torch.no_grad(), torch.autograd.graph.saved_tensors_hooks(lambda t: kept.append(t) or t, lambda t: t):
+        calls = []
+        with _count_matmuls(calls):
+            token_loss.sum_linear_token_loss(hidden, weight, targets)
+    assert len(kept) == 1 and calls == ["linear"] * len(list(token_loss._row_blocks(hidden.flatten(0, 1), 50)))
+
+
+def _count_matmuls(calls: list):
+    """A TorchFunctionMode recording F.linear and matrix products."""
+    class Mode(torch.overrides.TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            if func in (torch.nn.functional.linear, torch.matmul, torch.Tensor.__matmul__, torch.mm):
+                calls.append("linear" if func is torch.nn.functional.linear else "matmul")
+            return func(*args, **(kwargs or {}))
+    return Mode()
+
+
+def test_linear_loss_refuses_a_trainable_weight():
+    hidden, weight, targets = linear_case(torch.float32)
+    with pytest.raises(ValueError, match="weight is trainable"):
+        token_loss.sum_linear_token_loss(hidden, weight.requires_grad_(), targets)
+
+
 @pytest.mark.slow  # the benchmark end to end
 def test_bench_loss_runs_and_writes_its_table(tmp_path, capsys):
     """bench/bench_loss.py end to end on a small vocabulary (the real one takes minutes): every loss timed and
@@ -209,3 +298,28 @@ def test_memory_processes_run_jobs_at_a_time():
     finally:
         common.memory_in_fresh_process = real
     assert memory == {"a": {"peak": 1}, "bb": {"peak": 2}, "ccc": {"peak": 3}}
+
+
+def test_bench_head_loss_runs_and_its_variants_agree(tmp_path, capsys):
+    """bench/bench_head_loss.py at a small size: every variant timed and compared with the usual way (fp32: equal to
+    float32 rounding, bf16: within the logits' rounding), the table written with its command on top."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "bench" / "bench_head_loss.py"
+    spec = importlib.util.spec_from_file_location("bench_head_loss", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    out = tmp_path / "head_loss.md"
+    argv = ["--seq", "16", "--hidden", "32", "--vocabs", "300,2000", "--repeats", "1", "--warmup", "0",
+            "--out", str(out)]
+    bench.main(argv)
+    table = out.read_text()
+    assert table.strip() in capsys.readouterr().out
+    assert table.splitlines()[2] == "Reproduce: `python bench/bench_head_loss.py " + " ".join(argv) + "`"
+    rows = [line.split(" | ") for line in table.splitlines() if line.startswith("| 300") or line.startswith("| 2,")]
+    assert sorted((r[0], r[1], r[2]) for r in rows) == sorted(
+        (f"| {v}", d, n) for v in ("300", "2,000") for d in ("bf16", "fp32") for n in ("usual", "logits", "fused"))
+    for row in rows:
+        loss_diff, grad_diff = map(float, row[5].rstrip(" |").split(", "))
+        assert loss_diff < 1e-6 and grad_diff < (1e-5 if row[1] == "fp32" else 2**-7)

@@ -20,6 +20,7 @@ import torch
 import checkpoint
 import distributed
 import model_loading
+import token_loss
 import train
 from alpaca_data import IGNORE_INDEX
 from checkpoint import checkpoint_dirs
@@ -162,10 +163,12 @@ def test_gradient_accumulation_equals_one_big_batch_and_a_plain_reference(tmp_pa
         assert (reference - b).abs().max() <= 1e-5 * b.abs().max()
 
 
-def test_each_micro_batch_frees_its_logits_before_the_next_forward_pass(tmp_path, small_data):
+def test_each_micro_batch_frees_its_logits_before_the_next_forward_pass(tmp_path, small_data, monkeypatch):
     """With gradient accumulation (and in evaluation), a micro-batch's logits, 1 GiB at BLOOM's 250,880-token
     vocabulary for 4 x 512 tokens in half precision, are freed before the next forward pass starts: a step's peak
-    memory is then one micro-batch's, the one try_longest_batch measures."""
+    memory is then one micro-batch's, the one try_longest_batch measures. This is the logits path, which models
+    other than the plain ones take (the test below: those never hold the logits whole)."""
+    monkeypatch.setattr(token_loss, "PLAIN_OUTPUT_LAYER_MODEL_TYPES", frozenset())
     trainer = tiny_trainer(tiny_config(tmp_path, small_data, grad_accum_steps=3))
     model = trainer.raw_model
     earlier_logits, alive_at_forward = [], []
@@ -180,6 +183,37 @@ def test_each_micro_batch_frees_its_logits_before_the_next_forward_pass(tmp_path
     assert alive_at_forward == [0, 0]
 
 
+def test_a_step_and_an_evaluation_never_hold_the_whole_logits(tmp_path, small_data, monkeypatch):
+    """BLOOM's path (token_loss.sum_linear_token_loss): no operation of a training step or an evaluation makes a
+    tensor of a micro-batch's logits' size, only blocks of a few rows; the loss is the logits path's."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class LargestOutput(TorchDispatchMode):
+        largest = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            for tensor in (t for t in torch.utils._pytree.tree_leaves(out) if isinstance(t, torch.Tensor)):
+                LargestOutput.largest = max(LargestOutput.largest, tensor.numel())
+            return out
+
+    monkeypatch.setattr(token_loss, "CHUNK_ELEMENTS", 16 * 4096)  # 16 rows of the tiny BLOOM's vocabulary
+    trainer = tiny_trainer(tiny_config(tmp_path, small_data, grad_accum_steps=2))
+    trainer.train_loader.sampler.set_epoch(0)
+    batches = [b for _, b in zip(range(2), trainer.train_loader)]
+    logits_size = min(b["input_ids"].numel() for b in batches) * trainer.raw_model.config.vocab_size
+    with LargestOutput():
+        trainer.optimizer_step(batches)
+        trainer.evaluate()
+    assert 16 * 4096 <= LargestOutput.largest < logits_size / 2
+
+    trainer.raw_model.eval()  # no dropout: the same function twice
+    fused_loss = sum(trainer.batch_loss(trainer.raw_model, b) for b in batches)
+    monkeypatch.setattr(token_loss, "PLAIN_OUTPUT_LAYER_MODEL_TYPES", frozenset())
+    logits_loss = sum(trainer.batch_loss(trainer.raw_model, b) for b in batches)
+    assert abs(fused_loss.item() - logits_loss.item()) <= 1e-5 * logits_loss.item()
+
+
 def test_a_mean_of_micro_batch_means_would_fail_that_check(tmp_path, small_data):
     """The equivalence above is not vacuous: weighting micro-batches equally gives another gradient."""
     grads, trainer, model, batches = captured_step_gradients(
@@ -187,7 +221,7 @@ def test_a_mean_of_micro_batch_means_would_fail_that_check(tmp_path, small_data)
     model.zero_grad(set_to_none=True)
     for batch in batches:
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        mean = train.sum_token_loss(logits, train.next_token_labels(batch)) / train.count_label_tokens(batch)
+        mean = token_loss.sum_token_loss(logits, train.next_token_labels(batch)) / train.count_label_tokens(batch)
         (mean / len(batches)).backward()
     diffs = [((p.grad - g).abs().max() / g.abs().max()).item() for p, g in zip(trainer.trainable_parameters(), grads)]
     assert max(diffs) > 1e-3
@@ -265,7 +299,7 @@ def test_longest_batch_is_tried_before_training_and_leaves_no_trace(tmp_path, sm
     trainer = tiny_trainer(cfg)
     model, train_set = trainer.raw_model, trainer.train_loader.dataset
     seen, gradients = [], []
-    model.model.register_forward_pre_hook(
+    model.register_forward_pre_hook(
         lambda module, args, kwargs: seen.append((kwargs["attention_mask"].sum(1).tolist(), module.training,
                                                   torch.is_grad_enabled())), with_kwargs=True)
     for param in trainer.trainable_parameters():
