@@ -45,6 +45,8 @@ What is measured, the same way on both sides (the clock: time.time(), wall time)
               loaded model = the last VmHWM read - that VmRSS: training, the final evaluation and saving included.
               Where clear_refs cannot be written, the largest VmRSS sampled every 20 ms is used instead (the table
               says which).
+  CPU time    user + system time of the process (getrusage of the benchmark's reaped children: the sides run one at
+              a time), and cores busy on average = CPU time / wall (2 on this machine's 2 cores at best).
 
 Reported: each run's figures, each side's median over the rounds, and ours / recipe of those medians; the table goes
 to bench/results/vs_hf_trainer.md (--memory: vs_hf_trainer_memory.md), written atomically, with the command at the
@@ -60,6 +62,7 @@ import datetime
 import json
 import os
 import re
+import resource
 import statistics
 import subprocess
 import sys
@@ -220,6 +223,7 @@ def run_side(side: str, args, model: Path, files: tuple[Path, Path], run_dir: Pa
     log = (run_dir / "log.txt").open("w", encoding="utf-8")
     watch = {"baseline": None, "method": None}
     ready = threading.Event()
+    cpu_before = resource.getrusage(resource.RUSAGE_CHILDREN)  # the sides run one at a time: the delta is this one
     launch = time.time()
     process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=log, text=True)
 
@@ -247,6 +251,7 @@ def run_side(side: str, args, model: Path, files: tuple[Path, Path], run_dir: Pa
                 field = "VmHWM" if watch["method"] == "VmHWM" else "VmRSS"
                 peak = max(peak, proc_status_bytes(process.pid, field) or 0)
     exit_time = time.time()
+    cpu_after = resource.getrusage(resource.RUSAGE_CHILDREN)
     reader.join()
     log.close()
     if process.returncode != 0:
@@ -255,7 +260,10 @@ def run_side(side: str, args, model: Path, files: tuple[Path, Path], run_dir: Pa
     if watch["baseline"] is None:
         raise SystemExit(f"error: {side} never printed its ready line {ready_line!r} (see {run_dir / 'log.txt'})")
     ends, tokens = step_ends(side, run_dir)
-    return figures(launch, ends, tokens, exit_time, watch["baseline"], peak, watch["method"])
+    cpu = {"cpu_s": (cpu_after.ru_utime + cpu_after.ru_stime) - (cpu_before.ru_utime + cpu_before.ru_stime),
+           "system_s": cpu_after.ru_stime - cpu_before.ru_stime}
+    return {**figures(launch, ends, tokens, exit_time, watch["baseline"], peak, watch["method"]), **cpu,
+            "cores_busy": cpu["cpu_s"] / (exit_time - launch)}
 
 
 def proc_status_bytes(pid: int, field: str) -> int | None:
@@ -323,6 +331,9 @@ ROWS = [
     ("wall_s", "whole wall time, s", "{:.2f}"),
     ("loaded_gib", "resident memory of the loaded model, GiB", "{:.3f}"),
     ("peak_above_gib", "peak memory above the loaded model, GiB", "{:.3f}"),
+    ("cpu_s", "CPU time of the process (user + system), s", "{:.2f}"),
+    ("system_s", "of which system time (page faults of fresh memory, ...), s", "{:.2f}"),
+    ("cores_busy", "cores busy on average (CPU time / wall time)", "{:.2f}"),
 ]
 
 

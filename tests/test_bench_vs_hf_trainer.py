@@ -2,6 +2,7 @@
 each in a process of its own; the table it writes, and the arithmetic behind its figures."""
 
 import importlib.util
+import os
 
 import pytest
 
@@ -56,6 +57,9 @@ def test_both_sides_train_the_same_tokens_and_the_ratios_come_from_the_table(tmp
     assert abs(ours / recipe - 1) <= 0.01 and rows["optimizer steps"][:2] == ["4", "4"]
     assert [run["side"] for run in result["runs"]] == ["ours", "recipe"]
     assert all(run["peak_above_gib"] > 0 and run["loaded_gib"] > 0.1 for run in result["runs"])
+    # CPU time: the process's own (at least a few seconds of imports and training), at most all cores all along.
+    assert all(1 < run["cpu_s"] <= (os.cpu_count() + 0.5) * run["wall_s"] and 0 <= run["system_s"] < run["cpu_s"]
+               for run in result["runs"])
 
 
 def printed_value(cell: str) -> tuple[float, float]:
