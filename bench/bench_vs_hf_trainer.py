@@ -49,10 +49,10 @@ What is measured, the same way on both sides (the clock: time.time(), wall time)
               a time), and cores busy on average = CPU time / wall (2 on this machine's 2 cores at best).
 
 Reported: each run's figures, each side's median over the rounds, and ours / recipe of those medians; the table goes
-to bench/results/vs_hf_trainer.md (--memory: vs_hf_trainer_memory.md), written atomically, with the command at the
-top, and is printed. Default model: a random BLOOM (bench/make_random_bloom.py) of hidden 512, 8 heads, 8 layers
-and vocabulary 16,384 (--memory: 2 layers, BLOOM's 250,880), with models/tiny-bloom's tokenizer, built once into
-.cache/bench-models/.
+to bench/results/vs_hf_trainer[_memory][_fp32].md (by --memory and --precision), written atomically, with the
+command at the top, and is printed. Default model: a random BLOOM (bench/make_random_bloom.py) of hidden 512, 8
+heads, 8 layers and vocabulary 16,384 (--memory: 2 layers, BLOOM's 250,880), with models/tiny-bloom's tokenizer,
+built once into .cache/bench-models/.
 """
 
 from __future__ import annotations
@@ -128,14 +128,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--repeats", type=int, default=2, help="rounds, each running both sides once")
     parser.add_argument("--threads", type=int, default=None, help="OMP_NUM_THREADS of both sides (default: torch's)")
     parser.add_argument("--out", type=Path, default=None,
-                        help="default bench/results/vs_hf_trainer.md (vs_hf_trainer_memory.md with --memory)")
+                        help="default bench/results/vs_hf_trainer[_memory][_fp32].md, by --memory and --precision")
     args = parser.parse_args(argv)
     mode = "memory" if args.memory else "timing"
     for name, value in MODES[mode].items():
         if getattr(args, name) is None:
             setattr(args, name, value)
     if args.out is None:
-        args.out = RESULTS / ("vs_hf_trainer_memory.md" if args.memory else "vs_hf_trainer.md")
+        args.out = RESULTS / ("vs_hf_trainer" + "_memory" * args.memory + "_fp32" * (args.precision == "fp32") + ".md")
     small = [name for name in ("records", "valid_records", "max_length", "batch", "accum", "repeats")
              if getattr(args, name) < 1]
     if small:
