@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Everything this repository checks on a GPU, in one go, most important first: the precision benchmark at
 # BLOOM-1b7's shape, train.py end to end at that shape (random weights) in bf16 and in fp16 + GradScaler (the T4
-# path), a DDP run under torchrun (NCCL), then the loss and LoRA benchmarks.
+# path), a DDP run under torchrun (NCCL), then the loss, output-layer + loss and LoRA benchmarks.
 #
 #   bash bench/gpu_checks.sh RESULTS_DIR [SECONDS]   # SECONDS: the whole run's budget (default 3600)
 #
@@ -55,6 +55,7 @@ step train-fp16 90 "$(train_run fp16 PRECISION=fp16)"
 step ddp-tiny-fp16 60 "DEBUG=true DDP=true PRECISION=fp16 MODEL_PATH=models/tiny-bloom MAX_STEPS=10 \
     OUTPUT_DIR=$work/ddp $py -m torch.distributed.run --standalone --nproc_per_node=$(nvidia-smi -L | wc -l) train.py"
 step loss-bench 60 "$py bench/bench_loss.py --device cuda --seq 512 --memory-jobs 3 --out $out/loss.md"
+step head-loss-bench 60 "$py bench/bench_head_loss.py --device cuda --hidden 2048 --seq 512 --out $out/head_loss.md"
 step lora-bench 60 "$py bench/bench_lora.py --device cuda --out $out/lora.md"
 echo "=== summary"
 cat "$out/summary.txt"
