@@ -9,7 +9,8 @@ copy (1 GB for the fp16 logits themselves), several of them alive at once on a 1
 `sum_token_loss` computes the same loss and gradient from the logits as they are, a few rows at a time in float32:
 the forward pass keeps nothing beyond the logits (the backward pass recomputes each block's softmax) and the
 backward pass writes the gradient straight into one tensor of the logits' own dtype, or, with
-`overwrite_logits=True` (train.py), into the logits' own memory. The numbers are those of the usual way, up to
+`overwrite_logits=True` (train.py's steps, for models `causal_lm_token_loss` takes this way), into the logits'
+own memory. The numbers are those of the usual way, up to
 float32 rounding (tests/test_token_loss.py checks both against a float64 reference); `bench/bench_loss.py` measures
 the memory.
 
@@ -63,13 +64,11 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
         compute_dtype = torch.promote_types(logits.dtype, torch.float32)
         counted = targets != IGNORE_INDEX
         total = torch.zeros((), dtype=compute_dtype, device=logits.device)
-        for rows in _row_blocks(logits):
+        for rows in _row_blocks(*logits.shape):
             # log_softmax with dtype= reads the half-precision block and writes float32 in one fused kernel
             # (a cast, then logsumexp's five passes, took twice as long on a CPU).
             log_probs = F.log_softmax(logits[rows], dim=-1, dtype=compute_dtype)
-            picked = log_probs.gather(1, targets[rows].clamp_min(0).unsqueeze(1)).squeeze(1)
-            # where, not a multiplication by the mask: a skipped row with inf logits must add 0, not NaN.
-            total -= torch.where(counted[rows], picked, 0).sum()
+            total += _summed_nll(log_probs, targets[rows], counted[rows])
         ctx.save_for_backward(logits, targets)
         ctx.overwrite_logits, ctx.compute_dtype = overwrite_logits, compute_dtype
         return total
@@ -81,22 +80,33 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
         # Each block of rows is read (into float32) before the same rows are written, so writing into the logits
         # themselves is safe.
         grad = logits if ctx.overwrite_logits else torch.empty_like(logits)
-        for rows in _row_blocks(logits):
-            # In place on one float32 block: softmax (recomputed, fused as above), minus 1 at the target, times the
-            # upstream gradient, and zero for skipped rows (masked_fill, not a multiplication: 0 * inf is NaN).
-            probs = F.softmax(logits[rows], dim=-1, dtype=ctx.compute_dtype)
-            probs.scatter_add_(1, targets[rows].clamp_min(0).unsqueeze(1),
-                               torch.full((probs.shape[0], 1), -1, dtype=probs.dtype, device=probs.device))
-            probs.mul_(grad_total).masked_fill_(~counted[rows].unsqueeze(1), 0)
-            grad[rows] = probs
+        for rows in _row_blocks(*logits.shape):
+            # softmax recomputed (fused as above), then, in place, the loss's gradient times the upstream one.
+            grad[rows] = _nll_gradient_(F.softmax(logits[rows], dim=-1, dtype=ctx.compute_dtype), targets[rows],
+                                        counted[rows], grad_total)
         return grad, None, None
 
 
-def _row_blocks(logits: torch.Tensor, vocab: int | None = None):
-    """Slices of consecutive rows holding about CHUNK_ELEMENTS logits each (`logits`: rows x vocab, or rows of
-    anything with `vocab` given)."""
-    step = max(1, CHUNK_ELEMENTS // max(1, vocab or logits.shape[1]))
-    return (slice(start, start + step) for start in range(0, logits.shape[0], step))
+def _row_blocks(rows: int, vocab: int):
+    """Slices of consecutive rows of `rows` x `vocab` logits holding about CHUNK_ELEMENTS logits each."""
+    step = max(1, CHUNK_ELEMENTS // max(1, vocab))
+    return (slice(start, start + step) for start in range(0, rows, step))
+
+
+def _summed_nll(log_probs: torch.Tensor, targets: torch.Tensor, counted: torch.Tensor) -> torch.Tensor:
+    """-sum of each counted row's log-probability at its target (a block of rows)."""
+    picked = log_probs.gather(1, targets.clamp_min(0).unsqueeze(1)).squeeze(1)
+    # where, not a multiplication by the mask: a skipped row with inf logits must add 0, not NaN.
+    return -torch.where(counted, picked, 0).sum()
+
+
+def _nll_gradient_(probs: torch.Tensor, targets: torch.Tensor, counted: torch.Tensor,
+                   scale: torch.Tensor | float = 1) -> torch.Tensor:
+    """In place on a block of softmax rows: minus 1 at each target, times `scale`, and zero for skipped rows
+    (masked_fill last, not a multiplication: 0 * inf is NaN): `scale` x the gradient of `_summed_nll`."""
+    probs.scatter_add_(1, targets.clamp_min(0).unsqueeze(1),
+                       torch.full((probs.shape[0], 1), -1, dtype=probs.dtype, device=probs.device))
+    return probs.mul_(scale).masked_fill_(~counted.unsqueeze(1), 0)
 
 
 # Causal LMs whose logits are exactly output_layer(base_model(...).last_hidden_state): no scaling or soft-capping
@@ -121,13 +131,13 @@ def sum_linear_token_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: t
     """`sum_token_loss(F.linear(hidden, weight), targets)` without the logits: `hidden` batch x T x H (the last
     hidden states), `weight` vocab x H (the output layer's, frozen: it gets no gradient), `targets` batch x T-1.
     The logits are computed as the output layer computes them (under the ambient autocast: its dtype; otherwise in
-    the weight's), the loss in float32 (wider for float64)."""
+    the weight's, as prepare_for_kbit_training's hook has a quantized base's 16-bit head do in an fp32 run), the
+    loss in float32 (wider for float64)."""
     if weight.requires_grad:
         raise ValueError("sum_linear_token_loss: the output layer's weight is trainable; it computes no gradient "
                          "for it (use sum_token_loss on the logits)")
     device = hidden.device.type
-    logits_dtype = (torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device)
-                    else torch.promote_types(hidden.dtype, weight.dtype))
+    logits_dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else weight.dtype
     full_targets = F.pad(targets, (0, 1), value=IGNORE_INDEX)
     with torch.autocast(device, enabled=False):  # the cast above is the only one wanted
         return _LinearCrossEntropy.apply(hidden.flatten(0, 1), weight, full_targets.flatten(), logits_dtype,
@@ -147,17 +157,14 @@ class _LinearCrossEntropy(torch.autograd.Function):
         counted = targets != IGNORE_INDEX
         total = torch.zeros((), dtype=compute_dtype, device=hidden.device)
         grad_hidden = torch.empty_like(hidden) if with_gradient else None
-        for rows in _row_blocks(hidden, vocab=weight.shape[0]):
+        for rows in _row_blocks(hidden.shape[0], weight.shape[0]):
             logits = F.linear(hidden[rows].to(logits_dtype), weight)
             log_probs = F.log_softmax(logits, dim=-1, dtype=compute_dtype)
-            picked = log_probs.gather(1, targets[rows].clamp_min(0).unsqueeze(1)).squeeze(1)
-            total -= torch.where(counted[rows], picked, 0).sum()  # where: see _ChunkedCrossEntropy
+            total += _summed_nll(log_probs, targets[rows], counted[rows])
             if with_gradient:
-                probs = log_probs.exp_()  # softmax, in place of the log-probabilities
-                probs.scatter_add_(1, targets[rows].clamp_min(0).unsqueeze(1),
-                                   torch.full((probs.shape[0], 1), -1, dtype=probs.dtype, device=probs.device))
-                probs.masked_fill_(~counted[rows].unsqueeze(1), 0)
-                # In the logits' dtype, as the output layer's own backward pass would multiply.
+                # softmax in place of the log-probabilities; multiplied in the logits' dtype, as the output layer's
+                # own backward pass would
+                probs = _nll_gradient_(log_probs.exp_(), targets[rows], counted[rows])
                 grad_hidden[rows] = probs.to(logits_dtype) @ weight
         ctx.save_for_backward(grad_hidden)
         return total

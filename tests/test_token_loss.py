@@ -203,7 +203,7 @@ def test_linear_loss_keeps_only_the_hidden_states_gradient_for_backward():
         calls = []
         with _count_matmuls(calls):
             token_loss.sum_linear_token_loss(hidden, weight, targets)
-    assert len(kept) == 1 and calls == ["linear"] * len(list(token_loss._row_blocks(hidden.flatten(0, 1), 50)))
+    assert len(kept) == 1 and calls == ["linear"] * len(list(token_loss._row_blocks(4 * 64, 50)))
 
 
 def _count_matmuls(calls: list):
@@ -214,6 +214,16 @@ def _count_matmuls(calls: list):
                 calls.append("linear" if func is torch.nn.functional.linear else "matmul")
             return func(*args, **(kwargs or {}))
     return Mode()
+
+
+def test_without_autocast_the_logits_are_in_the_weight_s_dtype():
+    """A quantized base's 16-bit output layer in an fp32 run (prepare_for_kbit_training's hook hands it its input in
+    its own dtype): the logits are bf16 as there, not a float32 copy of the weight; the loss is float32."""
+    hidden, weight, targets = linear_case(torch.float32)
+    weight = weight.bfloat16()
+    loss = token_loss.sum_linear_token_loss(hidden.requires_grad_(), weight, targets)
+    expected = sum_token_loss(torch.nn.functional.linear(hidden.bfloat16(), weight), targets)
+    assert loss.dtype == torch.float32 and abs(loss.item() - expected.item()) <= 1e-6 * expected.item()
 
 
 def test_linear_loss_refuses_a_trainable_weight():
