@@ -30,8 +30,7 @@ import torch
 from atomic import atomic_write
 from data_sources import DataError, Records, _names, _type_name, quiet_datasets
 from prompter import Prompter
-
-IGNORE_INDEX = -100  # label value that torch.nn.CrossEntropyLoss (and HF models) skip
+from token_loss import IGNORE_INDEX  # the label the loss skips (padding; prompt tokens with TRAIN_ON_INPUTS=false)
 # Part of the tokenization cache key: bump it whenever _tokenize_batch changes what it produces, so caches
 # written by the old code are not loaded by the new one.
 TOKENIZE_VERSION = 1

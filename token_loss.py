@@ -24,7 +24,7 @@ size at BLOOM's vocabulary) by its upstream gradient.
 import torch
 import torch.nn.functional as F
 
-from alpaca_data import IGNORE_INDEX
+IGNORE_INDEX = -100  # label value skipped by the loss, as by torch.nn.CrossEntropyLoss (and HF models)
 
 CHUNK_ELEMENTS = 2**24  # logits per float32 block (64 MiB): 66 rows of BLOOM's vocabulary
 
