@@ -49,29 +49,32 @@ def first_line(err: BaseException) -> str:
 
 
 class StopSignals:
-    """While active, SIGTERM and SIGINT only record that the run should stop (`received`: the first signal's number,
-    0 for none); the loop reads it after each step.
+    """From `catch()` until `release()`, SIGTERM and SIGINT only record that the run should stop (`received`: the
+    first signal's number, 0 for none); the loop reads it after each step.
 
-    torchrun forwards the SIGTERM it gets to every worker and SIGKILLs them 30 s later: where a step and a checkpoint
-    take longer, launch it with `--shutdown-timeout=<seconds>`.
+    train.main releases them only after the line an error ends the run with is printed: torchrun SIGTERMs the other
+    workers the moment one dies, and the survivor's own line ("lost contact with another process") must not be cut
+    short. torchrun forwards the SIGTERM it gets to every worker and SIGKILLs them 30 s later: where a step and a
+    checkpoint take longer, launch it with `--shutdown-timeout=<seconds>`.
     """
 
     SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
-    def __init__(self, force_on_second_sigint: bool) -> None:
-        self.force_on_second_sigint = force_on_second_sigint
+    def __init__(self) -> None:
+        self.force_on_second_sigint = False
         self.received = 0
         self._previous: dict = {}
 
-    def __enter__(self) -> StopSignals:
+    def catch(self, force_on_second_sigint: bool) -> None:
+        self.force_on_second_sigint = force_on_second_sigint
         if threading.current_thread() is threading.main_thread():  # only the main thread may set handlers
             for signum in self.SIGNALS:
-                self._previous[signum] = signal.signal(signum, self._handle)
-        return self
+                self._previous.setdefault(signum, signal.signal(signum, self._handle))
 
-    def __exit__(self, *exc_info) -> None:
+    def release(self) -> None:
         for signum, handler in self._previous.items():
             signal.signal(signum, handler)
+        self._previous.clear()
 
     def _handle(self, signum: int, frame) -> None:
         # No printing here: a handler runs between two bytecodes, possibly inside another print to the same stream.

@@ -528,9 +528,10 @@ def try_longest_batch(trainer: Trainer) -> str:
     return f"{shape}: peak {peak / 2**30:.1f} GiB of the GPU's {total / 2**30:.1f} GiB (forward and backward)"
 
 
-def run(cfg: TrainConfig, dist: DistEnv) -> dict:
+def run(cfg: TrainConfig, dist: DistEnv, signals: StopSignals | None = None) -> dict:
     """Everything after set-up; returns the last evaluation's metrics. Errors in the data or settings (a damaged or
     incompatible RESUME_FROM included) surface before the model loads and before anything is written to OUTPUT_DIR.
+    From the first step on, `signals` (main's; the caller releases them) turn SIGTERM and Ctrl-C into a checkpoint.
 
     Raises:
         TrainingStopped: a stop signal; the checkpoint is written.
@@ -561,8 +562,9 @@ def run(cfg: TrainConfig, dist: DistEnv) -> dict:
     if dist.is_master:
         print(f"memory       {fits}", flush=True)
     with own_output_dir(cfg, dist):  # this run's folder until it ends; nothing is written to it before (output_dir.py)
-        with StopSignals(force_on_second_sigint=not dist.ddp) as signals:
-            metrics = trainer.train(stop_signal=lambda: signals.received)
+        if signals is not None:
+            signals.catch(force_on_second_sigint=not dist.ddp)
+        metrics = trainer.train(stop_signal=lambda: signals.received if signals else 0)
         trainer.save_final_adapter()
         if dist.is_master:
             print_summary(cfg, trainer, metrics, time.perf_counter() - started)
@@ -574,10 +576,11 @@ def main(argv: list[str] | None = None) -> int:
     signal's number when a signal stopped the run after a checkpoint. Every failure is one line on stderr; a bug
     keeps its traceback."""
     cfg = dist = None
+    signals = StopSignals()
     try:
         cfg = load_config(argv)
         dist = setup_distributed(cfg)
-        run(cfg, dist)
+        run(cfg, dist, signals)
         return 0
     except (Exception, KeyboardInterrupt) as err:
         code = faults.exit_code(err, cfg, dist)
@@ -585,6 +588,7 @@ def main(argv: list[str] | None = None) -> int:
             raise
         return code
     finally:
+        signals.release()  # only now: torchrun's SIGTERM to a survivor waits for its error line
         shutdown_distributed()
 
 

@@ -406,21 +406,58 @@ def test_a_signal_is_recorded_and_a_second_ctrl_c_stops_at_once():
     # What was there before (SIG_IGN, not Python's handler, when pytest itself was started in the background).
     handlers_before = {signum: signal.getsignal(signum) for signum in (signal.SIGINT, signal.SIGTERM)}
     for force in (True, False):
-        with train.StopSignals(force_on_second_sigint=force) as signals:
+        signals = train.StopSignals()
+        signals.catch(force_on_second_sigint=force)
+        try:
             os.kill(os.getpid(), signal.SIGTERM)
             time.sleep(0.05)  # the handler runs at the next bytecode after delivery
             assert signals.received == signal.SIGTERM
             os.kill(os.getpid(), signal.SIGINT)
             time.sleep(0.05)
             assert signals.received == signal.SIGTERM  # the first signal is the one reported
-        with train.StopSignals(force_on_second_sigint=force) as signals:
+        finally:
+            signals.release()
+        signals = train.StopSignals()
+        signals.catch(force_on_second_sigint=force)
+        try:
             os.kill(os.getpid(), signal.SIGINT)
             time.sleep(0.05)
             assert signals.received == signal.SIGINT
             with pytest.raises(KeyboardInterrupt) if force else contextlib.nullcontext():
                 os.kill(os.getpid(), signal.SIGINT)
                 time.sleep(0.05)
+        finally:
+            signals.release()
     assert {signum: signal.getsignal(signum) for signum in handlers_before} == handlers_before  # restored
+
+
+# train.main with an error ending the loop and a SIGTERM arriving just before its line is printed (as torchrun's does
+# to a survivor the moment another worker dies).
+SIGTERM_BEFORE_THE_ERROR_LINE = """
+import os, signal, sys, time
+import faults, train
+
+def failed_loop(trainer, stop_signal):
+    raise faults.RunError("the loop failed")
+
+def sigterm_then_exit_code(*args):
+    os.kill(os.getpid(), signal.SIGTERM)
+    time.sleep(0.2)
+    return exit_code(*args)
+
+exit_code, faults.exit_code, train.Trainer.train = faults.exit_code, sigterm_then_exit_code, failed_loop
+sys.exit(train.main())
+"""
+
+
+def test_a_sigterm_while_a_failed_run_reports_its_error_waits_for_the_line(tmp_path, data, cache):
+    """torchrun SIGTERMs the surviving workers as soon as one dies: the survivor's `lost contact` line was lost when
+    the signal came between the loop's end and the line (a CI run of the FSDP test below)."""
+    with runs() as started:
+        started.append(run := Run(["-c", SIGTERM_BEFORE_THE_ERROR_LINE], run_env(data, cache, tmp_path / "out"),
+                                  tmp_path / "log.txt"))
+        assert run.wait() == 1, run.text()[-3000:]
+        assert run.text().endswith("error: the loop failed\n"), run.text()[-3000:]
 
 
 # --- damaged, incomplete and incompatible checkpoints -----------------------------------------------------------------
