@@ -450,6 +450,7 @@ sys.exit(train.main())
 """
 
 
+@pytest.mark.slow
 def test_a_sigterm_while_a_failed_run_reports_its_error_waits_for_the_line(tmp_path, data, cache):
     """torchrun SIGTERMs the surviving workers as soon as one dies: the survivor's `lost contact` line was lost when
     the signal came between the loop's end and the line (a CI run of the FSDP test below)."""
