@@ -2,8 +2,9 @@
 
 Runs on borrowed machines end without warning (a Kaggle time limit, a reclaimed spot node), so:
   * SIGTERM (what a scheduler, torchrun or a spot reclaim sends) or Ctrl-C only records that the run should stop;
-    the loop finishes its step, writes a checkpoint and exits with 128 + the signal number. A second Ctrl-C stops
-    at once, without a checkpoint (not under torchrun, which forwards a terminal's Ctrl-C a second time).
+    the loop finishes its step, writes a checkpoint and exits with 128 + the signal number (after the last step, the
+    run writes its adapter and ends as usual). A second Ctrl-C stops at once, without a checkpoint (not under
+    torchrun, which forwards a terminal's Ctrl-C a second time). Before the first step, they act as usual.
   * A DDP rank that dies or hangs ends the others with an error (at the latest after DDP_TIMEOUT seconds).
   * A data-loader worker killed for lack of memory is one line saying what to lower.
 Exit codes: 0 finished; 1 bad setting or data, failed run, checkpoint not written, lost DDP peer, dead data worker;

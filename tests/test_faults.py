@@ -431,34 +431,45 @@ def test_a_signal_is_recorded_and_a_second_ctrl_c_stops_at_once():
     assert {signum: signal.getsignal(signum) for signum in handlers_before} == handlers_before  # restored
 
 
-# train.main with an error ending the loop and a SIGTERM arriving just before its line is printed (as torchrun's does
-# to a survivor the moment another worker dies).
-SIGTERM_BEFORE_THE_ERROR_LINE = """
+# train.main with a SIGTERM just before the line of an error that ended the loop (as torchrun's to a survivor the
+# moment another worker dies), or just before the last step's adapter is written.
+SIGTERM_BEFORE = """
 import os, signal, sys, time
 import faults, train
+
+def sigterm_before(function):
+    def with_sigterm_first(*args):
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(0.2)  # delivered: a Python handler runs at the next bytecode, the default one at once
+        return function(*args)
+    return with_sigterm_first
 
 def failed_loop(trainer, stop_signal):
     raise faults.RunError("the loop failed")
 
-def sigterm_then_exit_code(*args):
-    os.kill(os.getpid(), signal.SIGTERM)
-    time.sleep(0.2)
-    return exit_code(*args)
-
-exit_code, faults.exit_code, train.Trainer.train = faults.exit_code, sigterm_then_exit_code, failed_loop
-sys.exit(train.main())
+if sys.argv[1] == "error line":
+    faults.exit_code, train.Trainer.train = sigterm_before(faults.exit_code), failed_loop
+else:
+    train.Trainer.save_final_adapter = sigterm_before(train.Trainer.save_final_adapter)
+sys.exit(train.main([]))  # the settings come from the environment
 """
 
 
 @pytest.mark.slow
-def test_a_sigterm_while_a_failed_run_reports_its_error_waits_for_the_line(tmp_path, data, cache):
+def test_a_sigterm_after_the_loop_waits_for_the_error_line_or_the_adapter(tmp_path, data, cache):
     """torchrun SIGTERMs the surviving workers as soon as one dies: the survivor's `lost contact` line was lost when
-    the signal came between the loop's end and the line (a CI run of the FSDP test below)."""
+    the signal came between the loop's end and the line (a CI run of the FSDP test below). After the last step, the
+    run writes its adapter and ends as usual."""
     with runs() as started:
-        started.append(run := Run(["-c", SIGTERM_BEFORE_THE_ERROR_LINE], run_env(data, cache, tmp_path / "out"),
-                                  tmp_path / "log.txt"))
-        assert run.wait() == 1, run.text()[-3000:]
-        assert run.text().endswith("error: the loop failed\n"), run.text()[-3000:]
+        env = run_env(data, cache, tmp_path / "failed")
+        started.append(failed := Run(["-c", SIGTERM_BEFORE, "error line"], env, tmp_path / "failed.txt"))
+        assert failed.wait() == 1, failed.text()[-3000:]
+        assert failed.text().endswith("error: the loop failed\n"), failed.text()[-3000:]
+
+        env = run_env(data, cache, tmp_path / "finished", MAX_STEPS="2", EVAL_FREQ="0")
+        started.append(finished := Run(["-c", SIGTERM_BEFORE, "final adapter"], env, tmp_path / "finished.txt"))
+        assert finished.wait() == 0, finished.text()[-3000:]
+        assert (tmp_path / "finished" / "adapter_model.safetensors").is_file()
 
 
 # --- damaged, incomplete and incompatible checkpoints -----------------------------------------------------------------
