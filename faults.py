@@ -84,6 +84,15 @@ class StopSignals:
         self.received = self.received or signum
 
 
+def ignore_stop_signals(worker_id: int) -> None:
+    """A data-loader worker's start (DataLoader's worker_init_fn): SIGTERM and Ctrl-C are for the training process,
+    which finishes its step, checkpoints and then ends its workers. torchrun forwards a SIGTERM to each worker's
+    whole process group, a terminal's Ctrl-C reaches its foreground group and a scheduler may signal every process
+    of the job: a loader worker the signal killed ended the run without its checkpoint."""
+    for signum in StopSignals.SIGNALS:
+        signal.signal(signum, signal.SIG_IGN)
+
+
 def signal_flags(signum: int, device: torch.device) -> torch.Tensor:
     """[got SIGTERM, got SIGINT] as numbers to sum over ranks (summed, they say which signal any rank got)."""
     return torch.tensor([float(signum == signal.SIGTERM), float(signum == signal.SIGINT)], device=device,

@@ -258,16 +258,16 @@ class Trainer:
         # Lengths rounded up to a multiple of 8, as the usual recipe's collator does: on a CPU oneDNN builds and
         # caches kernels for each new shape (bf16: 1.5x slower steps and +40 MB a step when every length is new).
         collate = PadCollator(tokenizer, pad_to_multiple_of=8)
+        workers = {"num_workers": cfg.num_workers, "worker_init_fn": faults.ignore_stop_signals}
         # Generators of their own: else each new iterator draws a seed from the global RNG, and a resumed run's
         # dropout masks would drift from the uninterrupted run's.
         train_loader = DataLoader(train_set, batch_size=cfg.batch_size, sampler=SkipSampler(sampler),
-                                  collate_fn=collate, num_workers=cfg.num_workers,
-                                  pin_memory=dist.device.type == "cuda",
+                                  collate_fn=collate, pin_memory=dist.device.type == "cuda", **workers,
                                   generator=torch.Generator().manual_seed(cfg.seed))
         # Every rank evaluates its own slice once (FSDP pads the shorter with label-less examples); sums all-reduced.
         valid_shard = even_validation_shard(valid_set, dist)
-        valid_loader = DataLoader(valid_shard, batch_size=cfg.batch_size, shuffle=False, collate_fn=collate,
-                                  num_workers=cfg.num_workers, generator=torch.Generator().manual_seed(cfg.seed))
+        valid_loader = DataLoader(valid_shard, batch_size=cfg.batch_size, shuffle=False, collate_fn=collate, **workers,
+                                  generator=torch.Generator().manual_seed(cfg.seed))
         return train_loader, valid_loader
 
     def _set_ddp_training(self) -> None:

@@ -28,6 +28,7 @@ import torch
 from hypothesis import HealthCheck, assume, example, given, settings
 from hypothesis import strategies as st
 
+import faults
 import train
 from alpaca_data import validate_records
 from data_sources import DataError, load_records
@@ -205,7 +206,8 @@ def assert_same_run(resumed: Path, straight: Path) -> float:
 
 
 def kill_after_step(run: Run, step: int, rng: random.Random, sig: signal.Signals, target: int | None = None) -> float:
-    """Wait for `step` in metrics.jsonl, then a random moment (up to ~5 steps), then send `sig`; returns when."""
+    """Wait for `step` in metrics.jsonl, then a random moment (up to ~5 steps), then send `sig` to `target` (the
+    run's process by default; -pid: its process group); returns when."""
     run.wait_for_step(step)
     time.sleep(rng.uniform(0.0, 0.5))
     assert run.running(), "the run finished before it could be killed:\n" + run.text()[-2000:]
@@ -276,13 +278,14 @@ def test_one_process_survives_sigkill_a_crash_mid_checkpoint_and_sigterm(tmp_pat
         assert [p for p in leftovers(out) if p.endswith(".tmp")], leftovers(out)  # the staging folder, half done
         assert find_latest_checkpoint(out) == before
 
-        # 3. Resumed from the checkpoint before the crash; SIGTERM a random moment after two more steps: the step
-        #    in progress is finished, checkpointed, and the process exits with 143 within 30 s.
-        started.append(third := train_py({**env, "RESUME_FROM": "latest"}, tmp_path / "3.txt"))
+        # 3. Resumed from the checkpoint before the crash, with a data-loader worker; SIGTERM to the whole process
+        #    group (as a scheduler sends it) a random moment after two more steps: the step in progress is finished,
+        #    checkpointed, and the process exits with 143 within 30 s.
+        started.append(third := train_py({**env, "RESUME_FROM": "latest", "NUM_WORKERS": "1"}, tmp_path / "3.txt"))
         third.wait_for_text(f"resumed      from {before}")
         third.wait_for(f"step {checkpoint_step(before) + 2} of the resumed run",
                        lambda: max(logged_steps(out)) >= checkpoint_step(before) + 2)
-        signalled = kill_after_step(third, 0, rng, signal.SIGTERM)
+        signalled = kill_after_step(third, 0, rng, signal.SIGTERM, target=-third.proc.pid)
         assert third.wait(EXIT_TIMEOUT_S) == 128 + signal.SIGTERM
         assert time.monotonic() - signalled < EXIT_TIMEOUT_S
         stopped = max(logged_steps(out))
@@ -314,9 +317,10 @@ def test_two_ranks_survive_sigterm_and_a_killed_worker(tmp_path, data, cache, st
     out = tmp_path / "out"
     env = run_env(data, cache, out)
     with runs() as started:
-        # 1. SIGTERM to torchrun a random moment after step 15; it forwards the signal to both workers. Both
-        #    finish the step, write its checkpoint together and exit, well before torchrun's 30 s grace is over.
-        started.append(first := torchrun(env, tmp_path / "1.txt"))
+        # 1. SIGTERM to torchrun a random moment after step 15; it forwards the signal to both workers' process
+        #    groups, data-loader workers included. Both ranks finish the step, write its checkpoint together and
+        #    exit, well before torchrun's 30 s grace is over.
+        started.append(first := torchrun({**env, "NUM_WORKERS": "1"}, tmp_path / "1.txt"))
         first.wait_for_step(15)
         workers = worker_processes(first)
         signalled = kill_after_step(first, 15, rng, signal.SIGTERM)
@@ -429,6 +433,27 @@ def test_a_signal_is_recorded_and_a_second_ctrl_c_stops_at_once():
         finally:
             signals.release()
     assert {signum: signal.getsignal(signum) for signum in handlers_before} == handlers_before  # restored
+
+
+class ItemsAndPids(torch.utils.data.Dataset):
+    def __len__(self) -> int:
+        return 8
+
+    def __getitem__(self, index: int) -> tuple[int, int]:
+        return index, os.getpid()
+
+
+def test_data_loader_workers_leave_stop_signals_to_the_training_process():
+    """A terminal's Ctrl-C and torchrun's SIGTERM reach the loader workers too (their process group): the workers
+    ignore both, and the loader goes on to its last batch (without: "DataLoader worker ... killed by signal")."""
+    loader = torch.utils.data.DataLoader(ItemsAndPids(), batch_size=None, num_workers=1, prefetch_factor=1,
+                                         worker_init_fn=faults.ignore_stop_signals)
+    batches = iter(loader)
+    first, worker = next(batches)
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        os.kill(worker, signum)
+    time.sleep(0.5)
+    assert [first] + [index for index, _ in batches] == list(range(8))
 
 
 # train.main with a SIGTERM just before the line of an error that ended the loop (as torchrun's to a survivor the
