@@ -10,9 +10,8 @@ copy (1 GB for the fp16 logits themselves), several of them alive at once on a 1
 the forward pass keeps nothing beyond the logits (the backward pass recomputes each block's softmax) and the
 backward pass writes the gradient straight into one tensor of the logits' own dtype, or, with
 `overwrite_logits=True` (train.py's steps, for models `causal_lm_token_loss` takes this way), into the logits'
-own memory. The numbers are those of the usual way, up to
-float32 rounding (tests/test_token_loss.py checks both against a float64 reference); `bench/bench_loss.py` measures
-the memory.
+own memory. The numbers are those of the usual way, up to float32 rounding (tests/test_token_loss.py checks both
+against a float64 reference); `bench/bench_loss.py` measures the memory.
 
 `sum_linear_token_loss` goes one step further for the models it knows (`causal_lm_token_loss`): it takes the hidden
 states and the output layer's weight, and computes the logits a block of rows at a time, with each block's loss and
