@@ -33,11 +33,11 @@ from pathlib import Path
 
 import torch
 
-import model_loading
-from atomic import atomic_write
 from lora_model import ADAPTER_WEIGHTS_NAME, LEGACY_WEIGHTS_NAME, LoraModelForCasualLM, read_adapter_dir
-from model_loading import QUANTIZED, half_precision_dtype, has_native_bf16
 from prompter import Prompter
+from support import model_loading
+from support.atomic import atomic_write
+from support.model_loading import QUANTIZED, half_precision_dtype, has_native_bf16
 
 PRECISIONS = ("auto", "fp32", "fp16", "bf16", "8bit", "4bit")
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}

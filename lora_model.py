@@ -22,27 +22,13 @@ import torch
 import torch.nn as nn
 from safetensors.torch import load_file, save_file
 
-from atomic import atomic_write, write_text_atomically
 from lora_layer import Embedding, Linear, LoraLayer, is_conv1d, is_quantized_linear
-from token_loss import causal_lm_token_loss
-
-ADAPTER_CONFIG_NAME = "adapter_config.json"
-ADAPTER_WEIGHTS_NAME = "adapter_model.safetensors"
-LEGACY_WEIGHTS_NAME = "adapter_model.bin"  # what PEFT wrote before safetensors
-PEFT_KEY_PREFIX = "base_model.model."
-BIAS_CHOICES = ("none", "all", "lora_only")
-
-# Which layers get LoRA when the config names none: PEFT's defaults for these architectures.
-DEFAULT_TARGET_MODULES = {
-    "bloom": ["query_key_value"],
-    "gpt2": ["c_attn"],
-    "gpt_neox": ["query_key_value"],
-    "falcon": ["query_key_value"],
-    "opt": ["q_proj", "v_proj"],
-    "llama": ["q_proj", "v_proj"],
-    "mistral": ["q_proj", "v_proj"],
-    "qwen2": ["q_proj", "v_proj"],
-}
+from support.atomic import atomic_write, write_text_atomically
+from support.peft_format import (
+    ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME, BIAS_CHOICES, DEFAULT_TARGET_MODULES,
+    LEGACY_WEIGHTS_NAME, PEFT_KEY_PREFIX,
+)
+from support.token_loss import causal_lm_token_loss
 
 # Fields of peft.LoraConfig that change the math in ways this repo does not implement; a config that sets one
 # is refused rather than silently trained as plain LoRA.

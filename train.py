@@ -31,27 +31,34 @@ import torch.distributed as torch_dist
 from torch.utils.data import DataLoader, DistributedSampler
 from tqdm import tqdm  # the plain bar: it renders in a notebook too, without ipywidgets
 
-import faults
-import model_loading
-from alpaca_data import (LengthGroupedSampler, PadCollator, SkipSampler, split_train_valid, tokenize_records,
-                         validate_records)
-from checkpoint import (CHECKPOINT_PREFIX, Progress, check_resumable, checkpoint_manifest, find_latest_checkpoint,
-                        read_trainer_state, resolve_resume, resume_notes, rng_state, run_identity,
-                        save_checkpoint_folder, set_rng_state, trainer_state)
-from config import ConfigError, TrainConfig, load_config
-from data_sources import load_records
-from distributed import (DistEnv, all_reduce_sum, ddp_model, gather_objects, gradient_sync, note, setup_distributed,
-                         shutdown_distributed)
-from faults import RunError, StopSignals, TrainingStopped
-from fsdp import (agreed_stop_signal, even_validation_shard, full_adapter_state, full_optimizer_state, full_tensor,
-                  load_adapter_weights, load_optimizer_state, shard_model)
-from fused_bloom import use_fused_modules
 from lora_model import LoraConfig, LoraModelForCasualLM, read_adapter_dir, targets_conv1d
-from metrics import MetricsLog
-from output_dir import check_output_dir, own_output_dir
 from prompter import Prompter
-from report import print_banner, print_summary
-from token_loss import count_label_tokens, next_token_labels
+from support import faults, model_loading
+from support.alpaca_data import (
+    LengthGroupedSampler, PadCollator, SkipSampler, split_train_valid, tokenize_records,
+    validate_records,
+)
+from support.checkpoint import (
+    CHECKPOINT_PREFIX, Progress, check_resumable, checkpoint_manifest, find_latest_checkpoint,
+    read_trainer_state, resolve_resume, resume_notes, rng_state, run_identity,
+    save_checkpoint_folder, set_rng_state, trainer_state,
+)
+from support.config import ConfigError, TrainConfig, load_config
+from support.data_sources import load_records
+from support.distributed import (
+    DistEnv, all_reduce_sum, ddp_model, gather_objects, gradient_sync, note, setup_distributed,
+    shutdown_distributed,
+)
+from support.faults import RunError, StopSignals, TrainingStopped
+from support.fsdp import (
+    agreed_stop_signal, even_validation_shard, full_adapter_state, full_optimizer_state,
+    full_tensor, load_adapter_weights, load_optimizer_state, shard_model,
+)
+from support.fused_bloom import use_fused_modules
+from support.metrics import MetricsLog
+from support.output_dir import check_output_dir, own_output_dir
+from support.report import print_banner, print_summary
+from support.token_loss import count_label_tokens, next_token_labels
 
 # What each precision setting computes in: autocast's dtype, None for fp32 (no autocast).
 MIXED_PRECISION_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}

@@ -33,11 +33,12 @@ import transformers  # noqa: E402
 from torch.utils.data import DataLoader, DistributedSampler  # noqa: E402
 from transformers import AutoTokenizer  # noqa: E402
 
-import alpaca_data as ad  # noqa: E402
-import data_sources  # noqa: E402
-from prompter import Prompter  # noqa: E402
-from atomic import write_text_atomically  # noqa: E402
 from bench.common import command_line  # noqa: E402
+from prompter import Prompter  # noqa: E402
+from support import alpaca_data as ad # noqa: E402
+from support import data_sources # noqa: E402
+from support.atomic import write_text_atomically # noqa: E402
+
 
 def parse_args(argv=None):
     """The command line (`argv` without the program name; None reads sys.argv)."""

@@ -45,10 +45,18 @@ import transformers  # noqa: E402
 from transformers import BloomForCausalLM  # noqa: E402
 
 import inference  # noqa: E402
+from bench.common import (
+    add_device_arguments,
+    add_model_shape_arguments,
+    bloom_config,
+    command_line,
+    describe_device,
+    device_from_args,  # noqa: E402
+    interleave,
+    synchronize,
+)
 from lora_model import LoraConfig, LoraModelForCasualLM  # noqa: E402
-from atomic import write_text_atomically  # noqa: E402
-from bench.common import (add_device_arguments, add_model_shape_arguments, bloom_config, command_line, describe_device,
-                          device_from_args, interleave, synchronize)  # noqa: E402
+from support.atomic import write_text_atomically # noqa: E402
 
 VARIANTS = ("base", "merged", "unmerged")
 

@@ -61,11 +61,19 @@ import torch  # noqa: E402
 import transformers  # noqa: E402
 from transformers import BloomForCausalLM  # noqa: E402
 
+from bench.common import (  # noqa: E402
+    add_device_arguments,
+    add_model_shape_arguments,
+    bloom_config,
+    command_line,
+    describe_device,
+    device_from_args,
+    interleave,
+    synchronize,
+)
 from lora_layer import Linear, LoraLayer, _cast_for_adapter  # noqa: E402
 from lora_model import LoraConfig, LoraModelForCasualLM  # noqa: E402
-from atomic import write_text_atomically  # noqa: E402
-from bench.common import (add_device_arguments, add_model_shape_arguments, bloom_config, command_line,  # noqa: E402
-                          describe_device, device_from_args, interleave, synchronize)
+from support.atomic import write_text_atomically # noqa: E402
 
 VARIANTS = ("ours", "peft", "base")
 PRECISIONS = ("fp32", "bf16")

@@ -33,10 +33,18 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from transformers import BloomConfig, BloomForCausalLM  # noqa: E402
 
+from bench.common import (
+    BLOOM_1B7,
+    add_device_arguments,
+    add_model_shape_arguments,
+    bloom_config,
+    command_line,
+    device_from_args,  # noqa: E402
+    interleave,
+    synchronize,
+)
 from lora_model import LoraConfig, LoraModelForCasualLM  # noqa: E402
-from atomic import write_text_atomically  # noqa: E402
-from bench.common import (BLOOM_1B7, add_device_arguments, add_model_shape_arguments, bloom_config, command_line,
-                          device_from_args, interleave, synchronize)  # noqa: E402
+from support.atomic import write_text_atomically # noqa: E402
 
 
 def parse_args(argv=None) -> argparse.Namespace:

@@ -42,11 +42,20 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from alpaca_data import IGNORE_INDEX  # noqa: E402
-from token_loss import sum_token_loss  # noqa: E402
-from atomic import write_text_atomically  # noqa: E402
-from bench.common import (add_device_arguments, answer_memory_request, command_line, describe_device, device_from_args,
-                          interleave, memory_of_variants, peak_memory, synchronize)  # noqa: E402
+from bench.common import (
+    add_device_arguments,
+    answer_memory_request,
+    command_line,
+    describe_device,
+    device_from_args,
+    interleave,  # noqa: E402
+    memory_of_variants,
+    peak_memory,
+    synchronize,
+)
+from support.alpaca_data import IGNORE_INDEX # noqa: E402
+from support.atomic import write_text_atomically # noqa: E402
+from support.token_loss import sum_token_loss # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 

@@ -38,8 +38,8 @@ sys.path.insert(0, str(ROOT))
 import psutil  # noqa: E402
 import torch  # noqa: E402
 
-from atomic import write_text_atomically  # noqa: E402
 from bench.common import RESULTS, command_line  # noqa: E402
+from support.atomic import write_text_atomically # noqa: E402
 
 # The reference: generate_inference alone, as a notebook calls it (adapter merged), then its own figures.
 REFERENCE = """
@@ -68,8 +68,8 @@ def parse_args(argv=None):
 
 def random_adapter(model_path: str, folder: Path) -> Path:
     """A LoRA adapter with random, non-zero A and B for `model_path`, saved in `folder`."""
-    import model_loading
     from lora_model import LoraConfig, LoraModelForCasualLM
+    from support import model_loading
 
     base = model_loading.load_base_model(model_path, torch.device("cpu"), "auto")
     torch.manual_seed(0)

@@ -66,14 +66,27 @@ import transformers  # noqa: E402
 from transformers import BloomForCausalLM  # noqa: E402
 
 import train  # noqa: E402
-from config import TrainConfig  # noqa: E402
-from alpaca_data import IGNORE_INDEX  # noqa: E402
+from bench.common import (
+    BLOOM_1B7,
+    SHAPE_ARGUMENTS,
+    add_device_arguments,
+    add_model_shape_arguments,
+    answer_memory_request,
+    bloom_config,
+    command_line,
+    describe_device,
+    device_from_args,
+    interleave,  # noqa: E402
+    memory_of_variants,
+    parse_device,
+    peak_memory,
+    synchronize,
+)
 from lora_model import LoraModelForCasualLM  # noqa: E402
-from token_loss import next_token_labels, sum_token_loss  # noqa: E402
-from atomic import write_text_atomically  # noqa: E402
-from bench.common import (BLOOM_1B7, SHAPE_ARGUMENTS, add_device_arguments, add_model_shape_arguments,
-                          answer_memory_request, bloom_config, command_line, describe_device, device_from_args,
-                          interleave, memory_of_variants, parse_device, peak_memory, synchronize)  # noqa: E402
+from support.alpaca_data import IGNORE_INDEX # noqa: E402
+from support.atomic import write_text_atomically # noqa: E402
+from support.config import TrainConfig # noqa: E402
+from support.token_loss import next_token_labels, sum_token_loss # noqa: E402
 
 # name: (PRECISION as train.py names it, dtype of the frozen base weights, GRADIENT_CHECKPOINTING)
 VARIANTS = {

@@ -83,12 +83,12 @@ from importlib.metadata import version  # noqa: E402
 
 import torch  # noqa: E402
 
-import model_loading  # noqa: E402
-from alpaca_data import validate_records  # noqa: E402
-from atomic import write_text_atomically  # noqa: E402
 from bench.common import RESULTS, command_line, describe_device  # noqa: E402
-from config import TrainConfig  # noqa: E402
 from prompter import Prompter  # noqa: E402
+from support import model_loading # noqa: E402
+from support.alpaca_data import validate_records # noqa: E402
+from support.atomic import write_text_atomically # noqa: E402
+from support.config import TrainConfig # noqa: E402
 
 SIDES = {"ours": "train.py", "recipe": "PEFT + Trainer"}
 RECIPE = ROOT / "bench" / "hf_trainer_recipe.py"

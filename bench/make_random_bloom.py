@@ -28,8 +28,8 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 from transformers import BloomConfig, BloomForCausalLM  # noqa: E402
 
-from atomic import atomic_write  # noqa: E402
 from bench.common import BLOOM_1B7, SHAPE_ARGUMENTS  # noqa: E402
+from support.atomic import atomic_write # noqa: E402
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 

@@ -17,7 +17,7 @@ import torch  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
 
-from config import TrainConfig  # noqa: E402
+from support.config import TrainConfig # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 TINY_BLOOM = REPO / "models" / "tiny-bloom"

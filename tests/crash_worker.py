@@ -14,9 +14,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import atomic  # noqa: E402
-import checkpoint  # noqa: E402
 import train  # noqa: E402
+from support import atomic, checkpoint  # noqa: E402
 
 CRASH_EXIT_CODE = 137  # what a shell reports for SIGKILL
 

@@ -17,13 +17,12 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig, MistralConfig, Qwen2Config
 
-import checkpoint
 import inference
-import model_loading
 import train
-from alpaca_data import IGNORE_INDEX, PadCollator
-from config import ConfigError, TrainConfig
 from conftest import SAMPLE, TINY_BLOOM, metric_rows, one_torch_thread
+from support import checkpoint, model_loading
+from support.alpaca_data import IGNORE_INDEX, PadCollator
+from support.config import ConfigError, TrainConfig
 
 VOCAB = 4096  # the tiny BLOOM tokenizer's
 SPECIAL_IDS = dict(vocab_size=VOCAB, bos_token_id=1, eos_token_id=2)
@@ -157,7 +156,7 @@ def test_the_loss_forward_never_runs_the_output_layer_and_equals_the_logits_loss
     modules, as train.py loads it) the output layer never runs whole (token_loss.sum_linear_token_loss), and the
     float32 loss and every adapter gradient equal those of the logits path to 1e-5; padding and skipped labels in."""
     from lora_model import LoraConfig, LoraModelForCasualLM
-    from token_loss import next_token_labels, sum_token_loss
+    from support.token_loss import next_token_labels, sum_token_loss
 
     folder = TINY_BLOOM if name == "bloom" else build_tiny_model(tmp_path / name, name)
     with model_loading.no_loading_bar():

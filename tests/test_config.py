@@ -9,16 +9,16 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-import config
-from config import ConfigError, TrainConfig, load_config
 from conftest import FIELDS, ODD_VALUES, REPO
+from support import config
+from support.config import ConfigError, TrainConfig, load_config
 
 
 def test_options_doc_is_generated_from_the_config():
     """A new or changed TrainConfig field must reach docs/options.md; the message says how to regenerate it."""
     assert (REPO / "docs" / "options.md").read_text() == config.options_markdown(), (
         "docs/options.md is out of date; regenerate it with "
-        "python -c \"import config; print(config.options_markdown(), end='')\" > docs/options.md")
+        "python -c \"from support import config; print(config.options_markdown(), end='')\" > docs/options.md")
 
 
 def test_env_and_flags_build_one_validated_config():

@@ -26,10 +26,10 @@ from hypothesis import strategies as st  # noqa: E402
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-import alpaca_data as ad  # noqa: E402
-import data_sources as sources  # noqa: E402
-from data_sources import DataError  # noqa: E402
 from prompter import Prompter  # noqa: E402
+from support import alpaca_data as ad # noqa: E402
+from support import data_sources as sources # noqa: E402
+from support.data_sources import DataError # noqa: E402
 
 datasets.disable_progress_bars()
 SAMPLE = sources.DEBUG_SAMPLE

@@ -23,15 +23,15 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed as torch_dist
+import torchrun_worker
 from safetensors.torch import load_file
 from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 from torch.distributed.fsdp import FSDPModule
 
-import torchrun_worker
 import train
-from config import ConfigError, TrainConfig, load_config
-from distributed import gradient_sync
 from conftest import REPO, SAMPLE, TINY_BLOOM, adapter_tensors, metric_rows
+from support.config import ConfigError, TrainConfig, load_config
+from support.distributed import gradient_sync
 
 WORKER = REPO / "tests" / "torchrun_worker.py"
 LAUNCH_TIMEOUT_S = 300

@@ -28,13 +28,16 @@ import torch
 from hypothesis import HealthCheck, assume, example, given, settings
 from hypothesis import strategies as st
 
-import faults
 import train
-from alpaca_data import validate_records
-from data_sources import DataError, load_records
-from checkpoint import checkpoint_dirs, checkpoint_step, find_latest_checkpoint, prune_checkpoints, verify_checkpoint
-from config import ConfigError, load_config
 from conftest import FIELDS, ODD_VALUES, REPO, SAMPLE, TINY_BLOOM, adapter_tensors, metric_rows
+from support import faults
+from support.alpaca_data import validate_records
+from support.checkpoint import (
+    checkpoint_dirs, checkpoint_step, find_latest_checkpoint, prune_checkpoints,
+    verify_checkpoint,
+)
+from support.config import ConfigError, load_config
+from support.data_sources import DataError, load_records
 
 CRASH_WORKER = REPO / "tests" / "crash_worker.py"
 STEPS = 40
@@ -460,7 +463,8 @@ def test_data_loader_workers_leave_stop_signals_to_the_training_process():
 # moment another worker dies), or just before the last step's adapter is written.
 SIGTERM_BEFORE = """
 import os, signal, sys, time
-import faults, train
+import train
+from support import faults
 
 def sigterm_before(function):
     def with_sigterm_first(*args):

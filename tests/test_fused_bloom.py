@@ -11,10 +11,11 @@ import pytest
 import torch
 from transformers import BloomConfig, BloomForCausalLM
 
-import fused_bloom
-from fused_bloom import SdpaBloomAttention, TanhGelu, use_fused_modules
 from lora_model import LoraConfig, LoraModelForCasualLM
-from token_loss import next_token_labels, sum_token_loss
+from support import fused_bloom
+from support.fused_bloom import SdpaBloomAttention, TanhGelu, use_fused_modules
+from support.token_loss import next_token_labels, sum_token_loss
+
 
 @pytest.fixture(autouse=True, params=["sdpa", "explicit"])
 def attention_path(request, monkeypatch):

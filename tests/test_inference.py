@@ -18,11 +18,10 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, BloomConfig, Bloom
 
 import inference
 import train
-from config import TrainConfig
+from conftest import REPO, SAMPLE, TINY_BLOOM, one_torch_thread
 from lora_model import LoraConfig, LoraModelForCasualLM
 from prompter import Prompter
-from conftest import REPO, SAMPLE, TINY_BLOOM, one_torch_thread
-
+from support.config import TrainConfig
 
 INSTRUCTIONS = ["Give three tips for staying healthy.", "What are the three primary colors?",
                 "Describe the structure of an atom.", "Translate the sentence into French."]

@@ -15,14 +15,16 @@ REPO = Path(__file__).resolve().parents[1]
 NOTEBOOK = REPO / "notebooks" / "quickstart.ipynb"
 
 
-def test_pyproject_lists_every_top_level_module():
-    """The editable install maps exactly the modules listed, so a module left out would not import outside the repo."""
-    pyproject = tomllib.loads((REPO / "pyproject.toml").read_text(encoding="utf-8"))
-    listed = pyproject["tool"]["setuptools"]["py-modules"]
+def test_pyproject_lists_every_top_level_module_and_package():
+    """The editable install maps exactly what is listed, so a module left out would not import outside the repo."""
+    setuptools = tomllib.loads((REPO / "pyproject.toml").read_text(encoding="utf-8"))["tool"]["setuptools"]
+    listed, packages = setuptools["py-modules"], setuptools["packages"]
     files = {path.stem for path in REPO.glob("*.py")}
     assert len(listed) == len(set(listed)), f"py-modules lists a module twice: {sorted(listed)}"
     assert set(listed) == files, (f"pyproject.toml's py-modules: add {sorted(files - set(listed))}, "
                                   f"remove {sorted(set(listed) - files)}")
+    found = {path.parent.name for path in REPO.glob("*/__init__.py")}
+    assert set(packages) == found, f"pyproject.toml's packages: {sorted(packages)}, the repo's: {sorted(found)}"
 
 
 def stdout_text(cell) -> str:

@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 
-import output_dir
 import train
 from conftest import REPO, SAMPLE, TINY_BLOOM, metric_rows
+from support import output_dir
 
 RUN = {"MODEL_PATH": str(TINY_BLOOM), "MAX_LENGTH": "128", "BATCH_SIZE": "4", "GRAD_ACCUM_STEPS": "1",
        "SIZE_VALID_SET": "8", "EVAL_FREQ": "0", "SAVE_STEPS": "2", "MAX_STEPS": "2", "WARMUP_STEPS": "0"}

@@ -18,8 +18,8 @@ from safetensors.torch import load_file
 from transformers import BloomModel
 
 import train
-from config import TrainConfig, load_config
 from conftest import REPO, SAMPLE, TINY_BLOOM, adapter_tensors, metric_rows
+from support.config import TrainConfig, load_config
 
 
 @pytest.fixture(scope="module")

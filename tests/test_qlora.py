@@ -16,15 +16,14 @@ from pathlib import Path
 
 import pytest
 import torch
+from test_train import foreign_lines, user_command
 
-import checkpoint
 import inference
-import model_loading
 import train
-from config import ConfigError, TrainConfig, load_config
 from conftest import FIELDS, REPO, SAMPLE, TINY_BLOOM, adapter_tensors, metric_rows, one_torch_thread
 from lora_model import LoraConfig, LoraModelForCasualLM
-from test_train import foreign_lines, user_command
+from support import checkpoint, model_loading
+from support.config import ConfigError, TrainConfig, load_config
 
 pytest.importorskip("bitsandbytes")
 CPU = torch.device("cpu")

@@ -1,7 +1,7 @@
 """The requirement files against the code's own import statements (every one, also those inside functions):
-requirements.txt pins what the scripts a user runs import (train.py, inference.py and their modules, the tiny-model
-build script); requirements-playground.txt adds Gradio for the playground (playground.py), which training does not
-need; requirements-dev.txt adds what only the tests and benchmarks import, PEFT among them.
+requirements.txt pins what the scripts a user runs import (train.py, inference.py, the support/ package, the
+tiny-model build script); requirements-playground.txt adds Gradio for the playground (playground.py), which training
+does not need; requirements-dev.txt adds what only the tests and benchmarks import, PEFT among them.
 """
 
 import ast
@@ -12,7 +12,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 LOCAL_MODULES = {path.stem for folder in ("", "bench", "tests", "models") for path in (REPO / folder).glob("*.py")}
-LOCAL_MODULES |= {"bench", "tests"}
+LOCAL_MODULES |= {"bench", "tests", "support"}
 
 
 def pins(path: Path) -> dict[str, str]:
@@ -60,6 +60,7 @@ PLAYGROUND = REPO / "playground.py"
 
 def test_requirements_txt_pins_what_the_scripts_import_and_no_test_tool():
     product = [path for path in sorted(REPO.glob("*.py")) if path != PLAYGROUND]
+    product += sorted((REPO / "support").glob("*.py"))
     runtime = pins(REPO / "requirements.txt")
     imported = imported_distributions(product + [REPO / "models" / "build_tiny_bloom.py"])
     assert {"torch", "transformers", "datasets", "safetensors"} <= imported.keys()  # the scan sees imports

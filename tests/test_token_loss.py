@@ -9,9 +9,9 @@ expression. Nothing here calls token_loss.py to compute what token_loss.py shoul
 import pytest
 import torch
 
-import token_loss
-from alpaca_data import IGNORE_INDEX
-from token_loss import sum_token_loss
+from support import token_loss
+from support.alpaca_data import IGNORE_INDEX
+from support.token_loss import sum_token_loss
 
 
 @pytest.fixture(autouse=True)

@@ -17,15 +17,12 @@ from pathlib import Path
 import pytest
 import torch
 
-import checkpoint
-import distributed
-import model_loading
-import token_loss
 import train
-from alpaca_data import IGNORE_INDEX
-from checkpoint import checkpoint_dirs
-from config import TrainConfig
 from conftest import FIELDS, REPO, SAMPLE, TINY_BLOOM, adapter_tensors, metric_rows
+from support import checkpoint, distributed, model_loading, token_loss
+from support.alpaca_data import IGNORE_INDEX
+from support.checkpoint import checkpoint_dirs
+from support.config import TrainConfig
 
 
 @pytest.fixture(scope="module")

@@ -41,8 +41,8 @@ from torch.distributed.tensor import DTensor  # noqa: E402
 from transformers.models.bloom import modeling_bloom  # noqa: E402
 
 import train  # noqa: E402
-from config import TrainConfig  # noqa: E402
-from fsdp import full_adapter_state, full_tensor  # noqa: E402
+from support.config import TrainConfig # noqa: E402
+from support.fsdp import full_adapter_state, full_tensor # noqa: E402
 
 RANK = int(os.environ.get("RANK", "0"))
 WRITES: dict[str, list] = {}  # OUTPUT_DIR -> [(event, path), ...] made by this rank

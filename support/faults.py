@@ -23,9 +23,9 @@ from pathlib import Path
 import torch
 import torch.distributed as torch_dist
 
-from checkpoint import find_latest_checkpoint
-from config import ConfigError
-from data_sources import DataError
+from support.checkpoint import find_latest_checkpoint
+from support.config import ConfigError
+from support.data_sources import DataError
 
 WORKER_DIED = ("a data-loader worker process died ({}); the system may have killed it for lack of memory: lower "
                "NUM_WORKERS (0 loads data in the training process) or BATCH_SIZE")

@@ -14,7 +14,7 @@ import os
 import typing
 from dataclasses import dataclass, field
 
-from data_sources import ALPACA_URL, DEBUG_SAMPLE
+from support.data_sources import ALPACA_URL, DEBUG_SAMPLE
 
 TRUE_WORDS = ("1", "true", "yes")
 FALSE_WORDS = ("0", "false", "no")
@@ -327,6 +327,6 @@ def options_markdown() -> str:
     lines += [
         "",
         "Regenerate this page after changing `TrainConfig` with",
-        "`python -c \"import config; print(config.options_markdown(), end='')\" > docs/options.md`.",
+        "`python -c \"from support import config; print(config.options_markdown(), end='')\" > docs/options.md`.",
     ]
     return "\n".join(lines) + "\n"

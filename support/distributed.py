@@ -21,7 +21,7 @@ import torch.distributed as torch_dist
 from torch.distributed.fsdp import FSDPModule
 from torch.nn.parallel import DistributedDataParallel
 
-from config import ConfigError, TrainConfig
+from support.config import ConfigError, TrainConfig
 
 
 @dataclass(frozen=True)

@@ -28,11 +28,11 @@ from torch.distributed.tensor import DTensor, distribute_tensor
 from torch.distributed.tensor.experimental import implicit_replication
 from torch.utils.data import Dataset
 
-import faults
-from alpaca_data import IGNORE_INDEX
-from config import ConfigError
-from distributed import DistEnv, all_reduce_sum
-from model_loading import is_norm
+from support import faults
+from support.alpaca_data import IGNORE_INDEX
+from support.config import ConfigError
+from support.distributed import DistEnv, all_reduce_sum
+from support.model_loading import is_norm
 
 
 def transformer_blocks(model: nn.Module) -> list[nn.Module]:

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from lora_model import DEFAULT_TARGET_MODULES
+from support.peft_format import DEFAULT_TARGET_MODULES
 
 QUANTIZED = ("8bit", "4bit")
 
@@ -83,7 +83,7 @@ def load_tokenizer(model_path: str, name: str = "model_path"):
 
 def default_target_modules(model_path: str, name: str = "model_path") -> list[str] | None:
     """The layers LoRA adapts by default in this model's architecture, read from its config.json before the weights
-    load (lora_model.DEFAULT_TARGET_MODULES: BLOOM query_key_value, Llama/Mistral/Qwen2 q_proj,v_proj, GPT-2
+    load (peft_format.DEFAULT_TARGET_MODULES: BLOOM query_key_value, Llama/Mistral/Qwen2 q_proj,v_proj, GPT-2
     c_attn), or None for an architecture without a default.
 
     Raises:

@@ -22,7 +22,7 @@ from typing import Any
 
 import datasets
 
-from atomic import atomic_write
+from support.atomic import atomic_write
 
 
 class DataError(ValueError):
@@ -54,7 +54,7 @@ class Records(list):
 ALPACA_FIELDS = ("instruction", "input", "output")
 ALPACA_URL = "https://raw.githubusercontent.com/tatsu-lab/stanford_alpaca/main/alpaca_data.json"
 ALPACA_RECORDS, ALPACA_BYTES = 52002, 22773992  # checked when the default full data set is downloaded
-DEBUG_SAMPLE = Path(__file__).parent / "data" / "alpaca_sample.json"
+DEBUG_SAMPLE = Path(__file__).resolve().parents[1] / "data" / "alpaca_sample.json"
 DOWNLOAD_TIMEOUT_S = 60
 FORMATS = (".json", ".jsonl", ".csv", ".parquet")
 # "owner/name" as on the Hugging Face hub, e.g. "tatsu-lab/alpaca".

@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import torch.distributed as torch_dist
 
-from alpaca_data import data_stats_line
-from config import TrainConfig
-from distributed import DistEnv
-from model_loading import base_model_bytes
+from support.alpaca_data import data_stats_line
+from support.config import TrainConfig
+from support.distributed import DistEnv
+from support.model_loading import base_model_bytes
 
 
 def print_banner(cfg: TrainConfig, dist: DistEnv, stats: dict, trainer, precision_line: str) -> None:

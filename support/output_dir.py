@@ -21,11 +21,11 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-from checkpoint import CHECKPOINT_RE
-from config import ConfigError, TrainConfig
-from distributed import DistEnv, broadcast_from_master, note
-from lora_model import ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME
-from metrics import LOSS_CURVE_NAME, METRICS_NAME
+from support.checkpoint import CHECKPOINT_RE
+from support.config import ConfigError, TrainConfig
+from support.distributed import DistEnv, broadcast_from_master, note
+from support.metrics import LOSS_CURVE_NAME, METRICS_NAME
+from support.peft_format import ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME
 
 LOCK_NAME = "run.lock"
 RESULT_NAMES = (ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME, METRICS_NAME, LOSS_CURVE_NAME)

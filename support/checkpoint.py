@@ -29,10 +29,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from atomic import atomic_write
-from config import RESUME_MUST_MATCH, ConfigError, TrainConfig
-from distributed import DistEnv, broadcast_from_master, note
-from lora_model import ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME, LoraModelForCasualLM
+from support.atomic import atomic_write
+from support.config import RESUME_MUST_MATCH, ConfigError, TrainConfig
+from support.distributed import DistEnv, broadcast_from_master, note
+from support.peft_format import ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME
 
 TRAINER_STATE_NAME = "trainer_state.pt"
 MANIFEST_NAME = "manifest.json"
@@ -236,7 +236,7 @@ def remove_leftovers(output_dir: Path) -> None:
             shutil.rmtree(path, ignore_errors=True)
 
 
-def write_checkpoint(final: Path, model: LoraModelForCasualLM, state: dict, manifest: dict,
+def write_checkpoint(final: Path, model: torch.nn.Module, state: dict, manifest: dict,
                      adapter: dict | None = None) -> None:
     """Write a checkpoint folder so that it is complete or absent (atomic.atomic_write): the adapter (`adapter`, the
     whole tensors under FSDP, or the model's own), trainer_state.pt, then the manifest with every file's size and
@@ -250,7 +250,7 @@ def write_checkpoint(final: Path, model: LoraModelForCasualLM, state: dict, mani
         write_manifest(staging, manifest)
 
 
-def save_checkpoint_folder(final: Path, model: LoraModelForCasualLM, state: dict, manifest: dict, keep: int,
+def save_checkpoint_folder(final: Path, model: torch.nn.Module, state: dict, manifest: dict, keep: int,
                            adapter: dict | None = None) -> str:
     """Write a checkpoint (`write_checkpoint`), then keep only the newest `keep` (SAVE_TOTAL_LIMIT; 0 keeps all).
 

@@ -23,18 +23,27 @@ import math
 import re
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
+from typing import Protocol
 
 import datasets
 import torch
 
-from atomic import atomic_write
-from data_sources import DataError, Records, _names, _type_name, quiet_datasets
-from prompter import Prompter
-from token_loss import IGNORE_INDEX  # the label the loss skips (padding; prompt tokens with TRAIN_ON_INPUTS=false)
+from support.atomic import atomic_write
+from support.data_sources import DataError, Records, _names, _type_name, quiet_datasets
+
+# IGNORE_INDEX: the label the loss skips (padding; prompt tokens with TRAIN_ON_INPUTS=false)
+from support.token_loss import IGNORE_INDEX
+
 # Part of the tokenization cache key: bump it whenever _tokenize_batch changes what it produces, so caches
 # written by the old code are not loaded by the new one.
 TOKENIZE_VERSION = 1
 _META_FILE = "alpaca_meta.json"
+
+
+class PromptTemplate(Protocol):
+    """What tokenizing needs of a prompt builder: `prompter.Prompter` (passed in by train.py)."""
+
+    def generate_prompt(self, instruction: str, input: str | None = None, label: str | None = None) -> str: ...
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -145,7 +154,7 @@ def data_stats_line(stats: Mapping) -> str:
 # Tokenization
 # --------------------------------------------------------------------------------------------------------
 
-def _preamble_ids(tokenizer, prompter: Prompter) -> dict[str, list[int]]:
+def _preamble_ids(tokenizer, prompter: PromptTemplate) -> dict[str, list[int]]:
     """Token ids of each template's fixed first paragraph ("Below is an instruction ... request.\n\n").
 
     Every prompt starts with one of these preambles, a third of all the text to tokenize, so they are
@@ -186,7 +195,7 @@ def _encode_prompts(tokenizer, prompts: list[str], preambles: dict[str, list[int
     return out
 
 
-def _tokenize_batch(batch: dict, tokenizer, prompter: Prompter, max_length: int, train_on_inputs: bool,
+def _tokenize_batch(batch: dict, tokenizer, prompter: PromptTemplate, max_length: int, train_on_inputs: bool,
                     preambles: dict[str, list[int]]) -> dict:
     """Batched `datasets.map` function: records → input_ids, labels, length (see `tokenize_records`)."""
     prompts = [prompter.generate_prompt(ins, inp) for ins, inp in zip(batch["instruction"], batch["input"])]
@@ -238,7 +247,7 @@ def _tokenizer_identity(tokenizer) -> dict:
             "eos_token_id": tokenizer.eos_token_id}
 
 
-def tokenize_fingerprint(records: Sequence[Mapping], tokenizer, prompter: Prompter, max_length: int,
+def tokenize_fingerprint(records: Sequence[Mapping], tokenizer, prompter: PromptTemplate, max_length: int,
                          train_on_inputs: bool) -> tuple[str, dict]:
     """Cache key of `tokenize_records`: a hash of everything that determines its output.
 
@@ -262,7 +271,7 @@ def tokenize_fingerprint(records: Sequence[Mapping], tokenizer, prompter: Prompt
     return _sha256(json.dumps(key, sort_keys=True))[:20], key
 
 
-def tokenize_records(records: Sequence[Mapping], tokenizer, prompter: Prompter, max_length: int,
+def tokenize_records(records: Sequence[Mapping], tokenizer, prompter: PromptTemplate, max_length: int,
                      train_on_inputs: bool, cache_dir: str | Path, num_proc: int = 1,
                      stats: dict | None = None) -> datasets.Dataset:
     """Tokenize validated records into causal-LM examples, cached on disk.

@@ -12,7 +12,7 @@ import datetime
 import json
 from pathlib import Path
 
-from atomic import atomic_write, write_text_atomically
+from support.atomic import atomic_write, write_text_atomically
 
 METRICS_NAME = "metrics.jsonl"
 LOSS_CURVE_NAME = "loss_curve.png"
