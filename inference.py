@@ -18,6 +18,10 @@ for loading once. It goes to the GPU when there is one, in bf16 (fp16 on GPUs wi
 The adapter is merged into the base weights, W = W0 + (alpha / r) B A, so generation costs exactly what the base
 model costs; 8-bit / 4-bit bases, and adapters on a tied embedding, stay unmerged (the layers add the update on the
 fly instead). Decoding is greedy unless sampling is asked for, so the same prompt gives the same answer.
+
+Read in order: `generate_inference`, then loading (`load_model`), export, the command line. The decoding options
+and the batch generation it shares with the playground (playground.py, the page `serve` opens) are in
+support/generation.py.
 """
 
 from __future__ import annotations
@@ -28,116 +32,91 @@ import gc
 import os
 import sys
 import warnings
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from lora_model import ADAPTER_WEIGHTS_NAME, LEGACY_WEIGHTS_NAME, LoraModelForCasualLM, read_adapter_dir
+from lora_model import LoraModelForCasualLM, read_adapter_dir
 from prompter import Prompter
 from support import model_loading
 from support.atomic import atomic_write
+from support.generation import (
+    PRECISIONS, SAMPLING_DEFAULTS, CliParser, GenerationOptions, LoadedModel, add_model_arguments,
+    add_placement_arguments, build_prompt, generate_responses,
+)
 from support.model_loading import QUANTIZED, half_precision_dtype, has_native_bf16
+from support.peft_format import ADAPTER_WEIGHTS_NAME, LEGACY_WEIGHTS_NAME
 
-PRECISIONS = ("auto", "fp32", "fp16", "bf16", "8bit", "4bit")
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-NO_INPUT = ("", "n/a")  # user_inp values (after strip, lower-cased) that select the template without an input
-# Used only when sampling is on and the caller leaves them unset: a common choice for instruction-tuned models.
-SAMPLING_DEFAULTS = {"temperature": 0.7, "top_p": 0.9, "top_k": 50}
-
-PROMPTER = Prompter()
+PROMPTER = Prompter()  # the Alpaca template the adapter was trained with (train.py uses the same)
 
 
-# --- generation options -------------------------------------------------------------------------------------------
+# --- the assignment's entry point -----------------------------------------------------------------------------------
 
-@dataclass(frozen=True)
-class GenerationOptions:
-    """Decoding settings, validated on creation.
+def generate_inference(instruction: str | list[str], user_inp: str | list[str | None] | None = None,
+                       model_path: str | None = None, lora_weights_path: str | os.PathLike | None = None, *,
+                       precision: str = "auto", merge: bool = True, device: str | torch.device | None = None,
+                       stream: bool = False, **generation_options) -> str | list[str]:
+    """Answer an instruction with the fine-tuned model: the text after "### Response:", stripped.
+
+    Decoding is greedy by default, so the same prompt always gives the same answer; pass do_sample=True (with
+    temperature / top_p / top_k) for varied answers, seeded with `torch.manual_seed` for reproducibility.
+    The model is loaded on the first call and reused by later calls with the same model arguments.
 
     Args:
-        max_new_tokens: most tokens to generate per response (generation also stops at the EOS token).
-        do_sample: False (default) = greedy (or beam search with num_beams > 1): deterministic. True = sample.
-        temperature: sampling temperature (> 0); only with do_sample=True (default then 0.7).
-        top_p: nucleus sampling mass, in (0, 1]; only with do_sample=True (default then 0.9).
-        top_k: sample among the k most likely tokens (0 = no limit); only with do_sample=True (default then 50).
-        num_beams: beam search width (1 = no beam search).
-        repetition_penalty: > 1 discourages repeating tokens (1.0 = off); 1.1-1.3 curbs the loops small models
-            fall into under greedy decoding.
+        instruction: the task, or a list of tasks: a list is generated as one left-padded batch.
+        user_inp: optional context; None, "" or "n/a" means none. For a list of instructions: None or a list of
+            the same length.
+        model_path: base model hub id or folder; None = the base recorded in the adapter's adapter_config.json.
+        lora_weights_path: the adapter folder (train.py's OUTPUT_DIR, or a PEFT adapter); None = base model only.
+        precision: "auto" (bf16 on an A100/H100, fp16 on a T4/V100, fp32 on the CPU), "fp32", "fp16", "bf16",
+            "8bit" or "4bit".
+        merge: merge the adapter into the weights (default; same output, no added latency). False keeps it
+            as separate matrices. Quantized bases and adapters on a tied embedding always stay unmerged.
+        device: "cpu", "cuda", ...; None = CUDA when available.
+        stream: print tokens as they are generated (one instruction, no beam search).
+        **generation_options: max_new_tokens (256), do_sample (False), temperature, top_p, top_k, num_beams (1),
+            repetition_penalty (1.0); see `GenerationOptions`.
+
+    Returns:
+        The response, or a list of responses in the order of the instructions.
 
     Raises:
-        ValueError: a value out of range or of the wrong type, naming it, e.g. "top_p must be in (0, 1], got 128".
+        ValueError: a bad option (named), an adapter that does not fit the base model.
+        FileNotFoundError: a missing adapter folder, or a base model that cannot be found (locally or on the hub).
     """
+    unknown = sorted(set(generation_options) - {f.name for f in dataclasses.fields(GenerationOptions)})
+    if unknown:
+        raise ValueError(f"unknown generation option(s) {', '.join(unknown)}; valid ones: "
+                         f"{', '.join(f.name for f in dataclasses.fields(GenerationOptions))}")
+    options = GenerationOptions(**generation_options)
+    prompts = _build_prompts(instruction, user_inp)
+    if stream and (isinstance(instruction, list) or options.num_beams > 1):
+        raise ValueError("stream=True needs a single instruction and num_beams=1")
+    loaded = load_model(model_path, lora_weights_path, precision=precision, merge=merge, device=device)
+    streamer = None
+    if stream:
+        from transformers import TextStreamer
 
-    max_new_tokens: int = 256
-    do_sample: bool = False
-    temperature: float | None = None
-    top_p: float | None = None
-    top_k: int | None = None
-    num_beams: int = 1
-    repetition_penalty: float = 1.0
-
-    def __post_init__(self) -> None:
-        _check_int("max_new_tokens", self.max_new_tokens, minimum=1)
-        _check_int("num_beams", self.num_beams, minimum=1)
-        if not isinstance(self.do_sample, bool):
-            raise ValueError(f"do_sample must be True or False, got {self.do_sample!r}")
-        _check_number("repetition_penalty", self.repetition_penalty, "> 0", lambda v: v > 0)
-        if self.temperature is not None:
-            _check_number("temperature", self.temperature, "> 0", lambda v: v > 0)
-        if self.top_p is not None:
-            _check_number("top_p", self.top_p, "in (0, 1]", lambda v: 0 < v <= 1)
-        if self.top_k is not None:
-            _check_int("top_k", self.top_k, minimum=0)
-        if not self.do_sample:
-            for name in SAMPLING_DEFAULTS:
-                if getattr(self, name) is not None:
-                    # Greedy decoding ignores it; silently ignoring a setting the caller chose would mislead.
-                    raise ValueError(f"{name}={getattr(self, name)!r} only applies when sampling: pass "
-                                     "do_sample=True (--sample on the command line); decoding is greedy by default")
-
-    def generate_kwargs(self) -> dict:
-        """Keyword arguments for `model.generate` (sampling settings only when sampling)."""
-        kwargs = {"max_new_tokens": self.max_new_tokens, "do_sample": self.do_sample, "num_beams": self.num_beams,
-                  "repetition_penalty": float(self.repetition_penalty)}
-        if self.do_sample:
-            kwargs.update({name: default if getattr(self, name) is None else getattr(self, name)
-                           for name, default in SAMPLING_DEFAULTS.items()})
-            # transformers refuses an int temperature (temperature=2 passes our check, as 2.0 would)
-            kwargs["temperature"], kwargs["top_p"] = float(kwargs["temperature"]), float(kwargs["top_p"])
-        return kwargs
+        streamer = TextStreamer(loaded.tokenizer, skip_prompt=True, skip_special_tokens=True)
+    responses = generate_responses(loaded, prompts, options, PROMPTER, streamer)
+    return responses if isinstance(instruction, list) else responses[0]
 
 
-def _check_int(name: str, value, minimum: int) -> None:
-    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
-        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
-
-
-def _check_number(name: str, value, rule: str, ok) -> None:
-    if not isinstance(value, (int, float)) or isinstance(value, bool) or not ok(value):
-        raise ValueError(f"{name} must be {rule}, got {value!r}")
+def _build_prompts(instruction, user_inp) -> list[str]:
+    if not isinstance(instruction, list):
+        return [build_prompt(PROMPTER, instruction, user_inp)]
+    if not instruction:
+        raise ValueError("instruction is an empty list")
+    if user_inp is None:
+        user_inp = [None] * len(instruction)
+    if not isinstance(user_inp, list) or len(user_inp) != len(instruction):
+        raise ValueError(f"with {len(instruction)} instructions, user_inp must be None or a list of "
+                         f"{len(instruction)} inputs, got {user_inp!r}")
+    return [build_prompt(PROMPTER, i, u) for i, u in zip(instruction, user_inp)]
 
 
 # --- loading --------------------------------------------------------------------------------------------------------
-
-@dataclass
-class LoadedModel:
-    """A model ready to generate: `model` is a plain transformers model (base only, or adapter merged) or a
-    `LoraModelForCasualLM` (adapter unmerged); `note` says why an asked-for merge did not happen."""
-
-    model: torch.nn.Module
-    tokenizer: object
-    device: torch.device
-    precision: str
-    merged: bool
-    note: str | None = None
-    base: str = ""
-    adapter: Path | None = None
-
-    def describe(self) -> str:
-        """One line: which base and adapter are loaded, and how."""
-        adapter = f" + adapter {self.adapter} ({'merged' if self.merged else 'unmerged'})" if self.adapter else ""
-        return f"loaded {self.base} ({self.precision} on {self.device}){adapter}"
-
 
 # One model at a time: a second cached 3.4 GB model could fill a notebook GPU. Key -> LoadedModel.
 _cache: dict[tuple, LoadedModel] = {}
@@ -293,103 +272,6 @@ def _weights_mtime(adapter_dir: Path | None) -> int | None:
     return None
 
 
-# --- generation -----------------------------------------------------------------------------------------------------
-
-def build_prompt(instruction: str, user_inp: str | None) -> str:
-    """The Alpaca prompt; an input of None, "" or "n/a" (any case) selects the template without an input.
-
-    Raises:
-        ValueError: an empty instruction or a non-string argument.
-    """
-    if not isinstance(instruction, str) or not instruction.strip():
-        raise ValueError(f"instruction must be a non-empty string, got {instruction!r}")
-    if user_inp is not None and not isinstance(user_inp, str):
-        raise ValueError(f"user_inp must be a string or None, got {user_inp!r}")
-    if user_inp is None or user_inp.strip().lower() in NO_INPUT:
-        return PROMPTER.generate_prompt(instruction)
-    return PROMPTER.generate_prompt(instruction, user_inp)
-
-
-@torch.inference_mode()
-def generate_responses(loaded: LoadedModel, prompts: list[str], options: GenerationOptions,
-                       streamer=None, stopping_criteria=None) -> list[str]:
-    """Generate for a batch of prompts (left-padded) and return each response, in order.
-
-    Only the new tokens are decoded; `Prompter.get_response` strips them (and drops anything up to a
-    "### Response:" the model might write itself). `streamer` and `stopping_criteria` go to `model.generate`.
-    """
-    tokenizer = loaded.tokenizer
-    batch = tokenizer(prompts, return_tensors="pt", padding=True, return_token_type_ids=False).to(loaded.device)
-    output = loaded.model.generate(**batch, **options.generate_kwargs(), streamer=streamer,
-                                   stopping_criteria=stopping_criteria, pad_token_id=tokenizer.pad_token_id,
-                                   eos_token_id=tokenizer.eos_token_id)
-    new_tokens = output[:, batch["input_ids"].shape[1]:]
-    return [PROMPTER.get_response(text) for text in tokenizer.batch_decode(new_tokens, skip_special_tokens=True)]
-
-
-def generate_inference(instruction: str | list[str], user_inp: str | list[str | None] | None = None,
-                       model_path: str | None = None, lora_weights_path: str | os.PathLike | None = None, *,
-                       precision: str = "auto", merge: bool = True, device: str | torch.device | None = None,
-                       stream: bool = False, **generation_options) -> str | list[str]:
-    """Answer an instruction with the fine-tuned model: the text after "### Response:", stripped.
-
-    Decoding is greedy by default, so the same prompt always gives the same answer; pass do_sample=True (with
-    temperature / top_p / top_k) for varied answers, seeded with `torch.manual_seed` for reproducibility.
-    The model is loaded on the first call and reused by later calls with the same model arguments.
-
-    Args:
-        instruction: the task, or a list of tasks: a list is generated as one left-padded batch.
-        user_inp: optional context; None, "" or "n/a" means none. For a list of instructions: None or a list of
-            the same length.
-        model_path: base model hub id or folder; None = the base recorded in the adapter's adapter_config.json.
-        lora_weights_path: the adapter folder (train.py's OUTPUT_DIR, or a PEFT adapter); None = base model only.
-        precision: "auto" (bf16 on an A100/H100, fp16 on a T4/V100, fp32 on the CPU), "fp32", "fp16", "bf16",
-            "8bit" or "4bit".
-        merge: merge the adapter into the weights (default; same output, no added latency). False keeps it
-            as separate matrices. Quantized bases and adapters on a tied embedding always stay unmerged.
-        device: "cpu", "cuda", ...; None = CUDA when available.
-        stream: print tokens as they are generated (one instruction, no beam search).
-        **generation_options: max_new_tokens (256), do_sample (False), temperature, top_p, top_k, num_beams (1),
-            repetition_penalty (1.0); see `GenerationOptions`.
-
-    Returns:
-        The response, or a list of responses in the order of the instructions.
-
-    Raises:
-        ValueError: a bad option (named), an adapter that does not fit the base model.
-        FileNotFoundError: a missing adapter folder, or a base model that cannot be found (locally or on the hub).
-    """
-    unknown = sorted(set(generation_options) - {f.name for f in dataclasses.fields(GenerationOptions)})
-    if unknown:
-        raise ValueError(f"unknown generation option(s) {', '.join(unknown)}; valid ones: "
-                         f"{', '.join(f.name for f in dataclasses.fields(GenerationOptions))}")
-    options = GenerationOptions(**generation_options)
-    prompts = _build_prompts(instruction, user_inp)
-    if stream and (isinstance(instruction, list) or options.num_beams > 1):
-        raise ValueError("stream=True needs a single instruction and num_beams=1")
-    loaded = load_model(model_path, lora_weights_path, precision=precision, merge=merge, device=device)
-    streamer = None
-    if stream:
-        from transformers import TextStreamer
-
-        streamer = TextStreamer(loaded.tokenizer, skip_prompt=True, skip_special_tokens=True)
-    responses = generate_responses(loaded, prompts, options, streamer)
-    return responses if isinstance(instruction, list) else responses[0]
-
-
-def _build_prompts(instruction, user_inp) -> list[str]:
-    if not isinstance(instruction, list):
-        return [build_prompt(instruction, user_inp)]
-    if not instruction:
-        raise ValueError("instruction is an empty list")
-    if user_inp is None:
-        user_inp = [None] * len(instruction)
-    if not isinstance(user_inp, list) or len(user_inp) != len(instruction):
-        raise ValueError(f"with {len(instruction)} instructions, user_inp must be None or a list of "
-                         f"{len(instruction)} inputs, got {user_inp!r}")
-    return [build_prompt(i, u) for i, u in zip(instruction, user_inp)]
-
-
 # --- export ---------------------------------------------------------------------------------------------------------
 
 def export_merged_model(lora_weights_path, out_dir, model_path: str | None = None, dtype: str = "auto",
@@ -434,30 +316,15 @@ def export_merged_model(lora_weights_path, out_dir, model_path: str | None = Non
 
 # --- command line ---------------------------------------------------------------------------------------------------
 
-class _Parser(argparse.ArgumentParser):
-    """argparse, but a usage error becomes a ValueError, which `main` prints as one `error: ...` line with exit
-    code 1, like every other user error (argparse's own is a usage block and exit code 2)."""
-
-    def error(self, message: str):
-        raise ValueError(f"{message} (see --help)")
-
-
-def _model_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--lora-weights", help="adapter folder (train.py's OUTPUT_DIR, or a PEFT adapter)")
-    parser.add_argument("--model-path", help="base model hub id or folder (default: the one the adapter names)")
-
-
 def build_parsers() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
     """(generation parser, export parser)."""
-    generate = _Parser(prog="inference.py", description=__doc__.split("\n\n")[0],
+    generate = CliParser(prog="inference.py", description=__doc__.split("\n\n")[0],
                        epilog="Export a merged model: python inference.py export --help. Base and adapter side by "
                               "side in the browser: python inference.py serve --help")
-    _model_arguments(generate)
+    add_model_arguments(generate)
     generate.add_argument("--instruction", help="the task; without it, an interactive prompt loop")
     generate.add_argument("--input", default="", help="optional context for the instruction")
-    generate.add_argument("--precision", choices=PRECISIONS, default="auto",
-                          help="auto = bf16 on an A100/H100, fp16 on a T4/V100, fp32 on the CPU (default: auto)")
-    generate.add_argument("--device", help="cpu, cuda, cuda:1 (default: cuda when available)")
+    add_placement_arguments(generate)
     generate.add_argument("--no-merge", action="store_true", help="keep the adapter unmerged (same output)")
     generate.add_argument("--no-stream", action="store_true", help="print the answer at the end, not as generated")
     defaults = GenerationOptions()
@@ -471,9 +338,9 @@ def build_parsers() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
     generate.add_argument("--repetition-penalty", type=float, default=defaults.repetition_penalty,
                           help="> 1 discourages repeats (default: 1.0, off)")
 
-    export = _Parser(prog="inference.py export",
+    export = CliParser(prog="inference.py export",
                      description="Write base model + adapter, merged, as a standalone transformers model folder.")
-    _model_arguments(export)
+    add_model_arguments(export)
     export.add_argument("--out", required=True, help="output folder for the merged model")
     export.add_argument("--dtype", choices=("auto", *DTYPES), default="auto",
                         help="weights' dtype (default: auto = the base checkpoint's)")
@@ -497,13 +364,21 @@ def _interactive(generate) -> None:
 
 
 def _serve(argv: list[str]) -> int:
+    """`inference.py serve`: load the model with its adapter unmerged, then hand it to the playground's page."""
     try:
         import playground  # Gradio: requirements-playground.txt, which training and generating do not need
     except ModuleNotFoundError as err:
         if err.name != "gradio":
             raise
         raise ValueError("the playground needs Gradio: pip install -r requirements-playground.txt") from None
-    return playground.main(argv)
+    args = playground.build_parser().parse_args(argv)
+    if args.lora_weights is None:
+        raise ValueError("--lora-weights is required: the page compares the base model with the adapter")
+    # Unmerged: the base pane switches the adapter off (disable_adapter), so one model in memory answers both.
+    loaded = load_model(args.model_path, args.lora_weights, precision=args.precision, merge=False,
+                        device=args.device)
+    print(loaded.describe(), file=sys.stderr, flush=True)
+    return playground.serve(loaded, PROMPTER, host=args.host, port=args.port)
 
 
 def main(argv: list[str] | None = None) -> int:

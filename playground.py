@@ -3,12 +3,13 @@ with the base model alone.
 
     python inference.py serve --lora-weights outputs/debug --model-path models/tiny-bloom   # http://127.0.0.1:7860
 
-One model in memory: the adapter is loaded unmerged (`load_model(..., merge=False)`), and the base pane generates
-inside `disable_adapter()`, which computes exactly the base model. The two panes stream one after the other
-(adapter, then base), never both at once on the one model. Options, validation, prompt and decoding are
-`generate_inference`'s, so the adapter pane shows what `generate_inference` returns; greedy unless "sample" is
-ticked. Gradio (requirements-playground.txt) serves the page on 127.0.0.1 unless --host says otherwise, with no
-telemetry and no share link; Ctrl-C or SIGTERM stops it (exit code 0).
+One model in memory: inference.py loads the adapter unmerged (`load_model(..., merge=False)`) and hands it to
+`serve`; the base pane generates inside `disable_adapter()`, which computes exactly the base model. The two panes
+stream one after the other (adapter, then base), never both at once on the one model. Options, validation, prompt
+and decoding are `generate_inference`'s (support/generation.py), so the adapter pane shows what
+`generate_inference` returns; greedy unless "sample" is ticked. Gradio (requirements-playground.txt) serves the
+page on 127.0.0.1 unless --host says otherwise, with no telemetry and no share link; Ctrl-C or SIGTERM stops it
+(exit code 0).
 """
 
 from __future__ import annotations
@@ -17,7 +18,6 @@ import contextlib
 import json
 import os
 import signal
-import sys
 import threading
 from pathlib import Path
 
@@ -27,9 +27,9 @@ import gradio as gr  # noqa: E402
 import torch  # noqa: E402
 from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer  # noqa: E402
 
-from inference import (  # noqa: E402
-    PRECISIONS, PROMPTER, SAMPLING_DEFAULTS, GenerationOptions, LoadedModel, _model_arguments, _Parser, build_prompt,
-    generate_responses, load_model,
+from support.generation import (  # noqa: E402
+    SAMPLING_DEFAULTS, CliParser, GenerationOptions, LoadedModel, Template, add_model_arguments,
+    add_placement_arguments, build_prompt, generate_responses,
 )
 
 SAMPLE = Path(__file__).resolve().parent / "data" / "alpaca_sample.json"
@@ -51,13 +51,14 @@ class Playground:
     """The loaded model and the two ways of answering with it.
 
     Args:
-        loaded: from `load_model(..., merge=False)`: its model must be a `LoraModelForCasualLM`, whose
+        loaded: from `inference.load_model(..., merge=False)`: its model must be a `LoraModelForCasualLM`, whose
             `disable_adapter()` gives the base model without a second copy of it.
+        prompter: the prompt template (inference.py's `PROMPTER`).
     """
 
-    def __init__(self, loaded: LoadedModel):
+    def __init__(self, loaded: LoadedModel, prompter: Template):
         assert loaded.adapter is not None and not loaded.merged, "the playground needs an unmerged adapter"
-        self.loaded = loaded
+        self.loaded, self.prompter = loaded, prompter
         # One generation at a time on the one model: disable_adapter() switches the layers for every caller, so an
         # adapter answer running beside a base answer would come out as the base's.
         self._model_lock = threading.Lock()
@@ -80,7 +81,7 @@ class Playground:
             try:
                 with self._model_lock:
                     with contextlib.nullcontext() if adapter else self.loaded.model.disable_adapter():
-                        result.extend(generate_responses(self.loaded, [prompt], options, streamer,
+                        result.extend(generate_responses(self.loaded, [prompt], options, self.prompter, streamer,
                                                          StoppingCriteriaList([_StopWhenSet(stop)])))
             except BaseException as err:  # reported to the page by the caller's thread
                 failure.append(err)
@@ -94,7 +95,7 @@ class Playground:
             text = ""
             for piece in streamer if streamer is not None else ():
                 text += piece
-                yield PROMPTER.get_response(text)
+                yield self.prompter.get_response(text)
             thread.join()
         finally:
             stop.set()  # no-op after a finished answer; ends it early when the page went away
@@ -107,7 +108,7 @@ class Playground:
         """The page's handler: yield (adapter pane, base pane, status line, generate button) as tokens arrive."""
         busy, idle = gr.Button(interactive=False), gr.Button(interactive=True)
         try:
-            prompt = build_prompt(instruction, user_inp)
+            prompt = build_prompt(self.prompter, instruction, user_inp)
             options = read_options(max_new_tokens, sample, temperature, top_p, top_k, num_beams, repetition_penalty)
         except ValueError as err:
             yield "", "", f"error: {err}", idle
@@ -187,40 +188,32 @@ def build_page(playground: Playground) -> gr.Blocks:
     return page
 
 
-def build_parser() -> _Parser:
-    parser = _Parser(prog="inference.py serve",
-                     description="A page in the browser: the base model and base + adapter answer side by side.")
-    _model_arguments(parser)
+def build_parser() -> CliParser:
+    """The flags of `python inference.py serve`."""
+    parser = CliParser(prog="inference.py serve",
+                       description="A page in the browser: the base model and base + adapter answer side by side.")
+    add_model_arguments(parser)
     parser.add_argument("--host", default="127.0.0.1",
                         help="address to listen on (default: 127.0.0.1, this machine only; 0.0.0.0: every network)")
     parser.add_argument("--port", type=int, default=7860, help="default: 7860")
-    parser.add_argument("--precision", choices=PRECISIONS, default="auto",
-                        help="auto = bf16 on an A100/H100, fp16 on a T4/V100, fp32 on the CPU (default: auto)")
-    parser.add_argument("--device", help="cpu, cuda, cuda:1 (default: cuda when available)")
+    add_placement_arguments(parser)
     return parser
 
 
-def main(argv: list[str]) -> int:
-    """`python inference.py serve ...`: load, serve until Ctrl-C or SIGTERM, return 0.
+def serve(loaded: LoadedModel, prompter: Template, host: str, port: int) -> int:
+    """Serve the page for `loaded` (inference.py's `serve` loads it) until Ctrl-C or SIGTERM, then return 0.
 
     Raises:
-        ValueError, OSError: bad arguments, a model that does not load, a port in use (`inference.main` prints them
-            as one `error:` line).
+        OSError: the port is in use (`inference.main` prints it as one `error:` line).
     """
-    args = build_parser().parse_args(argv)
-    if args.lora_weights is None:
-        raise ValueError("--lora-weights is required: the page compares the base model with the adapter")
-    loaded = load_model(args.model_path, args.lora_weights, precision=args.precision, merge=False,
-                        device=args.device)
-    print(loaded.describe(), file=sys.stderr, flush=True)
-    page = build_page(Playground(loaded))
+    page = build_page(Playground(loaded, prompter))
     try:
-        page.launch(server_name=args.host, server_port=args.port, share=False, prevent_thread_lock=True, quiet=True,
+        page.launch(server_name=host, server_port=port, share=False, prevent_thread_lock=True, quiet=True,
                     ssr_mode=False, mcp_server=False)
     except OSError as err:  # Gradio's own message names its environment variable, not our flag
-        raise OSError(f"cannot listen on {args.host}:{args.port} ({str(err).split('. ')[0]}); pass another --port "
+        raise OSError(f"cannot listen on {host}:{port} ({str(err).split('. ')[0]}); pass another --port "
                       "or --host") from None
-    print(f"playground on http://{args.host}:{args.port} (Ctrl-C stops it)", flush=True)
+    print(f"playground on http://{host}:{port} (Ctrl-C stops it)", flush=True)
     try:
         _wait_for_stop_signal()
     finally:

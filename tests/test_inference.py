@@ -21,6 +21,7 @@ import train
 from conftest import REPO, SAMPLE, TINY_BLOOM, one_torch_thread
 from lora_model import LoraConfig, LoraModelForCasualLM
 from prompter import Prompter
+from support import generation
 from support.config import TrainConfig
 
 INSTRUCTIONS = ["Give three tips for staying healthy.", "What are the three primary colors?",
@@ -103,8 +104,9 @@ def test_greedy_text_is_the_same_merged_unmerged_and_in_peft(adapter, tmp_path):
 def test_a_left_padded_batch_gives_the_single_prompt_answers(adapter):
     batch = inference.generate_inference(INSTRUCTIONS, INPUTS, None, adapter, **GREEDY)
     singles = [inference.generate_inference(i, u, None, adapter, **GREEDY) for i, u in zip(INSTRUCTIONS, INPUTS)]
-    lengths = {len(inference.load_model(None, adapter, device="cpu").tokenizer(inference.build_prompt(i, u))
-                   ["input_ids"]) for i, u in zip(INSTRUCTIONS, INPUTS)}
+    tokenizer = inference.load_model(None, adapter, device="cpu").tokenizer
+    lengths = {len(tokenizer(generation.build_prompt(inference.PROMPTER, i, u))["input_ids"])
+               for i, u in zip(INSTRUCTIONS, INPUTS)}
     assert len(lengths) > 1  # prompts of different lengths: the batch really is padded
     assert batch == singles
 
@@ -118,7 +120,8 @@ def test_exported_model_loads_with_plain_transformers_and_generates_the_same(ada
     model = AutoModelForCausalLM.from_pretrained(out).eval()
     assert not any("lora" in name for name, _ in model.named_parameters())
     tokenizer = AutoTokenizer.from_pretrained(out)
-    exported = [_greedy_one(model, tokenizer, inference.build_prompt(i, u)) for i, u in zip(INSTRUCTIONS, INPUTS)]
+    exported = [_greedy_one(model, tokenizer, generation.build_prompt(inference.PROMPTER, i, u))
+                for i, u in zip(INSTRUCTIONS, INPUTS)]
     assert exported == inference.generate_inference(INSTRUCTIONS, INPUTS, None, adapter, **GREEDY)
 
     with pytest.raises(FileExistsError, match="already exists"):

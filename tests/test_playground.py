@@ -24,8 +24,9 @@ from playwright.sync_api import expect, sync_playwright
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import inference
-from prompter import Prompter
 from conftest import REPO, SAMPLE, TINY_BLOOM, one_torch_thread
+from prompter import Prompter
+from support import generation
 
 pytestmark = pytest.mark.slow
 
@@ -167,8 +168,8 @@ def test_each_pane_streams_growing_answers_that_end_in_the_full_one(adapter, one
     import playground
 
     loaded = inference.load_model(str(TINY_BLOOM), str(adapter), merge=False, device="cpu")
-    page_model = playground.Playground(loaded)
-    prompt = inference.build_prompt("Identify the odd one out.", "Twitter, Instagram, Telegram")
+    page_model = playground.Playground(loaded, inference.PROMPTER)
+    prompt = generation.build_prompt(inference.PROMPTER, "Identify the odd one out.", "Twitter, Instagram, Telegram")
     options = inference.GenerationOptions(max_new_tokens=MAX_NEW_TOKENS)
     answers = {}
     for with_adapter in (True, False):
@@ -177,9 +178,9 @@ def test_each_pane_streams_growing_answers_that_end_in_the_full_one(adapter, one
         partial = [text for text in streamed[:-1] if text and text != final]
         assert len(partial) >= 3 and all(final.startswith(text) for text in partial), streamed
         answers[with_adapter] = final
-    assert answers[True] == inference.generate_responses(loaded, [prompt], options)[0]
+    assert answers[True] == generation.generate_responses(loaded, [prompt], options, inference.PROMPTER)[0]
     with loaded.model.disable_adapter():
-        assert answers[False] == inference.generate_responses(loaded, [prompt], options)[0]
+        assert answers[False] == generation.generate_responses(loaded, [prompt], options, inference.PROMPTER)[0]
     assert answers[True] != answers[False]
 
 
