@@ -41,13 +41,12 @@ from prompter import Prompter
 from support import model_loading
 from support.atomic import atomic_write
 from support.generation import (
-    PRECISIONS, SAMPLING_DEFAULTS, CliParser, GenerationOptions, LoadedModel, add_model_arguments,
+    SAMPLING_DEFAULTS, CliParser, GenerationOptions, LoadedModel, add_model_arguments,
     add_placement_arguments, build_prompt, generate_responses,
 )
-from support.model_loading import QUANTIZED, half_precision_dtype, has_native_bf16
 from support.peft_format import ADAPTER_WEIGHTS_NAME, LEGACY_WEIGHTS_NAME
+from support.precision import DTYPES, QUANTIZED, half_precision_dtype, resolve_precision
 
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 PROMPTER = Prompter()  # the Alpaca template the adapter was trained with (train.py uses the same)
 
 
@@ -140,21 +139,6 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
         raise ValueError(f"device must be like 'cpu', 'cuda' or 'cuda:1', got {device!r} ({err})") from None
 
 
-def resolve_precision(precision: str, device: torch.device) -> str:
-    """"auto" becomes bf16 on GPUs that have it (Ampere and newer), fp16 on older GPUs, fp32 on the CPU.
-
-    Raises:
-        ValueError: an unknown precision.
-    """
-    if precision not in PRECISIONS:
-        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
-    if precision != "auto":
-        return precision
-    if device.type == "cuda":
-        return "bf16" if has_native_bf16(device) else "fp16"
-    return "fp32"
-
-
 def resolve_adapter(lora_weights_path, model_path: str | None) -> tuple[Path | None, str]:
     """Check the adapter folder and find the base model: `model_path`, or the one named in adapter_config.json.
 
@@ -239,7 +223,7 @@ def load_model(model_path: str | None = None, lora_weights_path=None, precision:
     """
     adapter_dir, model_path = resolve_adapter(lora_weights_path, model_path)
     device = resolve_device(device)
-    precision = resolve_precision(precision, device)
+    precision = resolve_precision(precision, device, mixed=device.type == "cuda")  # auto: half precision on a GPU
     if not isinstance(merge, bool):
         raise ValueError(f"merge must be True or False, got {merge!r}")
     key = (model_path, str(adapter_dir), _weights_mtime(adapter_dir), str(device), precision, merge)

@@ -57,24 +57,14 @@ from support.fsdp import (
 from support.fused_bloom import use_fused_modules
 from support.metrics import MetricsLog
 from support.output_dir import check_output_dir, own_output_dir
+from support.precision import DTYPES, autocast_dtype, resolve_precision
 from support.report import print_banner, print_summary
 from support.token_loss import count_label_tokens, next_token_labels
 
-# What each precision setting computes in: autocast's dtype, None for fp32 (no autocast).
-MIXED_PRECISION_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
-
 
 # --- precision -------------------------------------------------------------------------------------------------
-
-def resolve_precision(cfg: TrainConfig, device: torch.device) -> str:
-    """fp32 unless mixed precision is asked for; then bf16 where the hardware has it (A100, H100, CPUs), else fp16
-    (T4, V100), which needs a GradScaler. PRECISION overrides the choice. Returns "fp32", "bf16" or "fp16"."""
-    if cfg.precision:
-        return cfg.precision
-    if not cfg.mix_prec_train:
-        return "fp32"
-    return "bf16" if model_loading.half_precision_dtype(device) == torch.bfloat16 else "fp16"
-
+# Which precision (fp32 unless MIX_PREC_TRAIN=true; PRECISION overrides) is support/precision.py's
+# resolve_precision, the rule inference.py follows too.
 
 def base_weight_dtype(precision: str, device: torch.device) -> torch.dtype:
     """Frozen base weights in the compute dtype under mixed precision (as the assignment loads them): autocast
@@ -82,12 +72,12 @@ def base_weight_dtype(precision: str, device: torch.device) -> torch.dtype:
     which has no fp16 arithmetic to gain from it."""
     if precision == "fp16" and device.type != "cuda":
         return torch.float32
-    return MIXED_PRECISION_DTYPES[precision] or torch.float32
+    return DTYPES[precision]
 
 
 def autocast_context(precision: str, device: torch.device):
     """The forward pass's autocast for `precision` (nothing for fp32)."""
-    dtype = MIXED_PRECISION_DTYPES[precision]
+    dtype = autocast_dtype(precision)
     return contextlib.nullcontext() if dtype is None else torch.autocast(device.type, dtype=dtype)
 
 
@@ -97,7 +87,7 @@ def describe_precision(cfg: TrainConfig, precision: str, device: torch.device) -
               else "MIX_PREC_TRAIN=false")
     compute = "no autocast" if precision == "fp32" else f"{precision} autocast"
     scaler = " + GradScaler" if precision == "fp16" else ""
-    base = (model_loading.describe_quantized_base(cfg.quantize, MIXED_PRECISION_DTYPES[precision], device)
+    base = (model_loading.describe_quantized_base(cfg.quantize, autocast_dtype(precision), device)
             if cfg.quantize else str(base_weight_dtype(precision, device)).removeprefix("torch."))
     gathered = f"; FSDP gathers them in {precision}" if cfg.fsdp and precision != "fp32" else ""
     return f"{precision} on {device.type} ({reason}): {compute}{scaler}; base weights {base}, LoRA float32{gathered}"
@@ -120,7 +110,7 @@ def load_pretrained_model(model_path: str, device: torch.device, dtype: torch.dt
     try:
         if quantize:
             return model_loading.load_quantized_for_training(model_path, device, quantize,
-                                                             MIXED_PRECISION_DTYPES[precision], name="MODEL_PATH")
+                                                             autocast_dtype(precision), name="MODEL_PATH")
         model = model_loading.load_base_model(model_path, device, dtype, name="MODEL_PATH")
     except (OSError, ValueError) as err:
         raise RunError(str(err)) from None
@@ -247,7 +237,7 @@ class Trainer:
     def set_mixed_precision_context(self, precision: str) -> None:
         """`self.ctx`, the autocast every forward pass runs in (built once, as nanoGPT does; none for fp32), and
         `self.gradscaler`, on for fp16 only: its 5-bit exponent underflows small gradients; bf16 has fp32's range."""
-        self.precision, self.mixed_precision_dtype = precision, MIXED_PRECISION_DTYPES[precision]
+        self.precision, self.mixed_precision_dtype = precision, autocast_dtype(precision)
         self.ctx = autocast_context(precision, self.dist.device)
         self.gradscaler = torch.amp.GradScaler(self.dist.device.type,
                                                enabled=self.mixed_precision_dtype == torch.float16)
@@ -546,7 +536,7 @@ def run(cfg: TrainConfig, dist: DistEnv, signals: StopSignals | None = None) -> 
     started = time.perf_counter()
     check_output_dir(cfg, dist)  # another run's folder: refused at once, nothing written
     seed_everything(cfg.seed)
-    precision = resolve_precision(cfg, dist.device)
+    precision = resolve_precision(cfg.precision, dist.device, mixed=cfg.mix_prec_train)
     tokenizer = load_tokenizer(cfg.model_path)
     cfg = with_default_targets(cfg)
     train_set, valid_set, stats = prepare_datasets(cfg, tokenizer)

@@ -57,6 +57,7 @@ from bench.common import (
 )
 from lora_model import LoraConfig, LoraModelForCasualLM  # noqa: E402
 from support.atomic import write_text_atomically # noqa: E402
+from support.precision import DTYPES, resolve_precision  # noqa: E402
 
 VARIANTS = ("base", "merged", "unmerged")
 
@@ -95,7 +96,7 @@ def load_base(args, device: torch.device, precision: str) -> torch.nn.Module:
         return inference.load_base_model(args.model_path, device, precision)
     torch.manual_seed(0)
     config = bloom_config(args)
-    return BloomForCausalLM(config).to(device, inference.DTYPES[precision]).eval()
+    return BloomForCausalLM(config).to(device, DTYPES[precision]).eval()
 
 
 def with_adapter(base: torch.nn.Module, args, adapter_values: dict | None) -> LoraModelForCasualLM:
@@ -200,7 +201,7 @@ def markdown(args, argv, device: torch.device, precision: str, times: dict[str, 
 def main(argv=None) -> None:
     args = parse_args(argv)
     device = device_from_args(args)
-    precision = inference.resolve_precision(args.precision, device)
+    precision = resolve_precision(args.precision, device, mixed=device.type == "cuda")  # as inference.py
     models = build_variants(args, device, precision)
     prompt = make_prompt(args, models["base"], device)
     logit_diff, same_tokens = check_merged_matches_unmerged(models, prompt)

@@ -15,11 +15,10 @@ import typing
 from dataclasses import dataclass, field
 
 from support.data_sources import ALPACA_URL, DEBUG_SAMPLE
+from support.precision import PRECISIONS, QUANTIZED
 
 TRUE_WORDS = ("1", "true", "yes")
 FALSE_WORDS = ("0", "false", "no")
-PRECISIONS = ("fp32", "bf16", "fp16")
-QUANTIZE_CHOICES = ("8bit", "4bit")
 DEFAULT_MODEL = "bigscience/bloom-1b7"
 MAX_INT = 2**31 - 1
 AUTO = -1  # WARMUP_STEPS and SIZE_VALID_SET: chosen from the run's length and the data's size (see resolve_*)
@@ -146,8 +145,8 @@ class TrainConfig:
         if self.ddp and self.fsdp:
             raise ConfigError("DDP=true and FSDP=true: set one of them (DDP copies the model to every process, FSDP "
                               "shards it)")
-        if self.quantize not in ("", *QUANTIZE_CHOICES):
-            raise ConfigError(f"QUANTIZE must be one of {', '.join(QUANTIZE_CHOICES)}, or empty for none, got "
+        if self.quantize not in ("", *QUANTIZED):
+            raise ConfigError(f"QUANTIZE must be one of {', '.join(QUANTIZED)}, or empty for none, got "
                               f"{self.quantize!r}")
         if self.fsdp and self.quantize:
             raise ConfigError(f"QUANTIZE={self.quantize} and FSDP=true: this repo does not shard bitsandbytes' "

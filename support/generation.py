@@ -15,7 +15,8 @@ from typing import Protocol
 
 import torch
 
-PRECISIONS = ("auto", "fp32", "fp16", "bf16", "8bit", "4bit")  # inference's --precision
+from support.precision import INFERENCE_PRECISIONS
+
 NO_INPUT = ("", "n/a")  # user_inp values (after strip, lower-cased) that select the template without an input
 # Used only when sampling is on and the caller leaves them unset: a common choice for instruction-tuned models.
 SAMPLING_DEFAULTS = {"temperature": 0.7, "top_p": 0.9, "top_k": 50}
@@ -173,6 +174,6 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
 
 def add_placement_arguments(parser: argparse.ArgumentParser) -> None:
     """--precision and --device: how and where the model is loaded."""
-    parser.add_argument("--precision", choices=PRECISIONS, default="auto",
+    parser.add_argument("--precision", choices=INFERENCE_PRECISIONS, default="auto",
                         help="auto = bf16 on an A100/H100, fp16 on a T4/V100, fp32 on the CPU (default: auto)")
     parser.add_argument("--device", help="cpu, cuda, cuda:1 (default: cuda when available)")

@@ -1,5 +1,5 @@
-"""Loading the base model and its tokenizer (a hub id or a local folder), shared by train.py and inference.py, and
-the one hardware question both ask before choosing a precision. No remote code is ever run.
+"""Loading the base model and its tokenizer (a hub id or a local folder), shared by train.py and inference.py (the
+precision they load in is chosen by precision.py). No remote code is ever run.
 
 Errors are one line that names the setting (`MODEL_PATH` in train.py, `model_path` in inference.py), says what went
 wrong and what to do; they are FileNotFoundError when the model could not be found, ValueError otherwise.
@@ -14,19 +14,7 @@ from pathlib import Path
 import torch
 
 from support.peft_format import DEFAULT_TARGET_MODULES
-
-QUANTIZED = ("8bit", "4bit")
-
-
-def has_native_bf16(device: torch.device) -> bool:
-    """The CPU, or a GPU with bf16 in hardware (compute capability 8.0 and newer: A100, H100, RTX 30xx). A T4 or V100
-    only emulates bf16, slower than fp16, though torch.cuda.is_bf16_supported() says True there by default."""
-    return device.type != "cuda" or torch.cuda.is_bf16_supported(including_emulation=False)
-
-
-def half_precision_dtype(device: torch.device) -> torch.dtype:
-    """bf16 where the hardware has it; else fp16, which needs loss scaling (a GradScaler) to train."""
-    return torch.bfloat16 if has_native_bf16(device) else torch.float16
+from support.precision import half_precision_dtype
 
 
 def model_load_error(model_path: str, err: Exception, name: str) -> Exception:

@@ -21,7 +21,7 @@ import train
 from conftest import REPO, SAMPLE, TINY_BLOOM, one_torch_thread
 from lora_model import LoraConfig, LoraModelForCasualLM
 from prompter import Prompter
-from support import generation
+from support import generation, precision
 from support.config import TrainConfig
 
 INSTRUCTIONS = ["Give three tips for staying healthy.", "What are the three primary colors?",
@@ -137,8 +137,8 @@ def test_exported_model_loads_with_plain_transformers_and_generates_the_same(ada
 ])
 def test_auto_precision_is_bf16_only_where_the_gpu_has_it_natively(fake_gpu, device, native_bf16, expected):
     fake_gpu(native_bf16)
-    assert inference.resolve_precision("auto", torch.device(device)) == expected
-    assert inference.has_native_bf16(torch.device(device)) == (device == "cpu" or native_bf16)
+    assert precision.resolve_precision("auto", torch.device(device), mixed=device == "cuda") == expected
+    assert precision.has_native_bf16(torch.device(device)) == (device == "cpu" or native_bf16)
 
 
 # --- 5. errors -----------------------------------------------------------------------------------------------------

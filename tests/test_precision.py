@@ -19,6 +19,7 @@ from transformers import BloomModel
 
 import train
 from conftest import REPO, SAMPLE, TINY_BLOOM, adapter_tensors, metric_rows
+from support import precision
 from support.config import TrainConfig, load_config
 
 
@@ -76,7 +77,8 @@ def step_rows(out: Path) -> list[dict]:
 def test_mix_prec_train_picks_the_hardwares_precision_and_precision_overrides(fake_gpu, env, device, native_bf16,
                                                                              expected):
     fake_gpu(native_bf16)
-    assert train.resolve_precision(load_config([], env), torch.device(device)) == expected
+    cfg = load_config([], env)
+    assert train.resolve_precision(cfg.precision, torch.device(device), mixed=cfg.mix_prec_train) == expected
 
 
 def test_base_weights_are_in_the_compute_dtype_but_not_fp16_on_a_cpu_and_the_banner_says_so():
@@ -531,3 +533,20 @@ def test_make_random_bloom_writes_a_model_folder_train_py_loads(tmp_path, monkey
     with pytest.raises(SystemExit):  # checked before any weight is built
         maker.main(["--out", str(tmp_path / "other"), "--tokenizer", str(tmp_path)])
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bloom-random"]
+
+
+@pytest.mark.parametrize("device, native_bf16, half", [("cpu", False, "bf16"), ("cuda", True, "bf16"),
+                                                       ("cuda", False, "fp16")])
+def test_one_resolver_for_training_and_inference_only_mixed_decides_auto(fake_gpu, device, native_bf16, half):
+    """Training and inference pick with the same rule: unset or "auto" is the hardware's half precision when mixed
+    precision is asked for (MIX_PREC_TRAIN=true; inference on a GPU), fp32 otherwise; a name is kept as it is."""
+    fake_gpu(native_bf16)
+    device = torch.device(device)
+    for unset in (None, "", "auto"):
+        assert precision.resolve_precision(unset, device, mixed=True) == half
+        assert precision.resolve_precision(unset, device, mixed=False) == "fp32"
+    for name in precision.INFERENCE_PRECISIONS[1:]:
+        assert precision.resolve_precision(name, device, mixed=False) == name
+    with pytest.raises(ValueError, match="precision must be one of auto, fp32, bf16, fp16, 8bit, 4bit, got 'fp8'"):
+        precision.resolve_precision("fp8", device, mixed=True)
+    assert set(precision.PRECISIONS) == set(precision.DTYPES) and precision.autocast_dtype("fp32") is None
