@@ -219,7 +219,7 @@ class Trainer:
         self.total_steps = cfg.num_epochs * math.ceil(self.micro_batches_per_epoch / cfg.grad_accum_steps)
         if cfg.max_steps > 0:
             self.total_steps = min(self.total_steps, cfg.max_steps)
-        if dist.ddp:  # before the optimizer: FSDP replaces the parameters with their shards
+        if dist.distributed:  # before the optimizer: FSDP replaces the parameters with their shards
             self._set_ddp_training()
         self.optimizer = self._build_optimizer()
         self.warmup_steps, self.warmup_reason = cfg.resolve_warmup_steps(self.total_steps)
@@ -492,7 +492,7 @@ class Trainer:
         if self.dist.is_master:
             self.raw_model.save_pretrained(self.output_dir, state_dict=adapter)
             self.metrics.plot()
-        if self.dist.ddp:
+        if self.dist.distributed:
             torch_dist.barrier()
 
 
@@ -560,7 +560,7 @@ def run(cfg: TrainConfig, dist: DistEnv, signals: StopSignals | None = None) -> 
         print(f"memory       {fits}", flush=True)
     with own_output_dir(cfg, dist):  # this run's folder until it ends; nothing is written to it before (output_dir.py)
         if signals is not None:
-            signals.catch(force_on_second_sigint=not dist.ddp)
+            signals.catch(force_on_second_sigint=not dist.distributed)
         metrics = trainer.train(stop_signal=lambda: signals.received if signals else 0)
         trainer.save_final_adapter()
         if dist.is_master:

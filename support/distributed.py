@@ -26,13 +26,15 @@ from support.config import ConfigError, TrainConfig
 
 @dataclass(frozen=True)
 class DistEnv:
-    """Where this process sits: rank among world_size processes, and the device it drives. `ddp`: in torchrun's
-    process group (DDP=true or FSDP=true), so every collective is real; `fsdp`: the model is sharded, not copied."""
+    """Where this process sits: rank among world_size processes, and the device it drives. `distributed`: in
+    torchrun's process group (DDP=true or FSDP=true), so every collective is real; then exactly one of `ddp` (each
+    process holds the whole model) and `fsdp` (the model is sharded over the processes)."""
 
     rank: int = 0
     local_rank: int = 0
     world_size: int = 1
     device: torch.device = torch.device("cpu")
+    distributed: bool = False
     ddp: bool = False
     fsdp: bool = False
 
@@ -72,7 +74,8 @@ def setup_distributed(cfg: TrainConfig) -> DistEnv:
     torch_dist.init_process_group(backend=backend, rank=rank, world_size=world,
                                   timeout=datetime.timedelta(seconds=cfg.ddp_timeout),
                                   device_id=device if device.type == "cuda" else None)
-    return DistEnv(rank=rank, local_rank=local_rank, world_size=world, device=device, ddp=True, fsdp=cfg.fsdp)
+    return DistEnv(rank=rank, local_rank=local_rank, world_size=world, device=device, distributed=True,
+                   ddp=not cfg.fsdp, fsdp=cfg.fsdp)
 
 
 def ddp_model(model: torch.nn.Module, dist: DistEnv) -> DistributedDataParallel:
@@ -101,14 +104,14 @@ def note(message: str, dist: DistEnv) -> None:
 
 def all_reduce_sum(value: torch.Tensor, dist: DistEnv) -> torch.Tensor:
     """Sum a tensor over all ranks (a no-op for one process)."""
-    if dist.ddp:
+    if dist.distributed:
         torch_dist.all_reduce(value, op=torch_dist.ReduceOp.SUM)
     return value
 
 
 def broadcast_from_master(value, dist: DistEnv):
     """Rank 0's `value` (any picklable object), on every rank: for decisions all ranks must take together."""
-    if not dist.ddp:
+    if not dist.distributed:
         return value
     box = [value]
     torch_dist.broadcast_object_list(box, src=0)
@@ -117,7 +120,7 @@ def broadcast_from_master(value, dist: DistEnv):
 
 def gather_objects(value, dist: DistEnv) -> list:
     """Every rank's `value`, in rank order, on every rank."""
-    if not dist.ddp:
+    if not dist.distributed:
         return [value]
     values = [None] * dist.world_size
     torch_dist.all_gather_object(values, value)

@@ -136,7 +136,7 @@ def exit_code(err: BaseException, cfg, dist) -> int | None:
     None for a bug, whose traceback the caller keeps. `cfg` and `dist` are None until they are set up."""
 
     def error(message: str) -> None:
-        rank = f"[rank {dist.rank}] " if dist is not None and dist.ddp else ""
+        rank = f"[rank {dist.rank}] " if dist is not None and dist.distributed else ""
         print(f"error: {rank}{message}", file=sys.stderr, flush=True)
 
     def last_checkpoint(how_to_resume: str = "") -> str:
@@ -170,7 +170,8 @@ def exit_code(err: BaseException, cfg, dist) -> int | None:
         # Raised by the DataLoader's SIGCHLD handler, wherever the main thread is at that moment.
         error(WORKER_DIED.format(str(err).strip()) + last_checkpoint())
         return 1
-    gist = communication_failure(err) if isinstance(err, RuntimeError) and dist is not None and dist.ddp else None
+    distributed = dist is not None and dist.distributed
+    gist = communication_failure(err) if isinstance(err, RuntimeError) and distributed else None
     if gist is None:
         return None
     waited = f" for DDP_TIMEOUT={cfg.ddp_timeout} s" if "time" in gist.lower() else ""

@@ -26,7 +26,7 @@ def print_banner(cfg: TrainConfig, dist: DistEnv, stats: dict, trainer, precisio
         f"base         {base_memory_line(trainer.raw_model, total - trainable)}"
         + (" in each process (FSDP shards it)" if dist.fsdp else ""),
         f"processes    {dist.world_size}"
-        + (f" ({'FSDP' if dist.fsdp else 'DDP'}, {torch_dist.get_backend()})" if dist.ddp else ""),
+        + (f" ({'FSDP' if dist.fsdp else 'DDP'}, {torch_dist.get_backend()})" if dist.distributed else ""),
         f"batch        {cfg.batch_size} x {cfg.grad_accum_steps} accumulation x {dist.world_size} processes = "
         f"{effective_batch} examples per optimizer step; {trainer.total_steps:,} steps, the first "
         f"{trainer.warmup_steps:,} warming up ({trainer.warmup_reason})"

@@ -544,7 +544,7 @@ def one_rank_group(tmp_path, monkeypatch):
 def counted_allreduces(cfg: TrainConfig, monkeypatch, without_no_sync: bool = False) -> int:
     """Train `cfg` under DDP and count the gradient buckets DDP all-reduces, with a counting comm hook."""
     dist = train.setup_distributed(cfg)
-    assert dist.ddp and torch_dist.get_backend() == "gloo"
+    assert dist.distributed and dist.ddp and not dist.fsdp and torch_dist.get_backend() == "gloo"
     train.seed_everything(cfg.seed)
     tokenizer = train.load_tokenizer(cfg.model_path)
     train_set, valid_set, _ = train.prepare_datasets(cfg, tokenizer)
@@ -598,6 +598,7 @@ def micro_batches_reduced(cfg: TrainConfig, monkeypatch, always_sync: bool = Fal
             return loss
 
     dist = train.setup_distributed(cfg)
+    assert dist.distributed and dist.fsdp and not dist.ddp
     train.seed_everything(cfg.seed)
     tokenizer = train.load_tokenizer(cfg.model_path)
     train_set, valid_set, _ = train.prepare_datasets(cfg, tokenizer)
@@ -619,6 +620,15 @@ def test_fsdp_reduces_gradients_once_per_optimizer_step(tmp_path, small_data, on
     monkeypatch.setenv("MASTER_PORT", str(free_port()))
     settings["output_dir"] = str(tmp_path / "out-always-sync")
     assert micro_batches_reduced(TrainConfig(**settings), monkeypatch, always_sync=True) == [True] * 3
+
+
+@pytest.mark.parametrize("mode", ["DDP", "FSDP"])
+def test_dist_env_says_distributed_for_both_and_ddp_only_under_ddp(one_rank_group, mode):
+    dist = train.setup_distributed(load_config([], {mode: "true"}))
+    torch_dist.destroy_process_group()
+    assert (dist.distributed, dist.ddp, dist.fsdp) == (True, mode == "DDP", mode == "FSDP")
+    single = train.setup_distributed(load_config([], {}))  # WORLD_SIZE=1 without DDP/FSDP: one process
+    assert (single.distributed, single.ddp, single.fsdp) == (False, False, False)
 
 
 def test_the_process_group_is_destroyed_when_a_ddp_run_fails(tmp_path, one_rank_group, monkeypatch, capsys):
