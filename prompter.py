@@ -1,7 +1,7 @@
 """The Stanford Alpaca prompt template.
 
 Training and inference must build prompts the same way, so both go through `Prompter`:
-`alpaca_data.py` tokenizes `generate_prompt(instruction, input)` as the prompt and the output as the
+`support/alpaca_data.py` tokenizes `generate_prompt(instruction, input)` as the prompt and the output as the
 response, and generation decodes the model's text and keeps only the part after the response marker.
 """
 

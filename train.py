@@ -10,7 +10,8 @@ Read it top to bottom as nanoGPT's train.py: the distributed set-up in one block
 `Trainer`: set-up, `prepare_dataloader`, `_set_ddp_training`, and the loop `train` -> `_run_epoch` ->
 `optimizer_step` -> `_run_batch`, with evaluation and checkpoints in one place after each step. All settings live in
 `config.TrainConfig` (env vars or flags; `python train.py --help`). What guards the loop (stop signals, lost DDP
-peers, exit codes) is in faults.py; how checkpoints reach the disk and when they are trusted, in checkpoint.py.
+peers, exit codes) is in support/faults.py; how checkpoints reach the disk and when they are trusted, in
+support/checkpoint.py.
 """
 
 from __future__ import annotations
@@ -268,8 +269,9 @@ class Trainer:
         return train_loader, valid_loader
 
     def _set_ddp_training(self) -> None:
-        """Wrap the LoRA model after injection: DDP (distributed.py) gives every rank a whole copy and all-reduces the
-        adapter's gradients; FSDP=true (fsdp.py) shards it, frozen base included, over the ranks."""
+        """Wrap the LoRA model after injection: DDP (support/distributed.py) gives every rank a whole copy and
+        all-reduces the adapter's gradients; FSDP=true (support/fsdp.py) shards it, frozen base included, over the
+        ranks."""
         self.model = (shard_model(self.raw_model, self.dist, self.mixed_precision_dtype) if self.dist.fsdp
                       else ddp_model(self.raw_model, self.dist))
 
@@ -558,7 +560,8 @@ def run(cfg: TrainConfig, dist: DistEnv, signals: StopSignals | None = None) -> 
     fits = "nothing left to train" if trainer.finished else try_longest_batch(trainer)
     if dist.is_master:
         print(f"memory       {fits}", flush=True)
-    with own_output_dir(cfg, dist):  # this run's folder until it ends; nothing is written to it before (output_dir.py)
+    # This run's folder until it ends; nothing is written to it before (support/output_dir.py).
+    with own_output_dir(cfg, dist):
         if signals is not None:
             signals.catch(force_on_second_sigint=not dist.distributed)
         metrics = trainer.train(stop_signal=lambda: signals.received if signals else 0)

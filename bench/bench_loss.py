@@ -6,10 +6,10 @@ Reproduce (from the repository root)::
     python bench/bench_loss.py --device cuda        # a GPU (add --seq 512 for the assignment's MAX_LENGTH)
 
 The usual way is `F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), targets, reduction="sum")` (what
-transformers' ForCausalLMLoss does, and train.py did before token_loss.py): a shifted copy of the logits, a float32
-copy, a float32 log-softmax kept for backward. Ours computes the same loss from the logits as they are, in float32
-blocks, keeping one float per token; "ours-in-place" (what train.py's step uses) also writes the gradient into the
-logits' memory instead of a new tensor (the logits are restored before each step, outside the timing).
+transformers' ForCausalLMLoss does, and train.py did before support/token_loss.py): a shifted copy of the logits, a
+float32 copy, a float32 log-softmax kept for backward. Ours computes the same loss from the logits as they are, in
+float32 blocks, keeping one float per token; "ours-in-place" (what train.py's step uses) also writes the gradient
+into the logits' memory instead of a new tensor (the logits are restored before each step, outside the timing).
 
 Input: logits of `--batch` x `--seq` x `--vocab` (default 4 x 256 x 250,880: BLOOM's vocabulary, the default
 BATCH_SIZE, about twice the mean Alpaca example), requiring grad, in float32 (PRECISION=fp32) or bfloat16 (what
@@ -150,7 +150,7 @@ def markdown(args, argv, device, times, checks, memory) -> str:
     header = ("| logits | loss | s / step median [min-max] | usual / ours time | vs usual: loss, gradient | "
               "peak memory above the logits GiB | in logits' sizes |")
     lines = [
-        "# The training loss at BLOOM's vocabulary: token_loss.py vs upcast + F.cross_entropy",
+        "# The training loss at BLOOM's vocabulary: support/token_loss.py vs upcast + F.cross_entropy",
         "",
         f"Reproduce: `{command_line('bench_loss.py', argv)}`",
         "",

@@ -25,7 +25,7 @@ GPU 6.9 GB per float32 copy, 3.4 GB per half one, 28 GB for all variants. Where 
 T4), each model's variants are timed in turn, and the table says so. bf16 variants are skipped on a GPU without
 native bf16.
 
-A step is train.py's optimizer step, with train.py's own autocast_context and loss (token_loss.py): forward
+A step is train.py's optimizer step, with train.py's own autocast_context and loss (support/token_loss.py): forward
 under autocast, the summed token loss divided by the token count, scaler.scale(loss).backward(), unscale_,
 clipping to norm 1.0, AdamW over the LoRA parameters, scaler.update(), zero_grad.
 

@@ -309,7 +309,8 @@ def options_markdown() -> str:
     lines = [
         "# Options of train.py",
         "",
-        "Every option of `train.py`, generated from `TrainConfig` in `config.py`. Back to the [README](../README.md).",
+        "Every option of `train.py`, generated from `TrainConfig` in `support/config.py`. Back to the "
+        "[README](../README.md).",
         "",
         "Every option is an environment variable, the name in upper case (as the assignment's `DEBUG`, "
         "`MIX_PREC_TRAIN`, `DDP`), and a `--flag` (`--batch_size 8` or `--batch-size 8`); a flag wins over the "

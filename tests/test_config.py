@@ -1,5 +1,5 @@
-"""Tests for config.py: one validated TrainConfig from env vars and flags, every bad value a one-line error naming the
-variable, every setting classified for resume, and docs/options.md generated from it."""
+"""Tests for support/config.py: one validated TrainConfig from env vars and flags, every bad value a one-line error
+naming the variable, every setting classified for resume, and docs/options.md generated from it."""
 
 import dataclasses
 import math

@@ -1,5 +1,5 @@
-"""Tests for data_sources.py (loading) and alpaca_data.py: validation, tokenization and its cache, splitting, padding,
-sampling."""
+"""Tests for support/data_sources.py (loading) and support/alpaca_data.py: validation, tokenization and its cache,
+splitting, padding, sampling."""
 
 import csv
 import http.server

@@ -1,4 +1,4 @@
-"""fused_bloom.py against transformers' own eager BLOOM, the reference: the same weights (a deep copy), the same
+"""support/fused_bloom.py against transformers' own eager BLOOM, the reference: the same weights (a deep copy), the same
 random adapter, the same batch. Float32 logits and LoRA gradients to 1e-5, with left and right padding (the padding
 mask is part of the attention's additive mask) and in training mode; the KV cache of generation; bf16 autocast
 losses within 1 %; parameter names (so adapters and checkpoints) unchanged. Eager BLOOM's softmax is float32 even

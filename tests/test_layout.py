@@ -2,6 +2,7 @@
 machinery in the package support/ below them, and no import circle among the repo's own modules."""
 
 import ast
+import re
 from pathlib import Path
 
 from conftest import REPO
@@ -86,3 +87,90 @@ def test_the_top_level_holds_the_assignments_files_and_at_most_seven():
     files = {path.stem for path in REPO.glob("*.py")}
     assert ASSIGNMENT_FILES <= files, f"missing: {sorted(ASSIGNMENT_FILES - files)}"
     assert len(files) <= MAX_TOP_LEVEL_FILES, f"{len(files)} top-level .py files: {sorted(files)}"
+
+
+# --- the README's map of the assignment -------------------------------------------------------------------------------
+
+README_SECTION = "## The assignment, question by question"
+ASSIGNMENT_ROWS = ("Q1 merge", "Q2 forward", "Q3 ", "Q4 mixed precision", "Q5 DDP")
+
+
+def readme_rows() -> list[tuple[str, str]]:
+    """(question, where) for each row of the README's assignment table."""
+    section = (REPO / "README.md").read_text(encoding="utf-8").split(README_SECTION, 1)[1].split("\n## ", 1)[0]
+    rows = [line.strip().strip("|").split("|") for line in section.splitlines() if line.startswith("| ")]
+    return [(question.strip(), where.strip()) for question, where in rows[1:]]  # past the header
+
+
+def pointers(where: str) -> list[tuple[str, str, list[str]]]:
+    """The cell's (file, `Name` or `Class.attr`, [excerpts in brackets after it]), in order. A `*.py` file starts
+    a group; a backticked name outside brackets is a pointer into it, one inside brackets an excerpt of it."""
+    found, file, depth = [], None, 0
+    for part in re.split(r"(`[^`]+`|[()])", where):
+        if part in ("(", ")"):
+            depth += 1 if part == "(" else -1
+        elif part.startswith("`"):
+            token = part.strip("`")
+            if token.endswith(".py"):
+                file = token
+            elif depth == 0:
+                assert file, f"{token!r} before any file in {where!r}"
+                found.append((file, token, []))
+            elif found:
+                found[-1][2].append(token)
+    return found
+
+
+def definition(tree: ast.Module, dotted: str) -> ast.AST | None:
+    """The function or class `Name`, or `Class.method`, or the assignment to `self.attr` in `Class`."""
+    name, _, attr = dotted.partition(".")
+    top = [n for n in tree.body if isinstance(n, (ast.FunctionDef, ast.ClassDef)) and n.name == name]
+    if not top or not attr:
+        return top[0] if top else None
+    for node in ast.walk(top[0]):
+        if isinstance(node, ast.FunctionDef) and node.name == attr:
+            return node
+        if isinstance(node, ast.Attribute) and node.attr == attr and isinstance(node.ctx, ast.Store):
+            return node
+    return None
+
+
+def check_pointers(where: str) -> list[str]:
+    """What in `where` does not exist: a missing file, a name not defined there, an excerpt not in its function."""
+    problems = []
+    files = set(re.findall(r"`([\w/]+\.py)`", where))
+    problems += [f"{file}: no such file" for file in sorted(files) if not (REPO / file).is_file()]
+    for file, name, excerpts in pointers(where):
+        if not (REPO / file).is_file():
+            continue
+        source = (REPO / file).read_text(encoding="utf-8")
+        node = definition(ast.parse(source), name)
+        if node is None:
+            problems.append(f"{file}: no {name}")
+            continue
+        code = ast.get_source_segment(source, node)
+        problems += [f"{file}: {name} has no {e!r}" for e in excerpts if e not in code]
+    return problems
+
+
+def test_the_readme_table_follows_the_assignments_numbering():
+    questions = [question for question, _ in readme_rows()]
+    assert [q for q in questions if q.startswith("Q")] == [
+        next(q for q in questions if q.startswith(prefix)) for prefix in ASSIGNMENT_ROWS]
+    assert any("Challenge" in q for q in questions) and any(q.startswith("Inference") for q in questions)
+
+
+def test_every_pointer_in_the_readme_table_lands_on_code_that_exists():
+    rows = readme_rows()
+    assert sum(len(pointers(where)) for _, where in rows) >= 20  # the table was read
+    problems = [f"{question}: {p}" for question, where in rows for p in check_pointers(where)]
+    assert not problems, "README's assignment table points at nothing:\n" + "\n".join(problems)
+
+
+def test_the_pointer_check_catches_a_wrong_name_and_a_misplaced_excerpt():
+    """Positive control: names and excerpts that are not where the cell says are reported."""
+    assert check_pointers("`train.py`: `Trainer.batch_loss` (`with self.ctx`)") == []
+    assert check_pointers("`train.py`: `Trainer.optimizer_step` (`with self.ctx`)") == [
+        "train.py: Trainer.optimizer_step has no 'with self.ctx'"]
+    assert check_pointers("`lora_layer.py`: `Linear.merge_all`; `nowhere.py`: `x`") == [
+        "nowhere.py: no such file", "lora_layer.py: no Linear.merge_all"]

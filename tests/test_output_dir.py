@@ -1,5 +1,5 @@
-"""One run per OUTPUT_DIR (output_dir.py): a folder in use or holding another run's results is refused in one line
-and left exactly as it was; OVERWRITE_OUTPUT_DIR moves the old results aside; two runs started a second apart
+"""One run per OUTPUT_DIR (support/output_dir.py): a folder in use or holding another run's results is refused in one
+line and left exactly as it was; OVERWRITE_OUTPUT_DIR moves the old results aside; two runs started a second apart
 leave the first one's results exactly as a lone run's."""
 
 import json

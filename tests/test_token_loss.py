@@ -2,7 +2,7 @@
 
 The reference is the summed next-token loss written out: for each row that has a target, logsumexp of its
 logits minus the target's logit, over logits[:, :-1]; its gradient comes from float64 autograd of that
-expression. Nothing here calls token_loss.py to compute what token_loss.py should return. The blocks are made small
+expression. Nothing here calls support/token_loss.py to compute what it should return. The blocks are made small
 (monkeypatched CHUNK_ELEMENTS) so that every test crosses several block boundaries, one of them mid-batch.
 """
 
