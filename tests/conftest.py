@@ -5,6 +5,8 @@ import contextlib
 import dataclasses
 import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 # Set before transformers/datasets are imported (here, or by any test module): nothing may reach the hub.
@@ -17,7 +19,7 @@ import torch  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
 
-from support.config import TrainConfig # noqa: E402
+from support.config import TrainConfig  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 TINY_BLOOM = REPO / "models" / "tiny-bloom"
@@ -40,6 +42,36 @@ def metric_rows(output_dir: Path) -> list[dict]:
 
 
 @pytest.fixture(scope="module")
+def small_data(tmp_path_factory) -> Path:
+    """48 Alpaca records: 8 for validation, 40 to train on (an even count, so DistributedSampler pads nothing)."""
+    path = tmp_path_factory.mktemp("data") / "small.json"
+    path.write_text(json.dumps(json.loads(SAMPLE.read_text(encoding="utf-8"))[:48]), encoding="utf-8")
+    return path
+
+
+def tiny_settings(root: Path, data: Path, name: str = "out", **overrides) -> dict:
+    """TrainConfig keywords for a run small enough for a unit test, into root/name (tokenized data cached in
+    root/cache): 3 steps of 4 examples, float32, no dropout, no warm-up (a warm-up's first lr is 0, which makes
+    step 1 move nothing), evaluation only at the end."""
+    settings = dict(model_path=str(TINY_BLOOM), data_path=str(data), output_dir=str(root / name),
+                    cache_dir=str(root / "cache"), max_length=128, batch_size=4, grad_accum_steps=1,
+                    lora_dropout=0.0, warmup_steps=0, size_valid_set=8, eval_freq=0, num_epochs=1, max_steps=3)
+    settings.update(overrides)
+    return settings
+
+
+def user_command(folder: Path, **settings) -> subprocess.CompletedProcess:
+    """`SETTING=... python train.py` with only `settings` set (the environment's other TrainConfig variables
+    removed), from `folder`, which sees the repo's models/ and data/ as a clone's root would."""
+    for name in ("models", "data"):
+        if not (folder / name).exists():
+            (folder / name).symlink_to(REPO / name)
+    env = {k: v for k, v in os.environ.items() if k.lower() not in FIELDS}
+    return subprocess.run([sys.executable, str(REPO / "train.py")], cwd=folder, env={**env, **settings},
+                          capture_output=True, text=True, timeout=600)
+
+
+@pytest.fixture(scope="module")
 def adapter(tmp_path_factory) -> Path:
     """An adapter trained by train.run for a few steps at a high learning rate, so it changes the greedy text (the
     quick-start path, in a few seconds)."""
@@ -48,10 +80,7 @@ def adapter(tmp_path_factory) -> Path:
     tmp = tmp_path_factory.mktemp("adapter")
     data = tmp / "small.json"
     data.write_text(json.dumps(json.loads(SAMPLE.read_text(encoding="utf-8"))[:24]), encoding="utf-8")
-    cfg = TrainConfig(model_path=str(TINY_BLOOM), data_path=str(data), output_dir=str(tmp / "out"),
-                      cache_dir=str(tmp / "cache"), max_length=128, batch_size=4, grad_accum_steps=1,
-                      lora_dropout=0.0, warmup_steps=0, size_valid_set=4, eval_freq=0, num_epochs=1, max_steps=5,
-                      learning_rate=3e-3)
+    cfg = TrainConfig(**tiny_settings(tmp, data, size_valid_set=4, max_steps=5, learning_rate=3e-3))
     train.run(cfg, train.DistEnv())
     return tmp / "out"
 
@@ -60,8 +89,6 @@ def adapter(tmp_path_factory) -> Path:
 def quick_start_run(tmp_path_factory):
     """(folder, result) of the README's quick start, `DEBUG=true MODEL_PATH=models/tiny-bloom python train.py`, run
     once, as typed, for the tests that check it (test_train's, and test_qlora's float32 reference)."""
-    from test_train import user_command
-
     folder = tmp_path_factory.mktemp("quick-start")
     return folder, user_command(folder, DEBUG="true", MODEL_PATH="models/tiny-bloom")
 

@@ -19,7 +19,7 @@ from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig, MistralC
 
 import inference
 import train
-from conftest import SAMPLE, TINY_BLOOM, metric_rows, one_torch_thread
+from conftest import TINY_BLOOM, metric_rows, one_torch_thread
 from support import checkpoint, model_loading
 from support.alpaca_data import IGNORE_INDEX, PadCollator
 from support.config import ConfigError, TrainConfig
@@ -60,13 +60,6 @@ def one_thread_and_an_empty_cache_after():
     with one_torch_thread():
         yield
     inference.clear_cache()
-
-
-@pytest.fixture(scope="module")
-def small_data(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("data") / "small.json"
-    path.write_text(json.dumps(json.loads(SAMPLE.read_text(encoding="utf-8"))[:48]), encoding="utf-8")
-    return path
 
 
 @pytest.mark.parametrize("name", ARCHITECTURES)

@@ -813,13 +813,23 @@ def test_grouped_batches_are_far_more_uniform_than_random(tokenizer, sample, cac
 @pytest.mark.slow  # the benchmark end to end
 # --- the benchmark still runs ----------------------------------------------------------------------------------------
 
-def test_bench_data_runs_and_writes_its_table(tmp_path, capsys):
+def test_bench_data_runs_and_writes_its_table(tmp_path, capsys, monkeypatch):
     """bench/bench_data.py end to end on the sample once (the real run repeats it 26 times): grouping by length
-    wastes less padding than random batches, the cached re-run is faster, the command is on top."""
+    wastes less padding than random batches, the cached re-run is faster, the command is on top.
+
+    Positive controls: the random-batch figure is recomputed from the tokenized lengths alone, and the "from cache"
+    row is a cache load (the second call tokenizes nothing), so neither row can pass without measuring."""
     from bench import bench_data
 
+    tokenized, datasets_returned = [], []
+    tokenize_to_cache, tokenize_records = ad._tokenize_to_cache, ad.tokenize_records
+    monkeypatch.setattr(ad, "_tokenize_to_cache", lambda *a, **k: tokenized.append(a[6]) or tokenize_to_cache(*a, **k))
+    monkeypatch.setattr(ad, "tokenize_records",
+                        lambda *a, **k: datasets_returned.append(tokenize_records(*a, **k)) or datasets_returned[-1])
     out = tmp_path / "data.md"
     bench_data.main(["--repeat", "1", "--epochs", "1", "--max-length", "128", "--out", str(out)])
+    # Three tokenize_records calls (the sample, the cold and the warm timing); only the first two tokenized.
+    assert len(datasets_returned) == 3 and len(tokenized) == 2 and tokenized[1].parent.name == "big"
     table = out.read_text()
     assert table.strip() in capsys.readouterr().out
     assert "Reproduce: `python bench/bench_data.py --repeat 1 --epochs 1 --max-length 128 --out " in table
@@ -827,6 +837,10 @@ def test_bench_data_runs_and_writes_its_table(tmp_path, capsys):
     random_fraction = float(value["real-token fraction, random batches (DistributedSampler)"])
     grouped_fraction = float(value["real-token fraction, LengthGroupedSampler"])
     assert 0 < random_fraction < grouped_fraction <= 1
+    lengths = list(datasets_returned[0]["length"])
+    order = list(torch.utils.data.DistributedSampler(range(len(lengths)), num_replicas=1, rank=0, seed=0))
+    batches = [[lengths[i] for i in order[start:start + 8]] for start in range(0, len(order), 8)]  # batch size 8
+    assert abs(random_fraction - sum(lengths) / sum(len(b) * max(b) for b in batches)) < 5e-4
     cold = next(float(v.split()[0]) for k, v in value.items() if k.startswith("tokenize "))
     warm = float(value["same call again, loaded from cache, wall"].split()[0])
     assert warm < cold

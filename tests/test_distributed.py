@@ -29,7 +29,7 @@ from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 from torch.distributed.fsdp import FSDPModule
 
 import train
-from conftest import REPO, SAMPLE, TINY_BLOOM, adapter_tensors, metric_rows
+from conftest import REPO, SAMPLE, TINY_BLOOM, adapter_tensors, metric_rows, tiny_settings
 from support.config import ConfigError, TrainConfig, load_config
 from support.distributed import gradient_sync
 
@@ -37,23 +37,9 @@ WORKER = REPO / "tests" / "torchrun_worker.py"
 LAUNCH_TIMEOUT_S = 300
 
 
-@pytest.fixture(scope="module")
-def small_data(tmp_path_factory) -> Path:
-    """48 records: 8 for validation, 40 to train on (an even count, so DistributedSampler pads nothing)."""
-    path = tmp_path_factory.mktemp("data") / "small.json"
-    path.write_text(json.dumps(json.loads(SAMPLE.read_text(encoding="utf-8"))[:48]), encoding="utf-8")
-    return path
-
-
-def tiny_settings(root: Path, name: str, data: Path, **overrides) -> dict:
-    """TrainConfig keywords for a 3-step run that checkpoints every step: float32, no dropout, and no warm-up unless
-    asked (WARM_UP): a warm-up's first lr is 0, which makes step 1 move nothing."""
-    settings = dict(model_path=str(TINY_BLOOM), data_path=str(data), output_dir=str(root / name),
-                    cache_dir=str(root / "cache"), max_length=128, batch_size=2, grad_accum_steps=1,
-                    lora_dropout=0.0, warmup_steps=0, size_valid_set=8, eval_freq=0, num_epochs=1, max_steps=3,
-                    save_steps=1)
-    settings.update(overrides)
-    return settings
+def run_settings(root: Path, name: str, data: Path, **overrides) -> dict:
+    """conftest's tiny_settings with batches of 2 and a checkpoint every step (no warm-up unless asked: WARM_UP)."""
+    return tiny_settings(root, data, name, **{"batch_size": 2, "save_steps": 1, **overrides})
 
 
 def free_port() -> int:
@@ -335,7 +321,7 @@ def two_node_runs(tmp_path_factory, small_data) -> Path:
     """`torchrun --nnodes=2 --nproc_per_node=1 --rdzv-backend=c10d --rdzv-endpoint=127.0.0.1:PORT` started twice,
     as on two machines; the c10d rendezvous gives them node ranks 0 and 1. They train every run in DDP_RUNS."""
     root = tmp_path_factory.mktemp("two_nodes")
-    runs = [tiny_settings(root, f"ddp-{name}", small_data, ddp=True, **ddp) for name, (ddp, _) in DDP_RUNS.items()]
+    runs = [run_settings(root, f"ddp-{name}", small_data, ddp=True, **ddp) for name, (ddp, _) in DDP_RUNS.items()]
     port = free_port()
     node = torchrun("--nnodes=2", "--nproc_per_node=1", "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{port}",
                     "--rdzv-id=test-two-nodes", "--local-addr=127.0.0.1", str(WORKER), str(root / "dump"),
@@ -369,7 +355,7 @@ def test_two_nodes_match_one_process_with_the_whole_batch(two_node_runs, small_d
     ref_outs = []
     for reference in DDP_RUNS[name][1]:
         split = f"{reference['batch_size']}x{reference.get('grad_accum_steps', 1)}"  # micro-batch x accumulation
-        ref_out, ref_dump = train_reference(tiny_settings(tmp_path, f"one-process-{split}", small_data, **reference),
+        ref_out, ref_dump = train_reference(run_settings(tmp_path, f"one-process-{split}", small_data, **reference),
                                             tmp_path / "dump", monkeypatch)
         ref_outs.append(ref_out)
         if name.endswith("float64"):
@@ -390,7 +376,7 @@ def test_the_equivalence_check_is_sensitive(two_node_runs, small_data, tmp_path,
     """1 process x batch b (half the global batch) fails every check of assert_same_training by far, also with the
     eps-regime elements left out, with and without the warm-up."""
     for ddp_name, schedule in (("ddp-plain", {}), ("ddp-plain-warm-up", WARM_UP)):
-        half_out, ref_dump = train_reference(tiny_settings(tmp_path, f"half-{ddp_name}", small_data, batch_size=2,
+        half_out, ref_dump = train_reference(run_settings(tmp_path, f"half-{ddp_name}", small_data, batch_size=2,
                                                            **schedule), tmp_path / "dump", monkeypatch)
         ddp_out = two_node_runs / ddp_name
         (ddp_losses, _), (half_losses, _) = metrics(ddp_out), metrics(half_out)
@@ -418,11 +404,11 @@ def fsdp_runs(tmp_path_factory, small_data, two_node_runs) -> Path:
     set the ranks cannot split evenly) and "resumed-from-ddp" (the DDP run "plain", continued from its step-2
     checkpoint under FSDP)."""
     root = tmp_path_factory.mktemp("fsdp")
-    runs = [tiny_settings(root, f"fsdp-{name}", small_data, fsdp=True, **DDP_RUNS[name][0]) for name in FSDP_RUNS]
+    runs = [run_settings(root, f"fsdp-{name}", small_data, fsdp=True, **DDP_RUNS[name][0]) for name in FSDP_RUNS]
     valid = root / "valid.json"
     valid.write_text(json.dumps(json.loads(SAMPLE.read_text(encoding="utf-8"))[100:100 + ODD_VALID]))
-    runs += [tiny_settings(root, "fsdp-odd-valid", small_data, fsdp=True, valid_data_path=str(valid), **PLAIN),
-             tiny_settings(root, "fsdp-resumed-from-ddp", small_data, fsdp=True, **PLAIN,
+    runs += [run_settings(root, "fsdp-odd-valid", small_data, fsdp=True, valid_data_path=str(valid), **PLAIN),
+             run_settings(root, "fsdp-resumed-from-ddp", small_data, fsdp=True, **PLAIN,
                            resume_from=str(two_node_runs / "ddp-plain" / "checkpoint-2"))]
     command = torchrun("--standalone", "--nproc_per_node=2", str(WORKER), str(root / "dump"), json.dumps(runs))
     [result] = run_launches([command], launch_env())
@@ -449,7 +435,7 @@ def test_fsdp_matches_one_process_and_ddp(fsdp_runs, two_node_runs, small_data, 
     ddp_out = two_node_runs / f"ddp-{name}"
     reference = DDP_RUNS[name][1][0]
     split = f"{reference['batch_size']}x{reference.get('grad_accum_steps', 1)}"
-    ref_out, ref_dump = train_reference(tiny_settings(tmp_path, f"one-process-{split}", small_data, **reference),
+    ref_out, ref_dump = train_reference(run_settings(tmp_path, f"one-process-{split}", small_data, **reference),
                                         tmp_path / "dump", monkeypatch)
     for other_out, other_dump in ((ref_out, ref_dump), (ddp_out, two_node_runs / "dump" / ddp_out.name)):
         if name.endswith("float64"):
@@ -519,7 +505,7 @@ def test_fsdp_evaluates_a_validation_set_the_ranks_cannot_split_evenly(fsdp_runs
     forward passes (FSDP gathers weights in each) and the loss is that of the 9 records, as one process has it."""
     fsdp_out, fsdp_dump = fsdp_run(fsdp_runs, "odd-valid")
     valid = fsdp_runs / "valid.json"
-    ref_out, ref_dump = train_reference(tiny_settings(tmp_path, "one-process-odd-valid", small_data, batch_size=4,
+    ref_out, ref_dump = train_reference(run_settings(tmp_path, "one-process-odd-valid", small_data, batch_size=4,
                                                       valid_data_path=str(valid)), tmp_path / "dump", monkeypatch)
     # Every element to 1e-4, as for "accum": these batches (48 records to train on) give a few elements a step-1
     # gradient in AdamW's eps regime (see assert_same_training); the others are held to 1e-5.
@@ -575,7 +561,7 @@ def counted_allreduces(cfg: TrainConfig, monkeypatch, without_no_sync: bool = Fa
 
 
 def test_one_gradient_allreduce_per_optimizer_step(tmp_path, small_data, one_rank_group, monkeypatch):
-    settings = tiny_settings(tmp_path, "out", small_data, ddp=True, grad_accum_steps=4, max_steps=3,
+    settings = run_settings(tmp_path, "out", small_data, ddp=True, grad_accum_steps=4, max_steps=3,
                              save_steps=0)
     assert counted_allreduces(TrainConfig(**settings), monkeypatch) == 3  # steps x buckets
     # Sensitivity: without no_sync every micro-batch's backward all-reduces.
@@ -614,7 +600,7 @@ def micro_batches_reduced(cfg: TrainConfig, monkeypatch, always_sync: bool = Fal
 def test_fsdp_reduces_gradients_once_per_optimizer_step(tmp_path, small_data, one_rank_group, monkeypatch):
     """FSDP reduces a step's gradients in the last micro-batch's backward pass only: set_requires_gradient_sync
     (False) on the others (distributed.gradient_sync), as DDP's no_sync()."""
-    settings = tiny_settings(tmp_path, "out", small_data, fsdp=True, grad_accum_steps=3, max_steps=1, save_steps=0)
+    settings = run_settings(tmp_path, "out", small_data, fsdp=True, grad_accum_steps=3, max_steps=1, save_steps=0)
     assert micro_batches_reduced(TrainConfig(**settings), monkeypatch) == [False, False, True]
     # Sensitivity: syncing every micro-batch reduces each one's gradients at once.
     monkeypatch.setenv("MASTER_PORT", str(free_port()))

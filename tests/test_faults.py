@@ -416,23 +416,19 @@ def test_a_signal_is_recorded_and_a_second_ctrl_c_stops_at_once():
         signals = train.StopSignals()
         signals.catch(force_on_second_sigint=force)
         try:
-            os.kill(os.getpid(), signal.SIGTERM)
-            time.sleep(0.05)  # the handler runs at the next bytecode after delivery
+            signal.raise_signal(signal.SIGTERM)  # returns after the Python handler has run
             assert signals.received == signal.SIGTERM
-            os.kill(os.getpid(), signal.SIGINT)
-            time.sleep(0.05)
+            signal.raise_signal(signal.SIGINT)
             assert signals.received == signal.SIGTERM  # the first signal is the one reported
         finally:
             signals.release()
         signals = train.StopSignals()
         signals.catch(force_on_second_sigint=force)
         try:
-            os.kill(os.getpid(), signal.SIGINT)
-            time.sleep(0.05)
+            signal.raise_signal(signal.SIGINT)
             assert signals.received == signal.SIGINT
             with pytest.raises(KeyboardInterrupt) if force else contextlib.nullcontext():
-                os.kill(os.getpid(), signal.SIGINT)
-                time.sleep(0.05)
+                signal.raise_signal(signal.SIGINT)
         finally:
             signals.release()
     assert {signum: signal.getsignal(signum) for signum in handlers_before} == handlers_before  # restored
@@ -446,6 +442,24 @@ class ItemsAndPids(torch.utils.data.Dataset):
         return index, os.getpid()
 
 
+def signals_handled(pid: int) -> bool:
+    """True once no signal waits for `pid` (none pending; or it has exited): an ignored signal is dropped when it is
+    sent, one whose default action is to end the process is pending until the process ends."""
+    status = psutil.Process(pid)
+    if status.status() == psutil.STATUS_ZOMBIE:
+        return True
+    fields = dict(line.split(":", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines() if ":" in line)
+    return int(fields["SigPnd"], 16) == 0 and int(fields["ShdPnd"], 16) == 0
+
+
+def wait_until(condition, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"not within {timeout} s: {condition}"
+        time.sleep(0.01)
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="reads /proc/<pid>/status")
 def test_data_loader_workers_leave_stop_signals_to_the_training_process():
     """A terminal's Ctrl-C and torchrun's SIGTERM reach the loader workers too (their process group): the workers
     ignore both, and the loader goes on to its last batch (without: "DataLoader worker ... killed by signal")."""
@@ -455,21 +469,30 @@ def test_data_loader_workers_leave_stop_signals_to_the_training_process():
     first, worker = next(batches)
     for signum in (signal.SIGINT, signal.SIGTERM):
         os.kill(worker, signum)
-    time.sleep(0.5)
+    wait_until(lambda: signals_handled(worker))
+    assert psutil.Process(worker).status() != psutil.STATUS_ZOMBIE
     assert [first] + [index for index, _ in batches] == list(range(8))
+
+    # Positive control: a worker that does not ignore SIGTERM has ended once the wait above is over.
+    plain = iter(torch.utils.data.DataLoader(ItemsAndPids(), batch_size=None, num_workers=1, prefetch_factor=1))
+    _, plain_worker = next(plain)
+    os.kill(plain_worker, signal.SIGTERM)
+    wait_until(lambda: signals_handled(plain_worker))
+    assert psutil.Process(plain_worker).status() == psutil.STATUS_ZOMBIE
+    with pytest.raises(RuntimeError, match="DataLoader worker"):
+        list(plain)
 
 
 # train.main with a SIGTERM just before the line of an error that ended the loop (as torchrun's to a survivor the
 # moment another worker dies), or just before the last step's adapter is written.
 SIGTERM_BEFORE = """
-import os, signal, sys, time
+import signal, sys
 import train
 from support import faults
 
 def sigterm_before(function):
     def with_sigterm_first(*args):
-        os.kill(os.getpid(), signal.SIGTERM)
-        time.sleep(0.2)  # delivered: a Python handler runs at the next bytecode, the default one at once
+        signal.raise_signal(signal.SIGTERM)  # returns after a Python handler has run; the default one ends us
         return function(*args)
     return with_sigterm_first
 

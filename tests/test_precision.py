@@ -18,25 +18,14 @@ from safetensors.torch import load_file
 from transformers import BloomModel
 
 import train
-from conftest import REPO, SAMPLE, TINY_BLOOM, adapter_tensors, metric_rows
+from conftest import REPO, SAMPLE, TINY_BLOOM, adapter_tensors, metric_rows, tiny_settings
 from support import precision
 from support.config import TrainConfig, load_config
 
 
-@pytest.fixture(scope="module")
-def small_data(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("data") / "small.json"
-    path.write_text(json.dumps(json.loads(SAMPLE.read_text(encoding="utf-8"))[:48]), encoding="utf-8")
-    return path
-
-
-def tiny_settings(tmp_path: Path, data: Path, **overrides) -> dict:
-    """A 5-step run: no dropout, no warm-up (warm-up's first lr is 0), evaluation only at the end."""
-    settings = dict(model_path=str(TINY_BLOOM), data_path=str(data), output_dir=str(tmp_path / "out"),
-                    cache_dir=str(tmp_path / "cache"), max_length=128, batch_size=4, grad_accum_steps=1,
-                    lora_dropout=0.0, warmup_steps=0, size_valid_set=8, eval_freq=0, num_epochs=1, max_steps=5)
-    settings.update(overrides)
-    return settings
+def run_settings(tmp_path: Path, data: Path, **overrides) -> dict:
+    """conftest's tiny_settings, 5 steps."""
+    return tiny_settings(tmp_path, data, **{"max_steps": 5, **overrides})
 
 
 def set_env(monkeypatch, settings: dict) -> None:
@@ -130,7 +119,7 @@ def json_batch() -> dict:
 @pytest.mark.parametrize("precision, dtype", [("bf16", torch.bfloat16), ("fp16", torch.float16),
                                               ("fp32", torch.float32)])
 def test_training_and_evaluation_run_under_the_same_autocast(tmp_path, small_data, precision, dtype):
-    trainer = make_trainer(TrainConfig(**tiny_settings(tmp_path, small_data, max_steps=1)), precision)
+    trainer = make_trainer(TrainConfig(**run_settings(tmp_path, small_data, max_steps=1)), precision)
     assert trainer.gradscaler.is_enabled() == (precision == "fp16")
     assert all(p.dtype == torch.float32 for p in trainer.trainable_parameters())  # LoRA stays float32
     seen = []
@@ -142,7 +131,7 @@ def test_training_and_evaluation_run_under_the_same_autocast(tmp_path, small_dat
 
 
 def test_fp16_step_order_is_scale_backward_unscale_clip_step_update(tmp_path, small_data, monkeypatch):
-    trainer = make_trainer(TrainConfig(**tiny_settings(tmp_path, small_data, grad_accum_steps=2)), "fp16")
+    trainer = make_trainer(TrainConfig(**run_settings(tmp_path, small_data, grad_accum_steps=2)), "fp16")
     scaler, calls, clipped = trainer.gradscaler, [], []
     assert scaler.get_scale() == 65536.0  # torch.amp.GradScaler("cpu"), loss scaling on
 
@@ -169,7 +158,7 @@ def test_fp16_step_order_is_scale_backward_unscale_clip_step_update(tmp_path, sm
     assert calls == ["scale", "scale", "unscale_", "clip", "step", "update"]  # one scale per micro-batch
 
     # Clipping sees unscaled gradients: about the float32 ones, not 65536 times larger.
-    fp32 = make_trainer(TrainConfig(**tiny_settings(tmp_path / "fp32", small_data, grad_accum_steps=2)), "fp32")
+    fp32 = make_trainer(TrainConfig(**run_settings(tmp_path / "fp32", small_data, grad_accum_steps=2)), "fp32")
     fp32.optimizer_step(micro_batches)
     assert len(clipped) == 2
     for half, full in zip(*clipped):
@@ -183,7 +172,7 @@ def runs(tmp_path_factory, small_data) -> dict[str, Path]:
     """5 steps each of fp32, MIX_PREC_TRAIN=true (bf16 on the CPU) and PRECISION=fp16; name -> OUTPUT_DIR."""
     outputs = {}
     for name, extra in {"fp32": {}, "mix": {"mix_prec_train": True}, "fp16": {"precision": "fp16"}}.items():
-        cfg = TrainConfig(**tiny_settings(tmp_path_factory.mktemp(name), small_data, **extra))
+        cfg = TrainConfig(**run_settings(tmp_path_factory.mktemp(name), small_data, **extra))
         train.run(cfg, train.DistEnv())
         outputs[name] = Path(cfg.output_dir)
     return outputs
@@ -217,7 +206,7 @@ def test_half_precision_base_weights_train_as_on_a_gpu(tmp_path, small_data, mon
         return real_build(model, *args, **kwargs)
 
     monkeypatch.setattr(train, "build_lora_model", build)
-    cfg = TrainConfig(**tiny_settings(tmp_path, small_data, precision=precision))
+    cfg = TrainConfig(**run_settings(tmp_path, small_data, precision=precision))
     train.run(cfg, train.DistEnv())
 
     assert built and all(not p.requires_grad and torch.equal(p, before) for _, p, before in built)
@@ -255,7 +244,7 @@ def test_nan_loss_without_a_scaler_stops_with_one_line_and_keeps_the_last_checkp
         return loss * float("nan") if len(calls) == 1 + 3 else loss
 
     monkeypatch.setattr(train.Trainer, "batch_loss", nan_at_step_3)
-    settings = tiny_settings(tmp_path, small_data, save_steps=2, mix_prec_train="true")
+    settings = run_settings(tmp_path, small_data, save_steps=2, mix_prec_train="true")
     set_env(monkeypatch, settings)
     assert train.main([]) == 1
 
@@ -292,7 +281,7 @@ def inf_gradient_at_step(monkeypatch, step: int) -> None:
 
 def test_inf_gradient_without_a_scaler_stops_before_the_update(tmp_path, small_data, monkeypatch, capsys):
     inf_gradient_at_step(monkeypatch, 2)
-    settings = tiny_settings(tmp_path, small_data, save_steps=1, precision="bf16")
+    settings = run_settings(tmp_path, small_data, save_steps=1, precision="bf16")
     set_env(monkeypatch, settings)
     assert train.main([]) == 1
     err_lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
@@ -304,7 +293,7 @@ def test_inf_gradient_without_a_scaler_stops_before_the_update(tmp_path, small_d
 
 def test_fp16_inf_gradient_is_skipped_counted_and_shown(tmp_path, small_data, monkeypatch, capsys):
     inf_gradient_at_step(monkeypatch, 2)
-    settings = tiny_settings(tmp_path, small_data, save_steps=1, max_steps=4, precision="fp16")
+    settings = run_settings(tmp_path, small_data, save_steps=1, max_steps=4, precision="fp16")
     set_env(monkeypatch, settings)
     assert train.main([]) == 0
     out = Path(settings["output_dir"])
@@ -445,7 +434,7 @@ def test_out_of_memory_is_one_line_with_what_to_change(tmp_path, small_data, mon
         return real_step(self, micro_batches)
 
     monkeypatch.setattr(train.Trainer, "optimizer_step", step_that_runs_out_of_memory)
-    settings = tiny_settings(tmp_path, small_data, save_steps=1)
+    settings = run_settings(tmp_path, small_data, save_steps=1)
     set_env(monkeypatch, settings)
     assert train.main([]) == 1
     err = capsys.readouterr().err
@@ -473,7 +462,7 @@ def test_a_batch_shape_that_does_not_fit_fails_before_the_first_step(tmp_path, s
     example's length raises torch.OutOfMemoryError. The run fails at its very first training forward pass
     (try_longest_batch), with the one-line advice, before any step is logged or checkpointed, instead of whenever
     the data loader first draws that example."""
-    settings = tiny_settings(tmp_path, small_data, save_steps=1, max_length=512)
+    settings = run_settings(tmp_path, small_data, save_steps=1, max_length=512)
     cfg = TrainConfig(**settings)
     train_set, _, _ = train.prepare_datasets(cfg, train.load_tokenizer(cfg.model_path))
     too_long = max(train_set["length"])

@@ -16,11 +16,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_train import foreign_lines, user_command
+from test_train import foreign_lines
 
 import inference
 import train
-from conftest import FIELDS, REPO, SAMPLE, TINY_BLOOM, adapter_tensors, metric_rows, one_torch_thread
+from conftest import (
+    FIELDS, REPO, SAMPLE, TINY_BLOOM, adapter_tensors, metric_rows, one_torch_thread, user_command,
+)
 from lora_model import LoraConfig, LoraModelForCasualLM
 from support import checkpoint, model_loading
 from support.config import ConfigError, TrainConfig, load_config

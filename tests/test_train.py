@@ -18,7 +18,7 @@ import pytest
 import torch
 
 import train
-from conftest import FIELDS, REPO, SAMPLE, TINY_BLOOM, adapter_tensors, metric_rows
+from conftest import REPO, SAMPLE, TINY_BLOOM, adapter_tensors, metric_rows, tiny_settings, user_command
 from support import checkpoint, distributed, model_loading, token_loss
 from support.alpaca_data import IGNORE_INDEX
 from support.checkpoint import checkpoint_dirs
@@ -30,20 +30,9 @@ def records():
     return json.loads(SAMPLE.read_text(encoding="utf-8"))
 
 
-@pytest.fixture
-def small_data(tmp_path, records) -> Path:
-    path = tmp_path / "small.json"
-    path.write_text(json.dumps(records[:48]), encoding="utf-8")
-    return path
-
-
 def tiny_config(tmp_path: Path, data: Path, **overrides) -> TrainConfig:
-    """A run small enough for a unit test: float32, no dropout, no warm-up (warm-up's first lr is 0)."""
-    settings = dict(model_path=str(TINY_BLOOM), data_path=str(data), output_dir=str(tmp_path / "out"),
-                    cache_dir=str(tmp_path / "cache"), max_length=128, batch_size=4, grad_accum_steps=1,
-                    lora_dropout=0.0, warmup_steps=0, size_valid_set=8, eval_freq=0, num_epochs=1, max_steps=3)
-    settings.update(overrides)
-    return TrainConfig(**settings)
+    """conftest's tiny_settings as a TrainConfig."""
+    return TrainConfig(**tiny_settings(tmp_path, data, **overrides))
 
 
 def max_rel_diff(a: dict, b: dict) -> float:
@@ -463,17 +452,6 @@ def foreign_lines(output: str) -> list[str]:
     """The lines of `output` (progress-bar redraws included) that train.py did not print."""
     lines = (line.strip() for line in re.split(r"[\r\n]", output))
     return [line for line in lines if line and not OUR_LINE.match(line)]
-
-
-def user_command(folder: Path, **settings) -> subprocess.CompletedProcess:
-    """`SETTING=... python train.py` with only `settings` set (the environment's other TrainConfig variables
-    removed), from `folder`, which sees the repo's models/ and data/ as a clone's root would."""
-    for name in ("models", "data"):
-        if not (folder / name).exists():
-            (folder / name).symlink_to(REPO / name)
-    env = {k: v for k, v in os.environ.items() if k.lower() not in FIELDS}
-    return subprocess.run([sys.executable, str(REPO / "train.py")], cwd=folder, env={**env, **settings},
-                          capture_output=True, text=True, timeout=600)
 
 
 @pytest.mark.slow
