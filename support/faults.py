@@ -132,7 +132,7 @@ def communication_failure(err: RuntimeError) -> str | None:
 
 
 def exit_code(err: BaseException, cfg, dist) -> int | None:
-    """Print the one line `err` deserves (on stderr, prefixed with the rank under DDP) and return the exit code;
+    """Print the one line `err` deserves (on stderr, prefixed with the rank under DDP or FSDP) and return the exit code;
     None for a bug, whose traceback the caller keeps. `cfg` and `dist` are None until they are set up."""
 
     def error(message: str) -> None:
