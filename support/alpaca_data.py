@@ -339,8 +339,8 @@ def tokenize_records(records: Sequence[Mapping], tokenizer, prompter: PromptTemp
     meta = json.loads((final / _META_FILE).read_text(encoding="utf-8"))
     if meta["examples"] == meta["answer_cut"]:  # none kept, or all kept for their prompt alone
         source = f"{stats['source']}: " if stats and "source" in stats else ""
-        raise DataError(f"{source}no example keeps a response token within MAX_LENGTH={max_length} tokens: every prompt "
-                        f"is at least that long; raise MAX_LENGTH or shorten the prompts")
+        raise DataError(f"{source}no example keeps a response token within MAX_LENGTH={max_length} tokens: every "
+                        "prompt is at least that long; raise MAX_LENGTH or shorten the prompts")
     if stats is not None:
         stats.update({k: meta[k] for k in ("examples", "truncated", "answer_cut", "no_label_dropped")},
                      fingerprint=fingerprint)
