@@ -36,6 +36,7 @@ def fsync_path(path: Path) -> None:
 # A staging name (see `staging_path`): ".<name>.<pid>-<hex>.tmp".
 STAGING_RE = re.compile(r"\.(.+)\.\d+-[0-9a-f]{8}\.tmp")
 DISK_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
+NEARLY_FULL_BYTES = 1 << 20  # free space below this, after a write failed, means the write hit a full disk
 
 
 def staging_path(final: Path) -> Path:
@@ -90,6 +91,16 @@ def write_bytes(path: str | os.PathLike, data: bytes) -> None:
         if err.filename is None:
             raise OSError(err.errno, err.strerror, str(path)) from None
         raise
+
+
+def disk_is_full(err: Exception, folder: Path) -> bool:
+    """Whether a library's error (not an OSError) means the disk is full: safetensors says "No space left on device
+    (os error 28)"; torch's zip writer says only "[enforce fail at inline_container.cc] unexpected pos", so for it the
+    disk is asked, while the partly written file still holds what space there was."""
+    text = str(err)
+    if "No space left on device" in text or "os error 28" in text:
+        return True
+    return "inline_container" in text and shutil.disk_usage(folder).free < NEARLY_FULL_BYTES
 
 
 def describe_write_error(err: OSError) -> str:
@@ -147,6 +158,12 @@ def atomic_write(final: str | os.PathLike, folder: bool = False, keep_existing: 
         except OSError as err:
             if err.filename and str(err.filename).startswith(str(staging)):
                 err.filename = str(final) + str(err.filename)[len(str(staging)):]
+            elif err.filename is None and not folder:
+                err.filename = str(final)
+            raise
+        except Exception as err:
+            if disk_is_full(err, staging.parent):  # a library's own words for ENOSPC
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(final)) from err
             raise
         give_umask_permissions(staging)
         for path in sorted(staging.rglob("*")) if folder else []:

@@ -339,7 +339,9 @@ def options_markdown() -> str:
         "`MIX_PREC_TRAIN`, `DDP`), and a `--flag` (`--batch_size 8` or `--batch-size 8`); a flag wins over the "
         "environment, booleans accept 1/0/true/false/yes/no, a bad value stops the run with one line naming it, and "
         f"`DEBUG=true` changes these defaults unless you set them: {debug}, and `DATA_PATH` becomes the shipped "
-        "sample. `python train.py --help` lists the same options with their defaults.",
+        "sample. An environment variable that is not an option but is close to one (`LORA_RANK`, `MAX_STEP`) gets "
+        "a warning line naming the option (`LORA_R`, `MAX_STEPS`). `python train.py --help` lists the same options "
+        "with their defaults.",
         "",
         "| variable / flag | default | meaning |",
         "| --- | --- | --- |",

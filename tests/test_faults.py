@@ -739,6 +739,40 @@ def test_after_a_full_disk_latest_ends_with_the_uninterrupted_runs_adapter(tmp_p
     assert resumed != (tmp_path / "out" / "checkpoint-2" / "adapter_model.safetensors").read_bytes()  # it trained on
 
 
+def test_a_full_disk_in_a_librarys_own_words_is_an_oserror_naming_the_file(tmp_path, monkeypatch):
+    """What safetensors and torch's zip writer raise on a full disk (measured on a 512 KiB tmpfs) becomes ENOSPC
+    naming the file; torch's words alone are not enough, the disk must be (nearly) full too."""
+    final = tmp_path / "weights.bin"
+    safetensors_words = RuntimeError("Error while serializing: I/O error: No space left on device (os error 28)")
+    torch_words = RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 576 vs 534")
+    for error, free, full in [(safetensors_words, 10**9, True), (torch_words, 1000, True), (torch_words, 10**9, False),
+                              (RuntimeError("something else"), 0, False)]:
+        monkeypatch.setattr(atomic.shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(10**10, 0, free))
+        with pytest.raises((OSError, RuntimeError)) as e, atomic.atomic_write(final) as staging:
+            staging.write_bytes(b"half")
+            raise error
+        if full:
+            assert e.type is OSError and e.value.errno == errno.ENOSPC and e.value.filename == str(final)
+            assert e.value.__cause__ is error
+        else:
+            assert e.value is error
+        assert list(tmp_path.iterdir()) == []  # nothing half-written
+
+
+def test_a_file_a_library_writes_0600_gets_the_users_umask(tmp_path):
+    previous = os.umask(0o002)
+    try:
+        with atomic.atomic_write(tmp_path / "adapter_model.safetensors") as staging:
+            os.close(os.open(staging, os.O_WRONLY | os.O_CREAT, 0o600))  # as safetensors' save_file does
+        with atomic.atomic_write(tmp_path / "checkpoint", folder=True) as staging:
+            os.close(os.open(staging / "a", os.O_WRONLY | os.O_CREAT, 0o600))
+    finally:
+        os.umask(previous)
+    assert atomic.file_mode() == 0o644  # the umask is back, and read without changing it
+    assert ((tmp_path / "adapter_model.safetensors").stat().st_mode & 0o777 == 0o664
+            == (tmp_path / "checkpoint" / "a").stat().st_mode & 0o777)
+
+
 def test_the_last_checkpoint_is_named_or_said_to_be_none_yet(tmp_path, data, cache, capsys):
     """A second Ctrl-C before the first checkpoint: "there is no complete checkpoint yet", not "... is none"."""
     cfg = load_config([], run_env(data, cache, tmp_path / "out"))

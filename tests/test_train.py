@@ -9,6 +9,7 @@ import json
 import math
 import os
 import re
+import shlex
 import subprocess
 import sys
 import weakref
@@ -195,6 +196,34 @@ def test_the_summary_says_what_ran_and_its_command_survives_a_shell(tmp_path, sm
                            text=True, check=True)
     assert shell.stdout.splitlines() == ["inference.py", "--lora-weights", cfg.output_dir, "--instruction",
                                          "Give three tips for staying healthy."]
+
+
+@pytest.mark.slow  # inference.py in a process of its own
+def test_the_printed_try_it_command_runs_in_a_shell_for_a_folder_with_a_space(tmp_path, small_data, capsys):
+    cfg = tiny_config(tmp_path, small_data, output_dir=str(tmp_path / "my runs" / "out 1"), max_steps=1)
+    train.run(cfg, train.DistEnv())
+    command = capsys.readouterr().out.splitlines()[-1]
+    assert command.startswith("python inference.py --lora-weights ")
+    # This interpreter for `python`, and a short answer; the rest exactly as printed, parsed by sh.
+    result = subprocess.run(["sh", "-c", f"{shlex.quote(sys.executable)}{command[len('python'):]} --max-new-tokens 4"],
+                            cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert f"+ adapter {cfg.output_dir} (merged)" in result.stderr and result.stdout.strip()
+
+
+def test_the_banner_counts_the_examples_that_lost_their_answer(tmp_path, records, capsys):
+    """Some prompts fill MAX_LENGTH=96, others leave room for their answer: the banner says how many lost it,
+    counted here with the tokenizer and the template."""
+    from prompter import Prompter
+
+    tokenizer = train.load_tokenizer(str(TINY_BLOOM))
+    prompts = [Prompter().generate_prompt(r["instruction"], r["input"]) for r in records[:48] if r["output"].strip()]
+    cut = sum(len(tokenizer(p)["input_ids"]) >= 96 for p in prompts)
+    assert 0 < cut < len(prompts)
+    (tmp_path / "data.json").write_text(json.dumps(records[:48]), encoding="utf-8")
+    train.run(tiny_config(tmp_path, tmp_path / "data.json", max_length=96, max_steps=1), train.DistEnv())
+    assert (f"warning      {cut} of {len(prompts)} examples lost their whole answer to MAX_LENGTH=96 (the prompt "
+            "alone fills it) and train on the prompt only") in capsys.readouterr().out
 
 
 def test_files_are_written_with_the_users_umask(tmp_path, small_data):
