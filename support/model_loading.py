@@ -134,10 +134,10 @@ def no_loading_bar():
 
 def load_tokenizer(model_path: str, name: str = "model_path"):
     """The base model's tokenizer; one without a pad token pads with its EOS token."""
+    if looks_like_missing_folder(model_path):  # before importing transformers: a typo fails in a moment
+        raise model_load_error(model_path, FileNotFoundError(model_path), name)
     from transformers import AutoTokenizer
 
-    if looks_like_missing_folder(model_path):
-        raise model_load_error(model_path, FileNotFoundError(model_path), name)
     try:
         tokenizer = AutoTokenizer.from_pretrained(model_path, trust_remote_code=False, **hub_options(model_path))
     except (OSError, ValueError) as err:
@@ -155,10 +155,10 @@ def default_target_modules(model_path: str, name: str = "model_path") -> list[st
     Raises:
         FileNotFoundError, ValueError: the model's config.json cannot be found or read (see `model_load_error`).
     """
-    from transformers import AutoConfig
-
     if looks_like_missing_folder(model_path):
         raise model_load_error(model_path, FileNotFoundError(model_path), name)
+    from transformers import AutoConfig
+
     try:
         model_type = AutoConfig.from_pretrained(model_path, trust_remote_code=False,
                                                 **hub_options(model_path)).model_type
