@@ -224,15 +224,15 @@ def find_latest_checkpoint(output_dir: Path, skipped: list[str] | None = None) -
 
 # --- writing and pruning: complete or absent --------------------------------------------------------------------
 
-def resume_advice(output_dir: Path, disk_full: bool = False) -> str:
-    """For a line that ends a run: the last complete checkpoint in `output_dir` (or that there is none yet) and, after
-    a full disk, how much to free and how to go on."""
+def resume_advice(output_dir: Path, disk_full: bool = False, how_to_resume: str = "") -> str:
+    """For a line that ends a run: the last complete checkpoint in `output_dir` (or that there is none yet) followed by
+    `how_to_resume`, or, after a full disk, how much to free and how to go on."""
     found = find_latest_checkpoint(output_dir)
     if found is None:
         return "there is no complete checkpoint yet" + ("; free some space and start the run again" if disk_full
                                                         else "")
     if not disk_full:
-        return f"the last complete checkpoint is {found}"
+        return f"the last complete checkpoint is {found}{how_to_resume}"
     size = sum(p.stat().st_size for p in found.iterdir() if p.is_file())
     return (f"the last complete checkpoint is {found}; free at least {human_bytes(size)} (one checkpoint), then run "
             "the same command again with RESUME_FROM=latest")

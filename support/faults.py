@@ -24,7 +24,7 @@ import torch
 import torch.distributed as torch_dist
 
 from support.atomic import DISK_FULL_ERRNOS, describe_write_error
-from support.checkpoint import find_latest_checkpoint, resume_advice
+from support.checkpoint import resume_advice
 from support.config import ConfigError
 from support.data_sources import DataError
 
@@ -141,8 +141,7 @@ def exit_code(err: BaseException, cfg, dist) -> int | None:
         print(f"error: {rank}{message}", file=sys.stderr, flush=True)
 
     def last_checkpoint(how_to_resume: str = "") -> str:
-        found = cfg and find_latest_checkpoint(Path(cfg.output_dir))
-        return f"; {resume_advice(Path(cfg.output_dir))}{how_to_resume if found else ''}" if cfg else ""
+        return f"; {resume_advice(Path(cfg.output_dir), how_to_resume=how_to_resume)}" if cfg else ""
 
     if isinstance(err, TrainingStopped):
         if dist.is_master:
