@@ -158,7 +158,7 @@ def atomic_write(final: str | os.PathLike, folder: bool = False, keep_existing: 
         except OSError as err:
             if err.filename and str(err.filename).startswith(str(staging)):
                 err.filename = str(final) + str(err.filename)[len(str(staging)):]
-            elif err.filename is None and not folder:
+            elif err.filename is None and err.errno is not None and not folder:
                 err.filename = str(final)
             raise
         except Exception as err:
