@@ -89,7 +89,7 @@ def validate_records(records: Sequence, source: str) -> tuple[list[dict], dict]:
     records = records if isinstance(records, Records) else Records(records)
     name = records.column  # messages use the data's own column names (DATA_FIELDS may have renamed them)
     clean, empty_outputs, placeholders = [], 0, 0
-    unused: dict[str, None] = {}  # other columns, in the order first seen
+    unused = dict.fromkeys(records.dropped)  # other columns, in the order first seen
     for i, record in enumerate(records):
         where = f"{source}: {records.where(i)}"
         if not isinstance(record, Mapping):
@@ -143,7 +143,7 @@ def data_stats_line(stats: Mapping) -> str:
 
     The caller names the source. Example: "2,000 records, 1,996 kept (4 empty outputs dropped, 24 placeholder
     inputs cleared, 854 with input); 1,996 tokenized, 2 truncated, 0 dropped with no response token", and the
-    columns not used, if any ("; not used: context (only instruction, input and output are)").
+    columns not used, if any ("; columns not used: context").
     """
     line = (f"{stats['records']:,} records, {stats['kept']:,} kept "
             f"({stats['empty_output_dropped']:,} empty outputs dropped, "
@@ -152,7 +152,7 @@ def data_stats_line(stats: Mapping) -> str:
         line += (f"; {stats['examples']:,} tokenized, {stats['truncated']:,} truncated, "
                  f"{stats['no_label_dropped']:,} dropped with no response token")
     if stats.get("unused_columns"):
-        line += f"; not used: {_names(stats['unused_columns'])} (only instruction, input and output are)"
+        line += f"; columns not used: {_names(stats['unused_columns'])}"
     return line
 
 

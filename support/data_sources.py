@@ -43,6 +43,7 @@ class Records(list):
                  fields: Mapping[str, str] | None = None):
         super().__init__(records)
         self.unit, self.numbers, self.fields = unit, numbers, dict(fields or {})
+        self.dropped: list[str] = []  # columns DATA_FIELDS replaced (an `output` column when output=answer)
 
     def where(self, i: int) -> str:
         return f"{self.unit} {self.numbers[i] if self.numbers is not None else i + 1}"
@@ -178,7 +179,9 @@ def _apply_fields(records: Records, fields: dict[str, str], label: str) -> Recor
     inverse = {column: field for field, column in fields.items()}
     renamed = [{inverse.get(k, k): v for k, v in r.items() if k in inverse or k not in fields}
                if isinstance(r, dict) else r for r in records]
-    return Records(renamed, records.unit, records.numbers, fields)
+    mapped = Records(renamed, records.unit, records.numbers, fields)
+    mapped.dropped = [k for k in found if k in fields and k not in inverse]  # named in the banner as not used
+    return mapped
 
 
 def _read_records_file(path: Path, label: str, hf_cache: Path, suffix: str | None = None) -> Records:

@@ -593,12 +593,17 @@ def test_answers_cut_away_by_max_length_are_counted_and_none_left_is_refused(tok
 def test_columns_that_are_not_used_are_named(tmp_path):
     """DATA_FIELDS=instruction=prompt,output=answer on a CSV that also has a `context` column: the banner's data line
     names it, not the mapped ones."""
-    rows = [{"prompt": r["instruction"], "context": r["input"], "answer": r["output"]} for r in THREE]
+    rows = [{"prompt": r["instruction"], "context": r["input"], "answer": r["output"], "output": "x"} for r in THREE]
+    path = write_records(tmp_path / "with_context.csv", rows)
+    records = sources.load_records(path, tmp_path / "cache", {"instruction": "prompt", "output": "answer"})
+    _, stats = ad.validate_records(records, path)
+    assert stats["unused_columns"] == ["output", "context"]  # "output" is replaced by the column DATA_FIELDS maps
+    rows = [{k: v for k, v in row.items() if k != "output"} for row in rows]
     path = write_records(tmp_path / "with_context.csv", rows)
     records = sources.load_records(path, tmp_path / "cache", {"instruction": "prompt", "output": "answer"})
     _, stats = ad.validate_records(records, path)
     assert stats["unused_columns"] == ["context"]
-    assert ad.data_stats_line(stats).endswith("; not used: context (only instruction, input and output are)")
+    assert ad.data_stats_line(stats).endswith("; columns not used: context")
     _, stats = ad.validate_records(sources.load_records(write_records(tmp_path / "three.csv", THREE),
                                                         tmp_path / "cache"), path)
     assert stats["unused_columns"] == [] and "not used" not in ad.data_stats_line(stats)
