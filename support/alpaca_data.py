@@ -89,7 +89,7 @@ def validate_records(records: Sequence, source: str) -> tuple[list[dict], dict]:
     records = records if isinstance(records, Records) else Records(records)
     name = records.column  # messages use the data's own column names (DATA_FIELDS may have renamed them)
     clean, empty_outputs, placeholders = [], 0, 0
-    unused = dict.fromkeys(records.dropped)  # other columns, in the order first seen
+    unused = dict.fromkeys(getattr(records, "dropped", []))  # other columns, in the order first seen
     for i, record in enumerate(records):
         where = f"{source}: {records.where(i)}"
         if not isinstance(record, Mapping):
