@@ -1,8 +1,10 @@
 """One run per OUTPUT_DIR: a run owns its folder while it runs, and never mixes its results with another run's.
 
-  * While a run trains, rank 0 holds an OS lock (flock) on OUTPUT_DIR/run.lock, which names it (pid, start time,
-    host). The kernel releases it when the process ends, however it ends (kill -9 included), so a lock is never
-    stale. A second run into the folder stops at once with one line naming the running one, and writes nothing.
+  * From the moment its data and settings are checked, before the model loads, until it ends, rank 0 of a run holds
+    an OS lock (flock) on OUTPUT_DIR/run.lock, which names it (pid, start time, host). The kernel releases it when the
+    process ends, however it ends (kill -9 included), so a lock is never stale. A second run into the folder stops
+    at once with one line naming the running one, and writes nothing; of two started together, the second stops
+    before loading the model. A run that fails before writing anything removes its lock file again.
   * A new run (no RESUME_FROM, or a checkpoint of another folder) into a folder that holds another run's results
     (adapter, checkpoints, metrics) is refused, with the two ways on: RESUME_FROM=latest continues that run,
     OVERWRITE_OUTPUT_DIR=true starts over after moving the old results aside to <OUTPUT_DIR>.replaced-<time>/, so
