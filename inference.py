@@ -397,9 +397,11 @@ def main(argv: list[str] | None = None) -> int:
                 print(response, flush=True)
 
         # Load first: load errors show before the first prompt, and the user sees what answers.
-        loaded = load_model(args.model_path, args.lora_weights, precision=args.precision, merge=not args.no_merge,
-                            device=args.device)
-        print(loaded.describe(), file=sys.stderr, flush=True)
+        with warnings.catch_warnings():  # a merge that did not happen is the note below, not a Python warning
+            warnings.filterwarnings("ignore", message="adapter kept unmerged", category=UserWarning)
+            loaded = load_model(args.model_path, args.lora_weights, precision=args.precision,
+                                merge=not args.no_merge, device=args.device)
+        print(loaded.describe() + (f"\nnote: {loaded.note}" if loaded.note else ""), file=sys.stderr, flush=True)
         if args.instruction is None:
             _interactive(generate)
         else:

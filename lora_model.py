@@ -20,10 +20,11 @@ from pathlib import Path
 
 import torch
 import torch.nn as nn
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
+from safetensors.torch import save as safetensors_bytes
 
 from lora_layer import Embedding, Linear, LoraLayer, is_conv1d, is_quantized_linear
-from support.atomic import atomic_write, write_text_atomically
+from support.atomic import atomic_write, write_bytes, write_text_atomically
 from support.peft_format import (
     ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME, BIAS_CHOICES, DEFAULT_TARGET_MODULES,
     LEGACY_WEIGHTS_NAME, PEFT_KEY_PREFIX,
@@ -372,7 +373,8 @@ class LoraModelForCasualLM(nn.Module):
         state_dict = self.adapter_state_dict() if state_dict is None else state_dict
         tensors = {key: (t.float() if "lora_" in key else t).contiguous().cpu() for key, t in state_dict.items()}
         with atomic_write(folder / ADAPTER_WEIGHTS_NAME) as staging:
-            save_file(tensors, str(staging), metadata={"format": "pt"})
+            # Serialized in memory, written by Python: a full disk is an OSError naming the file.
+            write_bytes(staging, safetensors_bytes(tensors, metadata={"format": "pt"}))
         write_text_atomically(folder / ADAPTER_CONFIG_NAME, json.dumps(self.lora_config.to_peft_dict(), indent=2)
                               + "\n")
 

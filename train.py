@@ -40,11 +40,11 @@ from support.alpaca_data import (
     validate_records,
 )
 from support.checkpoint import (
-    CHECKPOINT_PREFIX, Progress, check_resumable, checkpoint_manifest, find_latest_checkpoint,
-    read_trainer_state, resolve_resume, resume_notes, rng_state, run_identity,
+    CHECKPOINT_PREFIX, Progress, check_resumable, checkpoint_manifest,
+    read_trainer_state, resolve_resume, resume_advice, resume_notes, rng_state, run_identity,
     save_checkpoint_folder, set_rng_state, trainer_state,
 )
-from support.config import ConfigError, TrainConfig, load_config
+from support.config import ConfigError, TrainConfig, load_config, misspelled_settings
 from support.data_sources import load_records
 from support.distributed import (
     DistEnv, all_reduce_sum, ddp_model, gather_objects, gradient_sync, note, setup_distributed,
@@ -232,6 +232,7 @@ class Trainer:
         self.stop_signal: Callable[[], int] = lambda: 0  # see train()
         if resume is not None:
             self.resume(*resume)
+        self.first_step = self.progress.step  # where this session started: 0, or the checkpoint's step
 
     # --- set-up ---
 
@@ -378,8 +379,7 @@ class Trainer:
         if not (math.isfinite(loss) and math.isfinite(grad_norm) or self.gradscaler.is_enabled()):
             # Without a GradScaler nothing would skip this update: AdamW would write inf/NaN into the adapter.
             raise RunError(f"{problem} at step {self.progress.step + 1} with {self.precision}; stopping before the "
-                           f"update. The last good checkpoint is {find_latest_checkpoint(self.output_dir) or 'none'}"
-                           "; try a lower LEARNING_RATE or PRECISION=fp32")
+                           f"update; {resume_advice(self.output_dir)}; try a lower LEARNING_RATE or PRECISION=fp32")
         scale_before = self.gradscaler.get_scale()  # a sync only with fp16's GradScaler
         self.gradscaler.step(self.optimizer)
         self.gradscaler.update()
@@ -460,8 +460,7 @@ class Trainer:
         # Every rank learns whether rank 0's write worked, so all stop together if it did not; this is also the
         # barrier that keeps any rank from running ahead of (or exiting before) an unfinished checkpoint.
         if all_reduce_sum(torch.tensor([float(bool(error))], device=self.dist.device), self.dist).item():
-            raise RunError(f"{error or f'rank 0 could not write {final}'}; the last complete checkpoint is "
-                           f"{find_latest_checkpoint(self.output_dir) or 'none'}")
+            raise RunError(error or f"rank 0 could not write {final}; {resume_advice(self.output_dir)}")
         self._saved_step = progress.step
         return final
 
@@ -529,13 +528,16 @@ def try_longest_batch(trainer: Trainer) -> str:
 
 def run(cfg: TrainConfig, dist: DistEnv, signals: StopSignals | None = None) -> dict:
     """Everything after set-up; returns the last evaluation's metrics. Errors in the data or settings (a damaged or
-    incompatible RESUME_FROM included) surface before the model loads and before anything is written to OUTPUT_DIR.
-    From the first step on, `signals` (main's; the caller releases them) turn SIGTERM and Ctrl-C into a checkpoint.
+    incompatible RESUME_FROM included) surface before the model loads and before anything is written to OUTPUT_DIR;
+    then the run takes the folder (output_dir.own_output_dir), still before the model loads. From the first step on,
+    `signals` (main's; the caller releases them) turn SIGTERM and Ctrl-C into a checkpoint.
 
     Raises:
         TrainingStopped: a stop signal; the checkpoint is written.
     """
     started = time.perf_counter()
+    for line in misspelled_settings() if dist.is_master else []:
+        print(f"warning: {line}", flush=True)
     check_output_dir(cfg, dist)  # another run's folder: refused at once, nothing written
     seed_everything(cfg.seed)
     precision = resolve_precision(cfg.precision, dist.device, mixed=cfg.mix_prec_train)
@@ -546,22 +548,23 @@ def run(cfg: TrainConfig, dist: DistEnv, signals: StopSignals | None = None) -> 
     resume = resolve_resume(cfg, dist)
     if resume is not None:
         check_resumable(*resume, identity)
-    model = load_pretrained_model(cfg.model_path, dist.device, base_weight_dtype(precision, dist.device),
-                                  cfg.quantize, precision)
-    if cfg.fused_modules:
-        use_fused_modules(model)  # BLOOM's attention and GELU on fused kernels; other architectures have their own
-    lora_model = build_lora_model(model, cfg, cfg.model_path)  # same seed on every rank: identical LoRA init
-    # Dropout masks should differ between ranks; the offset keeps each rank's stream reproducible.
-    torch.manual_seed(cfg.seed + dist.rank)
-    trainer = Trainer(cfg, dist, lora_model, tokenizer, train_set, valid_set, precision, identity, resume)
-    if dist.is_master:
-        print_banner(cfg, dist, stats, trainer, describe_precision(cfg, trainer.precision, dist.device))
-    # An out-of-memory batch shape fails here, not steps into the run; a finished run has no step to fail.
-    fits = "nothing left to train" if trainer.finished else try_longest_batch(trainer)
-    if dist.is_master:
-        print(f"memory       {fits}", flush=True)
-    # This run's folder until it ends; nothing is written to it before (support/output_dir.py).
+    # This run's folder from here until it ends (support/output_dir.py), before the model loads: of two runs started
+    # together, the second stops here, not after loading the model and trying the longest batch beside the first.
     with own_output_dir(cfg, dist):
+        model = load_pretrained_model(cfg.model_path, dist.device, base_weight_dtype(precision, dist.device),
+                                      cfg.quantize, precision)
+        if cfg.fused_modules:
+            use_fused_modules(model)  # BLOOM's attention and GELU on fused kernels; other architectures: their own
+        lora_model = build_lora_model(model, cfg, cfg.model_path)  # same seed on every rank: identical LoRA init
+        # Dropout masks should differ between ranks; the offset keeps each rank's stream reproducible.
+        torch.manual_seed(cfg.seed + dist.rank)
+        trainer = Trainer(cfg, dist, lora_model, tokenizer, train_set, valid_set, precision, identity, resume)
+        if dist.is_master:
+            print_banner(cfg, dist, stats, trainer, describe_precision(cfg, trainer.precision, dist.device))
+        # An out-of-memory batch shape fails here, not steps into the run; a finished run has no step to fail.
+        fits = "nothing left to train" if trainer.finished else try_longest_batch(trainer)
+        if dist.is_master:
+            print(f"memory       {fits}", flush=True)
         if signals is not None:
             signals.catch(force_on_second_sigint=not dist.distributed)
         metrics = trainer.train(stop_signal=lambda: signals.received if signals else 0)

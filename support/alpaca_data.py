@@ -29,14 +29,14 @@ import datasets
 import torch
 
 from support.atomic import atomic_write
-from support.data_sources import DataError, Records, _names, _type_name, quiet_datasets
+from support.data_sources import ALPACA_FIELDS, DataError, Records, _names, _type_name, quiet_datasets
 
 # IGNORE_INDEX: the label the loss skips (padding; prompt tokens with TRAIN_ON_INPUTS=false)
 from support.token_loss import IGNORE_INDEX
 
 # Part of the tokenization cache key: bump it whenever _tokenize_batch changes what it produces, so caches
 # written by the old code are not loaded by the new one.
-TOKENIZE_VERSION = 1
+TOKENIZE_VERSION = 2
 _META_FILE = "alpaca_meta.json"
 
 
@@ -62,10 +62,10 @@ def validate_records(records: Sequence, source: str) -> tuple[list[dict], dict]:
 
     A record must be an object with string `instruction` (non-blank) and `output`; `input` must be a string,
     absent, or null (absent and null mean no input; Hugging Face datasets fill missing keys with null).
-    Other keys are ignored. Placeholder inputs ("Noinput", "No input.", "<no input>" and their case and
-    punctuation variants, or whitespace) become "". Records whose output is empty or whitespace are dropped
-    and counted: training on them teaches the model to stop at once. Outputs such as "<nooutput>" are kept
-    as they are.
+    Other keys are not used (the stats name them). Placeholder inputs ("Noinput", "No input.", "<no input>" and
+    their case and punctuation variants, or whitespace) become "". Records whose output is empty or whitespace
+    are dropped and counted: training on them teaches the model to stop at once. Outputs such as "<nooutput>"
+    are kept as they are.
 
     Args:
         records: the list returned by `load_records`, whose `Records.where` names each record in messages as
@@ -76,7 +76,7 @@ def validate_records(records: Sequence, source: str) -> tuple[list[dict], dict]:
     Returns:
         `(clean, stats)`: `clean` holds new dicts with exactly `instruction`, `input`, `output`, in order;
         `stats` has `source`, `records` (number in), `kept`, `empty_output_dropped`, `placeholder_inputs`
-        and `with_input` (kept records with a real input).
+        `with_input` (kept records with a real input) and `unused_columns` (the data's other column names).
 
     Raises:
         DataError: the list is empty or not a list, a record is malformed (the message names the source,
@@ -89,11 +89,13 @@ def validate_records(records: Sequence, source: str) -> tuple[list[dict], dict]:
     records = records if isinstance(records, Records) else Records(records)
     name = records.column  # messages use the data's own column names (DATA_FIELDS may have renamed them)
     clean, empty_outputs, placeholders = [], 0, 0
+    unused = dict.fromkeys(getattr(records, "dropped", []))  # other columns, in the order first seen
     for i, record in enumerate(records):
         where = f"{source}: {records.where(i)}"
         if not isinstance(record, Mapping):
             raise DataError(f"{where}: expected an object with '{name('instruction')}' and '{name('output')}', "
                             f"got {_type_name(record)}")
+        unused.update(dict.fromkeys(k for k in record if k not in ALPACA_FIELDS))
         for key in ("instruction", "output"):
             if key not in record:
                 raise DataError(f"{where}: {_missing(records, record, key)}")
@@ -122,6 +124,7 @@ def validate_records(records: Sequence, source: str) -> tuple[list[dict], dict]:
         "empty_output_dropped": empty_outputs,
         "placeholder_inputs": placeholders,
         "with_input": sum(1 for r in clean if r["input"]),
+        "unused_columns": [str(k) for k in unused],
     }
     return clean, stats
 
@@ -139,7 +142,8 @@ def data_stats_line(stats: Mapping) -> str:
     """Counts for the start banner, from the stats of `validate_records` (plus `tokenize_records` if given).
 
     The caller names the source. Example: "2,000 records, 1,996 kept (4 empty outputs dropped, 24 placeholder
-    inputs cleared, 854 with input); 1,996 tokenized, 2 truncated, 0 dropped with no response token".
+    inputs cleared, 854 with input); 1,996 tokenized, 2 truncated, 0 dropped with no response token", and the
+    columns not used, if any ("; columns not used: context").
     """
     line = (f"{stats['records']:,} records, {stats['kept']:,} kept "
             f"({stats['empty_output_dropped']:,} empty outputs dropped, "
@@ -147,7 +151,20 @@ def data_stats_line(stats: Mapping) -> str:
     if "examples" in stats:
         line += (f"; {stats['examples']:,} tokenized, {stats['truncated']:,} truncated, "
                  f"{stats['no_label_dropped']:,} dropped with no response token")
+    if stats.get("unused_columns"):
+        line += f"; columns not used: {_names(stats['unused_columns'])}"
     return line
+
+
+def answer_cut_warning(stats: Mapping, max_length: int) -> str:
+    """A line for the banner when MAX_LENGTH cut away the whole answer of some examples (kept with TRAIN_ON_INPUTS,
+    they train on their prompt alone), else ""."""
+    cut = stats.get("answer_cut", 0)
+    if not cut:
+        return ""
+    return (f"{cut:,} of {stats['examples']:,} examples lost their whole answer to MAX_LENGTH={max_length} (the "
+            "prompt alone fills it) and train on the prompt only; raise MAX_LENGTH, or TRAIN_ON_INPUTS=false "
+            "drops them")
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -204,7 +221,7 @@ def _tokenize_batch(batch: dict, tokenizer, prompter: PromptTemplate, max_length
     prompt_ids = _encode_prompts(tokenizer, prompts, preambles)
     response_ids = tokenizer(batch["output"], add_special_tokens=False, return_attention_mask=False)["input_ids"]
     eos = tokenizer.eos_token_id
-    out: dict[str, list] = {"input_ids": [], "labels": [], "length": [], "truncated": []}
+    out: dict[str, list] = {"input_ids": [], "labels": [], "length": [], "truncated": [], "answer_cut": []}
     for prompt, response in zip(prompt_ids, response_ids):
         ids = (prompt + response)[:max_length]
         truncated = len(prompt) + len(response) > max_length
@@ -222,6 +239,7 @@ def _tokenize_batch(batch: dict, tokenizer, prompter: PromptTemplate, max_length
         out["labels"].append(labels)
         out["length"].append(len(ids))
         out["truncated"].append(truncated)
+        out["answer_cut"].append(len(prompt) >= max_length)  # kept (TRAIN_ON_INPUTS): trains on the prompt only
     return out
 
 
@@ -319,11 +337,13 @@ def tokenize_records(records: Sequence[Mapping], tokenizer, prompter: PromptTemp
             _tokenize_to_cache(records, tokenizer, prompter, max_length, train_on_inputs, num_proc,
                                root, final, fingerprint, key)
     meta = json.loads((final / _META_FILE).read_text(encoding="utf-8"))
-    if meta["examples"] == 0:
-        raise DataError(f"no example keeps a response token within max_length={max_length}: every prompt "
-                        f"is at least that long; raise max_length")
+    if meta["examples"] == meta["answer_cut"]:  # none kept, or all kept for their prompt alone
+        source = f"{stats['source']}: " if stats and "source" in stats else ""
+        raise DataError(f"{source}no example keeps a response token within MAX_LENGTH={max_length} tokens: every "
+                        "prompt is at least that long; raise MAX_LENGTH or shorten the prompts")
     if stats is not None:
-        stats.update({k: meta[k] for k in ("examples", "truncated", "no_label_dropped")}, fingerprint=fingerprint)
+        stats.update({k: meta[k] for k in ("examples", "truncated", "answer_cut", "no_label_dropped")},
+                     fingerprint=fingerprint)
     with quiet_datasets():
         return datasets.load_from_disk(str(final))
 
@@ -338,6 +358,7 @@ def _tokenize_to_cache(records, tokenizer, prompter, max_length, train_on_inputs
         "labels": datasets.List(datasets.Value("int32")),
         "length": datasets.Value("int32"),
         "truncated": datasets.Value("bool"),
+        "answer_cut": datasets.Value("bool"),
     })
     tokenized = raw.map(
         _tokenize_batch,
@@ -358,9 +379,10 @@ def _tokenize_to_cache(records, tokenizer, prompter, max_length, train_on_inputs
         "records": len(records),
         "examples": len(tokenized),
         "truncated": sum(tokenized.data.column("truncated").to_pylist()),
+        "answer_cut": sum(tokenized.data.column("answer_cut").to_pylist()),
         "no_label_dropped": len(records) - len(tokenized),
     }
-    tokenized = tokenized.remove_columns("truncated")
+    tokenized = tokenized.remove_columns(["truncated", "answer_cut"])
 
     # keep_existing: another process (a DDP rank) may publish the same fingerprint first; its content is the same.
     with atomic_write(final, folder=True, keep_existing=True) as tmp:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import io
 import json
 import os
 import random
@@ -29,7 +30,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from support.atomic import atomic_write
+from support.atomic import DISK_FULL_ERRNOS, atomic_write, describe_write_error, human_bytes, write_bytes
 from support.config import RESUME_MUST_MATCH, ConfigError, TrainConfig
 from support.distributed import DistEnv, broadcast_from_master, note
 from support.peft_format import ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME
@@ -223,10 +224,24 @@ def find_latest_checkpoint(output_dir: Path, skipped: list[str] | None = None) -
 
 # --- writing and pruning: complete or absent --------------------------------------------------------------------
 
+def resume_advice(output_dir: Path, disk_full: bool = False, how_to_resume: str = "") -> str:
+    """For a line that ends a run: the last complete checkpoint in `output_dir` (or that there is none yet) followed by
+    `how_to_resume`, or, after a full disk, how much to free and how to go on."""
+    found = find_latest_checkpoint(output_dir)
+    if found is None:
+        return "there is no complete checkpoint yet" + ("; free some space and start the run again" if disk_full
+                                                        else "")
+    if not disk_full:
+        return f"the last complete checkpoint is {found}{how_to_resume}"
+    size = sum(p.stat().st_size for p in found.iterdir() if p.is_file())
+    return (f"the last complete checkpoint is {found}; free at least {human_bytes(size)} (one checkpoint), then run "
+            "the same command again with RESUME_FROM=latest")
+
+
 def write_manifest(folder: Path, manifest: dict) -> None:
     """The manifest goes in last: a folder without one is, by definition, an incomplete checkpoint."""
     manifest = {**manifest, "files": {p.name: file_digest(p) for p in sorted(folder.iterdir())}}
-    (folder / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
+    write_bytes(folder / MANIFEST_NAME, (json.dumps(manifest, indent=2) + "\n").encode("utf-8"))
 
 
 def remove_leftovers(output_dir: Path) -> None:
@@ -246,7 +261,11 @@ def write_checkpoint(final: Path, model: torch.nn.Module, state: dict, manifest:
     remove_leftovers(final.parent)
     with atomic_write(final, folder=True) as staging:
         model.save_pretrained(staging, state_dict=adapter)
-        torch.save(state, staging / TRAINER_STATE_NAME)
+        # Serialized in memory, written by Python: a full disk is then an OSError naming the file, where torch's own
+        # writer says "[enforce fail at inline_container.cc] unexpected pos".
+        buffer = io.BytesIO()
+        torch.save(state, buffer)
+        write_bytes(staging / TRAINER_STATE_NAME, buffer.getbuffer())
         write_manifest(staging, manifest)
 
 
@@ -255,13 +274,16 @@ def save_checkpoint_folder(final: Path, model: torch.nn.Module, state: dict, man
     """Write a checkpoint (`write_checkpoint`), then keep only the newest `keep` (SAVE_TOTAL_LIMIT; 0 keeps all).
 
     Returns:
-        "" when the checkpoint is on disk, else one line saying why it is not (disk full, read-only folder).
+        "" when the checkpoint is on disk, else one line saying why it is not (disk full, read-only folder), the last
+        complete checkpoint and how to go on.
     """
     try:
         write_checkpoint(final, model, state, manifest, adapter)
     except OSError as err:
+        if err.errno in DISK_FULL_ERRNOS:
+            return f"{describe_write_error(err)}; {resume_advice(final.parent, disk_full=True)}"
         reason = f"[Errno {err.errno}] {err.strerror}" if err.strerror else str(err)
-        return f"cannot write checkpoint to {final}: {reason}"
+        return f"cannot write checkpoint to {final}: {reason}; {resume_advice(final.parent)}"
     if keep > 0:
         try:
             prune_checkpoints(final.parent, keep, final)

@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import difflib
 import os
+import re
 import typing
 from dataclasses import dataclass, field
 
@@ -299,6 +301,27 @@ def load_config(argv: list[str] | None = None, environ: typing.Mapping[str, str]
     return TrainConfig(**values)
 
 
+# Environment variables that look like ours but belong to the launcher (torchrun) or the libraries.
+FOREIGN_SETTINGS = ("LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "GROUP_RANK", "ROLE_RANK", "MASTER_ADDR",
+                    "MASTER_PORT", "CRASH_BEFORE")
+
+
+def misspelled_settings(environ: typing.Mapping[str, str] | None = None) -> list[str]:
+    """One line for each environment variable that is not a setting but is close to one ("LORA_RANK is not a setting
+    of train.py and is ignored; did you mean LORA_R?"). Only upper-case names with an underscore are compared, and
+    only a close match counts: the environment holds many other programs' variables."""
+    environ = os.environ if environ is None else environ
+    known = [f.name.upper() for f in dataclasses.fields(TrainConfig)]
+    lines = []
+    for name in sorted(environ):
+        if name in known or name in FOREIGN_SETTINGS or not re.fullmatch(r"[A-Z][A-Z0-9]*_[A-Z0-9_]+", name):
+            continue
+        close = difflib.get_close_matches(name, known, n=1, cutoff=0.8)
+        if close and not name.endswith(f"_{close[0]}"):  # PIP_CACHE_DIR: another program's CACHE_DIR
+            lines.append(f"{name} is not a setting of train.py and is ignored; did you mean {close[0]}?")
+    return lines
+
+
 def options_markdown() -> str:
     """The options table of docs/options.md, generated from TrainConfig (tests/test_config.py fails if it drifts)."""
     def default_text(value) -> str:
@@ -316,7 +339,9 @@ def options_markdown() -> str:
         "`MIX_PREC_TRAIN`, `DDP`), and a `--flag` (`--batch_size 8` or `--batch-size 8`); a flag wins over the "
         "environment, booleans accept 1/0/true/false/yes/no, a bad value stops the run with one line naming it, and "
         f"`DEBUG=true` changes these defaults unless you set them: {debug}, and `DATA_PATH` becomes the shipped "
-        "sample. `python train.py --help` lists the same options with their defaults.",
+        "sample. An environment variable that is not an option but is close to one (`LORA_RANK`, `MAX_STEP`) gets "
+        "a warning line naming the option (`LORA_R`, `MAX_STEPS`). `python train.py --help` lists the same options "
+        "with their defaults.",
         "",
         "| variable / flag | default | meaning |",
         "| --- | --- | --- |",

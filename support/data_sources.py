@@ -43,6 +43,7 @@ class Records(list):
                  fields: Mapping[str, str] | None = None):
         super().__init__(records)
         self.unit, self.numbers, self.fields = unit, numbers, dict(fields or {})
+        self.dropped: list[str] = []  # columns DATA_FIELDS replaced (an `output` column when output=answer)
 
     def where(self, i: int) -> str:
         return f"{self.unit} {self.numbers[i] if self.numbers is not None else i + 1}"
@@ -178,7 +179,9 @@ def _apply_fields(records: Records, fields: dict[str, str], label: str) -> Recor
     inverse = {column: field for field, column in fields.items()}
     renamed = [{inverse.get(k, k): v for k, v in r.items() if k in inverse or k not in fields}
                if isinstance(r, dict) else r for r in records]
-    return Records(renamed, records.unit, records.numbers, fields)
+    mapped = Records(renamed, records.unit, records.numbers, fields)
+    mapped.dropped = [k for k in found if k in fields and k not in inverse]  # named in the banner as not used
+    return mapped
 
 
 def _read_records_file(path: Path, label: str, hf_cache: Path, suffix: str | None = None) -> Records:
@@ -255,6 +258,9 @@ def _csv_layout(text: str, label: str) -> tuple[list[str], list[int]]:
                 if len(set(row)) < len(row) or not all(name.strip() for name in row):
                     raise DataError(f"{label}: line {line}: a column name is empty or repeated in the header: "
                                     f"{_names(row)}")
+                if delimiter := _other_delimiter(row):
+                    raise DataError(f"{label}: line {line}: the header is one column, {row[0]!r}: is the "
+                                    f"delimiter {delimiter!r}? CSV files must be comma-separated")
             elif row:  # blank lines are skipped, as pandas does
                 if len(row) != len(header):
                     raise DataError(f"{label}: line {line}: {len(row)} cells, but the header has {len(header)}")
@@ -264,6 +270,16 @@ def _csv_layout(text: str, label: str) -> tuple[list[str], list[int]]:
         unclosed = " (a quoted cell that starts on this line is never closed)" if "end of data" in str(e) else ""
         raise DataError(f"{label}: line {line}: malformed CSV: {e}{unclosed}") from None
     return header, starts
+
+
+def _other_delimiter(header: list[str]) -> str | None:
+    """The delimiter a one-column header seems to use instead of commas (a spreadsheet's ";" or tab), else None: the
+    Alpaca fields need at least two columns, so one column holding ";" is a file split on the wrong character."""
+    if len(header) != 1:
+        return None
+    counts = {d: header[0].count(d) for d in (";", "\t", "|")}
+    found = max(counts, key=counts.get)
+    return found if counts[found] else None
 
 
 def _load_with_datasets(builder: str, path: Path, label: str, hf_cache: Path, **options) -> list[dict]:

@@ -23,7 +23,8 @@ from pathlib import Path
 import torch
 import torch.distributed as torch_dist
 
-from support.checkpoint import find_latest_checkpoint
+from support.atomic import DISK_FULL_ERRNOS, describe_write_error
+from support.checkpoint import resume_advice
 from support.config import ConfigError
 from support.data_sources import DataError
 
@@ -140,8 +141,7 @@ def exit_code(err: BaseException, cfg, dist) -> int | None:
         print(f"error: {rank}{message}", file=sys.stderr, flush=True)
 
     def last_checkpoint(how_to_resume: str = "") -> str:
-        found = cfg and find_latest_checkpoint(Path(cfg.output_dir))
-        return f"; the last complete checkpoint is {found or 'none'}{how_to_resume if found else ''}" if cfg else ""
+        return f"; {resume_advice(Path(cfg.output_dir), how_to_resume=how_to_resume)}" if cfg else ""
 
     if isinstance(err, TrainingStopped):
         if dist.is_master:
@@ -164,7 +164,11 @@ def exit_code(err: BaseException, cfg, dist) -> int | None:
                                 "new run)"))
         return 1
     if isinstance(err, OSError):  # disk full or folder read-only while writing metrics or the final adapter
-        error(f"{err}{last_checkpoint()}")
+        if err.errno in DISK_FULL_ERRNOS:
+            advice = f"; {resume_advice(Path(cfg.output_dir), disk_full=True)}" if cfg else ""
+            error(f"{describe_write_error(err)}{advice}")
+        else:
+            error(f"{err}{last_checkpoint()}")
         return 1
     if isinstance(err, RuntimeError) and str(err).startswith("DataLoader worker"):
         # Raised by the DataLoader's SIGCHLD handler, wherever the main thread is at that moment.

@@ -29,8 +29,11 @@ class MetricsLog:
         if self.enabled:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             row = {**row, "time": datetime.datetime.now().isoformat(timespec="milliseconds")}
-            with open(self.path, "a", encoding="utf-8") as f:
-                f.write(json.dumps(row) + "\n")
+            try:
+                with open(self.path, "a", encoding="utf-8") as f:
+                    f.write(json.dumps(row) + "\n")
+            except OSError as err:  # Python's write errors name no file; the run's last line should
+                raise OSError(err.errno, err.strerror, str(self.path)) if err.filename is None else err from None
 
     def rows(self) -> list[dict]:
         """Every complete row (a line a kill cut short is skipped)."""

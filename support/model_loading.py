@@ -8,13 +8,23 @@ wrong and what to do; they are FileNotFoundError when the model could not be fou
 from __future__ import annotations
 
 import contextlib
+import difflib
+import functools
 import logging
+import os
+import socket
+import threading
+import urllib.parse
 from pathlib import Path
 
 import torch
 
 from support.peft_format import DEFAULT_TARGET_MODULES
 from support.precision import half_precision_dtype
+
+# How long to wait for the hub to answer before treating it as unreachable: huggingface_hub itself retries a failed
+# connection five times with backoff, about a minute per file, before it looks in its download cache.
+HUB_PROBE_TIMEOUT_S = 5
 
 
 def model_load_error(model_path: str, err: Exception, name: str) -> Exception:
@@ -24,9 +34,15 @@ def model_load_error(model_path: str, err: Exception, name: str) -> Exception:
     error_type = FileNotFoundError if isinstance(err, OSError) else ValueError
     if Path(model_path).expanduser().exists():
         return error_type(f"{name}={model_path!r}: cannot load the model in this folder ({reason})")
-    if model_path.startswith((".", "/", "~")) or model_path.count("/") > 1:  # a path, not a hub id
-        return FileNotFoundError(f"{name}={model_path!r}: no such model folder; pass a local model folder or a hub "
-                                 "id such as 'bigscience/bloom-1b7'")
+    if looks_like_missing_folder(model_path):
+        return FileNotFoundError(f"{name}={model_path!r}: no such model folder{close_folder_hint(model_path)}; pass "
+                                 "a local model folder or a hub id such as 'bigscience/bloom-1b7'")
+    unreachable = hub_unreachable()
+    if unreachable:
+        return FileNotFoundError(f"{name}={model_path!r}: not a local folder, not downloaded yet, and the hub cannot "
+                                 f"be reached ({unreachable}); connect to the internet to download it once, or point "
+                                 "it at a local model folder such as models/tiny-bloom (HF_HUB_OFFLINE=1 skips the "
+                                 "hub)")
     return error_type(f"{name}={model_path!r}: not a local folder, and cannot load it from the hub ({reason}); "
                       "check the name, download it once while online (HF_HUB_OFFLINE unset), or point it at a "
                       "local model folder such as models/tiny-bloom")
@@ -34,9 +50,60 @@ def model_load_error(model_path: str, err: Exception, name: str) -> Exception:
 
 def looks_like_missing_folder(model_path: str) -> bool:
     """A path (not a hub id like "owner/name") with nothing there: fail at once instead of asking the hub, whose
-    retries take most of a minute on a machine without a network."""
-    is_path = model_path.startswith((".", "/", "~")) or model_path.count("/") > 1 or Path(model_path).is_absolute()
-    return is_path and not Path(model_path).expanduser().exists()
+    retries take most of a minute on a machine without a network. "models/tiny-blom" is a path because the folder
+    "models" exists here."""
+    path = Path(model_path).expanduser()
+    is_path = (model_path.startswith((".", "/", "~")) or model_path.count("/") > 1 or path.is_absolute()
+               or (len(path.parts) > 1 and path.parent.is_dir()))
+    return is_path and not path.exists()
+
+
+def close_folder_hint(model_path: str) -> str:
+    """ "; did you mean models/tiny-bloom?" when a folder beside the missing one has a close name, else ""."""
+    path = Path(model_path).expanduser()
+    if not path.parent.is_dir():
+        return ""
+    close = difflib.get_close_matches(path.name, [p.name for p in path.parent.iterdir() if p.is_dir()], n=1)
+    return f" (did you mean {path.parent / close[0]}?)" if close else ""
+
+
+@functools.lru_cache(maxsize=1)
+def hub_unreachable() -> str | None:
+    """Why the Hugging Face hub cannot be reached from here ("cannot resolve huggingface.co", "no answer within 5 s"),
+    or None when it answers, when HF_HUB_OFFLINE is set (the library then never asks) or behind a proxy (which this
+    check cannot see through). Asked once per process, with a short timeout."""
+    from huggingface_hub import constants
+
+    proxies = ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy", "HTTP_PROXY", "http_proxy")
+    if constants.HF_HUB_OFFLINE or any(os.environ.get(var) for var in proxies):
+        return None
+    url = urllib.parse.urlparse(constants.ENDPOINT)
+    host, port = url.hostname or "huggingface.co", url.port or (80 if url.scheme == "http" else 443)
+    outcome: list[str | None] = []
+
+    def probe() -> None:
+        try:
+            socket.create_connection((host, port), timeout=HUB_PROBE_TIMEOUT_S).close()
+            outcome.append(None)
+        except socket.gaierror:
+            outcome.append(f"cannot resolve {host}")
+        except OSError as err:
+            outcome.append(f"cannot connect to {host}:{port}: {err.strerror or err}")
+
+    # In a thread: name resolution has no timeout of its own, and a broken DNS can hang for a long time.
+    worker = threading.Thread(target=probe, daemon=True)
+    worker.start()
+    worker.join(HUB_PROBE_TIMEOUT_S)
+    return outcome[0] if outcome else f"no answer from {host} within {HUB_PROBE_TIMEOUT_S} s"
+
+
+def hub_options(model_path: str) -> dict:
+    """from_pretrained's options for `model_path`: only the download cache when it is a hub id and the hub cannot be
+    reached, so that a model downloaded before still loads and a missing one fails at once, not after a minute of
+    retries."""
+    if Path(model_path).expanduser().exists():
+        return {}
+    return {"local_files_only": True} if hub_unreachable() else {}
 
 
 @contextlib.contextmanager
@@ -56,12 +123,12 @@ def no_loading_bar():
 
 def load_tokenizer(model_path: str, name: str = "model_path"):
     """The base model's tokenizer; one without a pad token pads with its EOS token."""
+    if looks_like_missing_folder(model_path):  # before importing transformers: a typo fails in a moment
+        raise model_load_error(model_path, FileNotFoundError(model_path), name)
     from transformers import AutoTokenizer
 
-    if looks_like_missing_folder(model_path):
-        raise model_load_error(model_path, FileNotFoundError(model_path), name)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(model_path, trust_remote_code=False)
+        tokenizer = AutoTokenizer.from_pretrained(model_path, trust_remote_code=False, **hub_options(model_path))
     except (OSError, ValueError) as err:
         raise model_load_error(model_path, err, name) from None
     if tokenizer.pad_token is None:
@@ -77,12 +144,13 @@ def default_target_modules(model_path: str, name: str = "model_path") -> list[st
     Raises:
         FileNotFoundError, ValueError: the model's config.json cannot be found or read (see `model_load_error`).
     """
-    from transformers import AutoConfig
-
     if looks_like_missing_folder(model_path):
         raise model_load_error(model_path, FileNotFoundError(model_path), name)
+    from transformers import AutoConfig
+
     try:
-        model_type = AutoConfig.from_pretrained(model_path, trust_remote_code=False).model_type
+        model_type = AutoConfig.from_pretrained(model_path, trust_remote_code=False,
+                                                **hub_options(model_path)).model_type
     except (OSError, ValueError) as err:
         raise model_load_error(model_path, err, name) from None
     return DEFAULT_TARGET_MODULES.get(model_type)
@@ -124,7 +192,8 @@ def load_base_model(model_path: str, device: torch.device, dtype: torch.dtype | 
         raise model_load_error(model_path, FileNotFoundError(model_path), name)
     try:
         with no_loading_bar():
-            model = AutoModelForCausalLM.from_pretrained(model_path, trust_remote_code=False, **kwargs)
+            model = AutoModelForCausalLM.from_pretrained(model_path, trust_remote_code=False, **kwargs,
+                                                         **hub_options(model_path))
     except (OSError, ValueError) as err:
         raise model_load_error(model_path, err, name) from None
     return model if quantize else model.to(device)

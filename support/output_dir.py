@@ -1,8 +1,10 @@
 """One run per OUTPUT_DIR: a run owns its folder while it runs, and never mixes its results with another run's.
 
-  * While a run trains, rank 0 holds an OS lock (flock) on OUTPUT_DIR/run.lock, which names it (pid, start time,
-    host). The kernel releases it when the process ends, however it ends (kill -9 included), so a lock is never
-    stale. A second run into the folder stops at once with one line naming the running one, and writes nothing.
+  * From the moment its data and settings are checked, before the model loads, until it ends, rank 0 of a run holds
+    an OS lock (flock) on OUTPUT_DIR/run.lock, which names it (pid, start time, host). The kernel releases it when the
+    process ends, however it ends (kill -9 included), so a lock is never stale. A second run into the folder stops
+    at once with one line naming the running one, and writes nothing; of two started together, the second stops
+    before loading the model. A run that fails before writing anything removes its lock file again.
   * A new run (no RESUME_FROM, or a checkpoint of another folder) into a folder that holds another run's results
     (adapter, checkpoints, metrics) is refused, with the two ways on: RESUME_FROM=latest continues that run,
     OVERWRITE_OUTPUT_DIR=true starts over after moving the old results aside to <OUTPUT_DIR>.replaced-<time>/, so
@@ -101,8 +103,9 @@ def own_output_dir(cfg: TrainConfig, dist: DistEnv) -> Iterator[None]:
     Raises:
         ConfigError: on every rank, when another run took the folder first.
     """
-    lock_fd, problem, moved = None, "", None
+    lock_fd, problem, moved, created = None, "", None, False
     if dist.is_master:
+        created = not Path(cfg.output_dir).exists()
         lock_fd, problem = _take_lock(Path(cfg.output_dir))
         if lock_fd is not None and cfg.overwrite_output_dir and not cfg.resume_from:
             moved = move_aside(Path(cfg.output_dir))
@@ -115,22 +118,50 @@ def own_output_dir(cfg: TrainConfig, dist: DistEnv) -> Iterator[None]:
         yield
     finally:
         if lock_fd is not None:
-            os.close(lock_fd)  # closing the last descriptor releases the lock (as the kernel does on exit)
+            _release_lock(Path(cfg.output_dir), lock_fd, created)
+
+
+def _release_lock(output_dir: Path, fd: int, created: bool) -> None:
+    """Close the lock (closing the last descriptor releases it, as the kernel does on exit). A run that wrote nothing
+    (it failed before its first step: out of memory in the longest-batch trial, a model that does not load) leaves
+    no lock file behind, nor the folder if it created it."""
+    try:
+        if [p.name for p in output_dir.iterdir()] == [LOCK_NAME]:
+            (output_dir / LOCK_NAME).unlink()  # while still held: a run waiting for it takes a new file (_take_lock)
+            if created:
+                output_dir.rmdir()
+    except OSError:
+        pass  # the folder changed meanwhile: leave it
+    finally:
+        os.close(fd)
+
+
+def _is_lock_file(fd: int, path: Path) -> bool:
+    """Whether the locked descriptor is still the file at `path` (not one a run removed when it ended, see
+    `_release_lock`)."""
+    try:
+        here, locked = os.stat(path), os.fstat(fd)
+    except FileNotFoundError:
+        return False
+    return (here.st_dev, here.st_ino) == (locked.st_dev, locked.st_ino)
 
 
 def _take_lock(output_dir: Path) -> tuple[int | None, str]:
     """(descriptor holding the lock, "") or (None, why not). A few tries: a `running_owner` check by another
     process holds a shared lock for an instant."""
     output_dir.mkdir(parents=True, exist_ok=True)
-    fd = os.open(output_dir / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o644)
     for attempt in range(5):
+        fd = os.open(output_dir / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o644)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            break
         except BlockingIOError:
+            os.close(fd)
             time.sleep(0.1 * (attempt + 1))
+            continue
+        if _is_lock_file(fd, output_dir / LOCK_NAME):
+            break
+        os.close(fd)  # its holder ended and removed it: lock the file now at the path
     else:
-        os.close(fd)
         return None, (f"OUTPUT_DIR={output_dir} is in use by another run ({running_owner(output_dir) or 'unknown'})"
                       "; wait for it to end, or choose another OUTPUT_DIR")
     owner = {"pid": os.getpid(), "host": socket.gethostname(),

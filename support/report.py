@@ -3,9 +3,12 @@ command that tries the adapter."""
 
 from __future__ import annotations
 
+import shlex
+
 import torch.distributed as torch_dist
 
-from support.alpaca_data import data_stats_line
+from support.alpaca_data import answer_cut_warning, data_stats_line
+from support.atomic import human_bytes
 from support.config import TrainConfig
 from support.distributed import DistEnv
 from support.model_loading import base_model_bytes
@@ -42,6 +45,8 @@ def print_banner(cfg: TrainConfig, dist: DistEnv, stats: dict, trainer, precisio
                     f"epoch {progress.epoch + 1}, {progress.batches_done} of its {trainer.micro_batches_per_epoch} "
                     "micro-batches done")
         lines.append(f"resumed      from {trainer.resumed_from}: step {progress.step}, {position}")
+    if cut := answer_cut_warning(stats, cfg.max_length):
+        lines.append(f"warning      {cut}")
     if trainer.warmup_reason == "WARMUP_STEPS" and trainer.warmup_steps >= trainer.total_steps:
         lines.append(f"warning      WARMUP_STEPS={cfg.warmup_steps} is not shorter than the run ({trainer.total_steps} "
                      f"steps): the learning rate never reaches LEARNING_RATE={cfg.learning_rate:g}")
@@ -55,21 +60,26 @@ def base_memory_line(model, parameters: int) -> str:
     return f"{human_bytes(held)} of weights in memory ({held / float32:.2f} x float32's {human_bytes(float32)})"
 
 
-def human_bytes(count: float) -> str:
-    for unit in ("bytes", "KiB", "MiB", "GiB"):
-        if count < 1024 or unit == "GiB":
-            return f"{count:.0f} {unit}" if unit == "bytes" else f"{count:.2f} {unit}"
-        count /= 1024
-
-
 def print_summary(cfg: TrainConfig, trainer, metrics: dict, seconds: float) -> None:
-    """The end of a run: how long, how good, where the adapter is and the command that tries it."""
+    """The end of a run: how long, how good, where the adapter is and the command that tries it (shell-quoted, so
+    that it can be pasted whatever OUTPUT_DIR holds)."""
     progress, minutes = trainer.progress, f"{int(seconds // 60)} min {seconds % 60:.0f} s"
     evaluation = (f"eval loss {metrics['eval_loss']:.4f}, perplexity {metrics['eval_ppl']:.2f}" if metrics
                   else "no validation set")
     skipped = (f"; {progress.skipped_steps} of {progress.step} fp16 steps skipped by the GradScaler (inf/NaN "
                "gradients)" if trainer.gradscaler.is_enabled() else "")
-    print(f"done         {progress.step:,} steps in {minutes}; {evaluation}{skipped}\n"
-          f"adapter saved to {cfg.output_dir}; try it:\n"
-          f"python inference.py --lora-weights {cfg.output_dir} --instruction \"Give three tips for staying healthy.\"",
-          flush=True)
+    trained = progress.step - trainer.first_step
+    if trained == 0:
+        done = f"no step to train: the run had already finished at step {progress.step:,} ({minutes})"
+    elif trainer.first_step:
+        done = f"{steps(trained)} in {minutes}, from step {trainer.first_step:,} to {progress.step:,}"
+    else:
+        done = f"{steps(trained)} in {minutes}"
+    command = ["python", "inference.py", "--lora-weights", cfg.output_dir, "--instruction",
+               "Give three tips for staying healthy."]
+    print(f"done         {done}; {evaluation}{skipped}\n"
+          f"adapter saved to {cfg.output_dir}; try it:\n{shlex.join(command)}", flush=True)
+
+
+def steps(count: int) -> str:
+    return f"{count:,} step{'' if count == 1 else 's'}"

@@ -116,3 +116,14 @@ def test_config_parsing_accepts_or_refuses_in_one_line(env, flags):
         assert "\n" not in str(err) and str(err)
         return
     assert cfg.batch_size > 0 and 0 <= cfg.seed < 2**32  # an accepted config is a valid one
+
+
+def test_a_misspelled_setting_gets_a_did_you_mean_line():
+    """Only upper-case names with an underscore, close to a setting, and not another program's variable ending in a
+    setting's name (PIP_CACHE_DIR) or the launcher's (LOCAL_RANK)."""
+    environ = {"LORA_RANK": "16", "MAX_STEP": "2", "LORA_R": "8", "PIP_CACHE_DIR": "/tmp", "LOCAL_RANK": "0",
+               "HOME": "/root", "lora_rank": "16", "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    assert config.misspelled_settings(environ) == [
+        "LORA_RANK is not a setting of train.py and is ignored; did you mean LORA_R?",
+        "MAX_STEP is not a setting of train.py and is ignored; did you mean MAX_STEPS?"]
+    assert config.misspelled_settings({}) == []

@@ -143,6 +143,11 @@ MALFORMED = {
     "csv_repeated_column": ("x.csv", "instruction,output,output\na,b,c\n",
                             ["line 1: a column name is empty or repeated in the header: instruction, output, output"]),
     "csv_unnamed_column": ("x.csv", "instruction,,output\na,b,c\n", ["line 1: a column name is empty"]),
+    # A spreadsheet's ";" (or tab) CSV: one column named "instruction;output"; a comma in a cell made 2 cells.
+    "csv_semicolons": ("x.csv", "instruction;output\nSay hi, twice;hi hi\n",
+                       ["line 1: the header is one column, 'instruction;output': is the delimiter ';'? CSV files "
+                        "must be comma-separated"]),
+    "csv_tabs": ("x.csv", "instruction\toutput\nSay hi\thi\n", ["is the delimiter '\\t'? CSV files must be"]),
     "csv_blank_instruction": ("x.csv", "instruction,output\na,b\n,d\n", ["line 3: 'instruction' is empty"]),
     "not_parquet": ("x.parquet", '[{"instruction": "i", "output": "o"}]',
                     ["cannot read the parquet file: ArrowInvalid: ", "not a parquet file"]),
@@ -558,8 +563,50 @@ def test_examples_with_no_response_token_are_dropped(tokenizer, records, tmp_pat
     stats = {}
     ds = ad.tokenize_records([short] + longer, tokenizer, Prompter(), n_short + 2, False, tmp_path, stats=stats)
     assert len(ds) == 1 and stats["no_label_dropped"] == len(longer) > 0
-    with pytest.raises(DataError, match="raise max_length"):
+    with pytest.raises(DataError, match="raise MAX_LENGTH"):
         ad.tokenize_records(longer, tokenizer, Prompter(), n_short + 2, False, tmp_path)
+
+
+def test_answers_cut_away_by_max_length_are_counted_and_none_left_is_refused(tokenizer, records, tmp_path):
+    """TRAIN_ON_INPUTS=true (the default) keeps an example whose prompt fills MAX_LENGTH, for its prompt alone: the
+    banner counts them, and a file where no example keeps a response token is refused as TRAIN_ON_INPUTS=false
+    refuses it."""
+    short = min(records, key=lambda r: token_counts(tokenizer, r)[0])
+    max_length = token_counts(tokenizer, short)[0] + 2
+    longer = [r for r in records if token_counts(tokenizer, r)[0] >= max_length]
+    cut_by_hand = [r for r in [short] + longer if token_counts(tokenizer, r)[0] >= max_length]
+    stats = {"source": "mixed.json"}
+    ds = ad.tokenize_records([short] + longer, tokenizer, Prompter(), max_length, True, tmp_path, stats=stats)
+    assert len(ds) == 1 + len(longer) and stats["answer_cut"] == len(cut_by_hand) == len(longer) > 0
+    # The kept examples without an answer are exactly MAX_LENGTH prompt tokens, labels on the prompt only.
+    assert sorted(ds["length"])[1:] == [max_length] * len(longer)
+    assert ad.answer_cut_warning(stats, max_length) == (
+        f"{len(longer)} of {len(longer) + 1} examples lost their whole answer to MAX_LENGTH={max_length} (the prompt "
+        "alone fills it) and train on the prompt only; raise MAX_LENGTH, or TRAIN_ON_INPUTS=false drops them")
+    assert ad.answer_cut_warning({"answer_cut": 0, "examples": 5}, max_length) == ""
+    with pytest.raises(DataError) as e:
+        ad.tokenize_records(longer, tokenizer, Prompter(), max_length, True, tmp_path, stats={"source": "long.json"})
+    assert_one_line(e, f"long.json: no example keeps a response token within MAX_LENGTH={max_length} tokens: every "
+                       "prompt is at least that long; raise MAX_LENGTH or shorten the prompts")
+
+
+def test_columns_that_are_not_used_are_named(tmp_path):
+    """DATA_FIELDS=instruction=prompt,output=answer on a CSV that also has a `context` column: the banner's data line
+    names it, not the mapped ones."""
+    rows = [{"prompt": r["instruction"], "context": r["input"], "answer": r["output"], "output": "x"} for r in THREE]
+    path = write_records(tmp_path / "with_context.csv", rows)
+    records = sources.load_records(path, tmp_path / "cache", {"instruction": "prompt", "output": "answer"})
+    _, stats = ad.validate_records(records, path)
+    assert stats["unused_columns"] == ["output", "context"]  # "output" is replaced by the column DATA_FIELDS maps
+    rows = [{k: v for k, v in row.items() if k != "output"} for row in rows]
+    path = write_records(tmp_path / "with_context.csv", rows)
+    records = sources.load_records(path, tmp_path / "cache", {"instruction": "prompt", "output": "answer"})
+    _, stats = ad.validate_records(records, path)
+    assert stats["unused_columns"] == ["context"]
+    assert ad.data_stats_line(stats).endswith("; columns not used: context")
+    _, stats = ad.validate_records(sources.load_records(write_records(tmp_path / "three.csv", THREE),
+                                                        tmp_path / "cache"), path)
+    assert stats["unused_columns"] == [] and "not used" not in ad.data_stats_line(stats)
 
 
 def test_preamble_shortcut_matches_plain_tokenization(tokenizer, records):

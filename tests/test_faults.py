@@ -14,6 +14,7 @@ import io
 import json
 import os
 import random
+import re
 import shutil
 import signal
 import subprocess
@@ -30,7 +31,7 @@ from hypothesis import strategies as st
 
 import train
 from conftest import FIELDS, ODD_VALUES, REPO, SAMPLE, TINY_BLOOM, adapter_tensors, metric_rows
-from support import faults
+from support import atomic, faults
 from support.alpaca_data import validate_records
 from support.checkpoint import (
     checkpoint_dirs, checkpoint_step, find_latest_checkpoint, prune_checkpoints,
@@ -488,7 +489,7 @@ def test_data_loader_workers_leave_stop_signals_to_the_training_process():
 SIGTERM_BEFORE = """
 import signal, sys
 import train
-from support import faults
+from support import atomic, faults
 
 def sigterm_before(function):
     def with_sigterm_first(*args):
@@ -685,28 +686,122 @@ def test_the_same_data_under_another_path_resumes(tmp_path, straight, data, cach
 
 # --- write errors, dead data-loader workers, DDP timeout --------------------------------------------------------------
 
-def test_a_full_disk_keeps_the_last_checkpoint_and_says_so_in_one_line(tmp_path, data, cache, monkeypatch, capsys):
-    """The disk fills up while checkpoint-4 is written (simulated: torch.save raises ENOSPC the second time)."""
-    real_save, saves = torch.save, []
+class FullDisk:
+    """A stand-in for a disk that fills up: the `nth` file named `name` that atomic.write_bytes opens takes half its
+    bytes, then the write fails with ENOSPC, as Python's file.write reports it (no file name)."""
 
-    def save_until_the_disk_is_full(obj, path, *args, **kwargs):
-        saves.append(path)
-        if len(saves) == 2:
-            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
-        return real_save(obj, path, *args, **kwargs)
+    def __init__(self, name: str, nth: int) -> None:
+        self.name, self.nth, self.opened = name, nth, 0
 
-    monkeypatch.setattr(torch, "save", save_until_the_disk_is_full)
+    def open(self, path, mode="r", *args, **kwargs):
+        file = open(path, mode, *args, **kwargs)
+        if atomic.public_name(path).name == self.name:  # the adapter's file is staged under a hidden name
+            self.opened += 1
+            if self.opened == self.nth:
+                return HalfWritten(file)
+        return file
+
+
+class HalfWritten:
+    def __init__(self, file) -> None:
+        self.file = file
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.file.close()
+
+    def write(self, data) -> int:
+        self.file.write(bytes(data)[:len(data) // 2])
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+
+@pytest.mark.parametrize("name", [pytest.param("adapter_model.safetensors", marks=pytest.mark.slow), "trainer_state.pt",
+                                  pytest.param("manifest.json", marks=pytest.mark.slow)])
+def test_a_full_disk_keeps_the_last_checkpoint_and_says_so_in_one_line(tmp_path, data, cache, monkeypatch, capsys,
+                                                                       name):
+    """The disk fills up while checkpoint-4 is written, in each of its files: one line says so, names the file, the
+    free space, the last complete checkpoint and how to go on; nothing half-written is left."""
+    monkeypatch.setattr(atomic, "open", FullDisk(name, nth=2).open, raising=False)
     out = tmp_path / "out"
     for key, value in run_env(data, cache, out, SAVE_STEPS="2", MAX_STEPS="6").items():
         monkeypatch.setenv(key, value)
     assert train.main([]) == 1
     captured = capsys.readouterr()
     errors = [line for line in captured.err.splitlines() if line.startswith("error:")]
-    assert errors == [f"error: cannot write checkpoint to {out / 'checkpoint-4'}: [Errno 28] No space left on "
-                      f"device; the last complete checkpoint is {out / 'checkpoint-2'}"]
+    size = sum(p.stat().st_size for p in (out / "checkpoint-2").iterdir())
+    assert len(errors) == 1 and re.fullmatch(
+        re.escape(f"error: the disk is full: cannot write {out / 'checkpoint-4' / name} ([Errno 28] No space left on "
+                  "device; ") + r"\d+\.\d\d [KMG]iB" + re.escape(
+            f" free on the disk of {out}); the last complete checkpoint is {out / 'checkpoint-2'}; free at least "
+            f"{atomic.human_bytes(size)} (one checkpoint), then run the same command again with RESUME_FROM=latest"),
+        errors[0]), errors
     assert "Traceback" not in captured.err
     assert visible_checkpoints(out) == ["checkpoint-2"] and not leftovers(out)
     verify_checkpoint(out / "checkpoint-2")
+
+
+@pytest.mark.slow  # three runs, in this process
+def test_after_a_full_disk_latest_ends_with_the_uninterrupted_runs_adapter(tmp_path, data, cache, monkeypatch):
+    """Space freed, RESUME_FROM=latest goes on from checkpoint-2 and ends with the adapter, bit for bit, of a run
+    that never met a full disk."""
+    monkeypatch.setattr(atomic, "open", FullDisk("trainer_state.pt", nth=2).open, raising=False)
+    for key, value in run_env(data, cache, tmp_path / "out", SAVE_STEPS="2", MAX_STEPS="6").items():
+        monkeypatch.setenv(key, value)
+    assert train.main([]) == 1
+    monkeypatch.delattr(atomic, "open")  # the space is freed
+    monkeypatch.setenv("RESUME_FROM", "latest")
+    assert train.main([]) == 0
+    assert logged_steps(tmp_path / "out") == [1, 2, 3, 4, 5, 6]  # rows 3 and 4 of the failed run redone
+    monkeypatch.delenv("RESUME_FROM")
+    monkeypatch.setenv("OUTPUT_DIR", str(tmp_path / "straight"))
+    assert train.main([]) == 0
+    resumed = (tmp_path / "out" / "adapter_model.safetensors").read_bytes()
+    assert resumed == (tmp_path / "straight" / "adapter_model.safetensors").read_bytes()
+    assert resumed != (tmp_path / "out" / "checkpoint-2" / "adapter_model.safetensors").read_bytes()  # it trained on
+
+
+def test_a_full_disk_in_a_librarys_own_words_is_an_oserror_naming_the_file(tmp_path, monkeypatch):
+    """What safetensors and torch's zip writer raise on a full disk (measured on a 512 KiB tmpfs) becomes ENOSPC
+    naming the file; torch's words alone are not enough, the disk must be (nearly) full too."""
+    final = tmp_path / "weights.bin"
+    safetensors_words = RuntimeError("Error while serializing: I/O error: No space left on device (os error 28)")
+    torch_words = RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 576 vs 534")
+    for error, free, full in [(safetensors_words, 10**9, True), (torch_words, 1000, True), (torch_words, 10**9, False),
+                              (RuntimeError("something else"), 0, False)]:
+        monkeypatch.setattr(atomic.shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(10**10, 0, free))
+        with pytest.raises((OSError, RuntimeError)) as e, atomic.atomic_write(final) as staging:
+            staging.write_bytes(b"half")
+            raise error
+        if full:
+            assert e.type is OSError and e.value.errno == errno.ENOSPC and e.value.filename == str(final)
+            assert e.value.__cause__ is error
+        else:
+            assert e.value is error
+        assert list(tmp_path.iterdir()) == []  # nothing half-written
+
+
+def test_a_file_a_library_writes_0600_gets_the_users_umask(tmp_path):
+    previous = os.umask(0o002)
+    try:
+        with atomic.atomic_write(tmp_path / "adapter_model.safetensors") as staging:
+            os.close(os.open(staging, os.O_WRONLY | os.O_CREAT, 0o600))  # as safetensors' save_file does
+        with atomic.atomic_write(tmp_path / "checkpoint", folder=True) as staging:
+            os.close(os.open(staging / "a", os.O_WRONLY | os.O_CREAT, 0o600))
+    finally:
+        os.umask(previous)
+    assert atomic.file_mode() == 0o644  # the umask is back, and read without changing it
+    assert ((tmp_path / "adapter_model.safetensors").stat().st_mode & 0o777 == 0o664
+            == (tmp_path / "checkpoint" / "a").stat().st_mode & 0o777)
+
+
+def test_the_last_checkpoint_is_named_or_said_to_be_none_yet(tmp_path, data, cache, capsys):
+    """A second Ctrl-C before the first checkpoint: "there is no complete checkpoint yet", not "... is none"."""
+    cfg = load_config([], run_env(data, cache, tmp_path / "out"))
+    assert faults.exit_code(KeyboardInterrupt(), cfg, train.DistEnv()) == 130
+    assert capsys.readouterr().err == ("error: interrupted by Ctrl-C, without a checkpoint; there is no complete "
+                                       "checkpoint yet\n")
 
 
 class DyingCollator(train.PadCollator):

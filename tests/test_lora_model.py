@@ -347,11 +347,11 @@ def test_save_is_atomic(tmp_path, monkeypatch):
         for param in lora_params(ours).values():
             param.add_(1.0)
 
-    def save_file_that_dies_midway(tensors, filename, metadata=None):
-        Path(filename).write_bytes(b"half a safetensors file")
+    def write_that_dies_midway(filename, data):  # the serialized safetensors file, half written
+        Path(filename).write_bytes(bytes(data)[:len(data) // 2])
         raise OSError("disk full")
 
-    monkeypatch.setattr(lora_model, "save_file", save_file_that_dies_midway)
+    monkeypatch.setattr(lora_model, "write_bytes", write_that_dies_midway)
     with pytest.raises(OSError, match="disk full"):
         ours.save_pretrained(target)
     assert {p.name: p.read_bytes() for p in target.iterdir()} == before

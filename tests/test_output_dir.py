@@ -65,6 +65,24 @@ def test_a_folder_in_use_is_refused_at_once_naming_the_running_process(tmp_path,
     assert main_with(monkeypatch, tmp_path, data) == 0  # the lock is gone with its holder
 
 
+def test_of_two_runs_started_together_the_second_stops_before_the_model_loads(tmp_path, data, monkeypatch, capsys):
+    """Both passed the first look at the folder (check_output_dir) at the same moment; the first took the lock. The
+    second must stop before loading the model, let alone trying the longest batch (on a GPU, beside the first)."""
+    out = tmp_path / "out"
+    monkeypatch.setattr(train, "check_output_dir", lambda cfg, dist: None)  # as if it looked before the lock was taken
+    monkeypatch.setattr(train, "load_pretrained_model", lambda *a, **k: pytest.fail("the second run loaded the model"))
+    monkeypatch.setattr(train, "try_longest_batch", lambda trainer: pytest.fail("the second run tried a batch"))
+    held, problem = output_dir._take_lock(out)
+    assert problem == ""
+    try:
+        assert main_with(monkeypatch, tmp_path, data) == 1
+        [line] = error_lines(capsys)
+        assert line.startswith(f"error: OUTPUT_DIR={out} is in use by another run (pid {os.getpid()}, started "), line
+    finally:
+        os.close(held)
+    assert sorted(p.name for p in out.iterdir()) == ["run.lock"]
+
+
 def test_a_new_run_into_a_finished_runs_folder_is_refused_and_changes_nothing(tmp_path, data, monkeypatch, capsys):
     assert main_with(monkeypatch, tmp_path, data) == 0
     out = tmp_path / "out"

@@ -1,6 +1,6 @@
 """The playground as a user meets it: `python inference.py serve` started as a subprocess on a free loopback port,
-the page driven in headless Chromium (Debian's `chromium`, which .ci/run installs; Playwright drives it, no browser
-of its own downloaded), and stopped with SIGTERM.
+the page driven in headless Chromium (Debian's `chromium`, which tests/install_browser.sh installs; Playwright drives
+it, no browser of its own downloaded), and stopped with SIGTERM.
 
 References are independent of the page: `generate_inference` (merged, as a notebook calls it) for the adapter pane,
 plain transformers greedy generation for the base pane, `GenerationOptions`' own ValueError for a bad option.
@@ -87,7 +87,7 @@ def server(adapter, tmp_path_factory):
 @pytest.fixture(scope="module")
 def browser():
     if not CHROMIUM.is_file():
-        pytest.fail(f"no {CHROMIUM}: apt-get install chromium (.ci/run installs it when it is missing)")
+        pytest.fail(f"no {CHROMIUM}: run sh tests/install_browser.sh (the README's test command does)")
     with sync_playwright() as playwright:
         chromium = playwright.chromium.launch(executable_path=str(CHROMIUM), headless=True, args=CHROMIUM_ARGS)
         yield chromium

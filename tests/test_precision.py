@@ -484,7 +484,7 @@ def test_a_batch_shape_that_does_not_fit_fails_before_the_first_step(tmp_path, s
     assert [line for line in err.splitlines() if line.startswith("error:")] == [
         f"error: out of memory with BATCH_SIZE={settings['batch_size']} x MAX_LENGTH={settings['max_length']}: "
         "halve BATCH_SIZE and double GRAD_ACCUM_STEPS (the same optimizer step), set GRADIENT_CHECKPOINTING=true, "
-        "or lower MAX_LENGTH; the last complete checkpoint is none"]
+        "or lower MAX_LENGTH; there is no complete checkpoint yet"]
     padded = math.ceil(too_long / 8) * 8  # every batch is padded to a multiple of 8
     assert training_forwards == [padded]
     assert not Path(settings["output_dir"]).exists() or not any(Path(settings["output_dir"]).iterdir())

@@ -9,6 +9,7 @@ import json
 import math
 import os
 import re
+import shlex
 import subprocess
 import sys
 import weakref
@@ -18,7 +19,7 @@ import pytest
 import torch
 
 import train
-from conftest import REPO, SAMPLE, TINY_BLOOM, adapter_tensors, metric_rows, tiny_settings, user_command
+from conftest import FIELDS, REPO, SAMPLE, TINY_BLOOM, adapter_tensors, metric_rows, tiny_settings, user_command
 from support import checkpoint, distributed, model_loading, token_loss
 from support.alpaca_data import IGNORE_INDEX
 from support.checkpoint import checkpoint_dirs
@@ -87,6 +88,146 @@ def test_cli_error_has_no_traceback(tmp_path):
     assert result.returncode == 1
     assert result.stderr.strip() == "error: BATCH_SIZE must be an integer, got 'abc'"
     assert not (tmp_path / "out").exists()
+
+
+LONG_PROMPTS = [{"instruction": " ".join(["word"] * 900), "input": "", "output": "An answer."}] * 12
+
+
+def test_a_file_whose_every_answer_is_cut_away_is_refused_naming_max_length(tmp_path, monkeypatch, capsys):
+    """The defaults (TRAIN_ON_INPUTS=true, MAX_LENGTH=512): prompts of 900 words would train on the prompt alone."""
+    (tmp_path / "long.json").write_text(json.dumps(LONG_PROMPTS), encoding="utf-8")
+    for var in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "MAX_LENGTH", "TRAIN_ON_INPUTS"):
+        monkeypatch.delenv(var, raising=False)
+    for key, value in {"MODEL_PATH": str(TINY_BLOOM), "DATA_PATH": str(tmp_path / "long.json"),
+                       "OUTPUT_DIR": str(tmp_path / "out"), "CACHE_DIR": str(tmp_path / "cache")}.items():
+        monkeypatch.setenv(key, value)
+    assert train.main([]) == 1
+    assert [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")] == [
+        f"error: {tmp_path / 'long.json'}: no example keeps a response token within MAX_LENGTH=512 tokens: every "
+        "prompt is at least that long; raise MAX_LENGTH or shorten the prompts"]
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_local_looking_model_path_that_does_not_exist_fails_before_any_hub_call(monkeypatch):
+    """`MODEL_PATH=models/tiny-blom` (a typo): "models" is a folder here, so it is a path, not a hub id, and fails at
+    once naming it, without the minute of hub retries."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    monkeypatch.chdir(REPO)
+    monkeypatch.setattr(model_loading, "hub_unreachable", lambda: pytest.fail("the hub was asked"))
+    for auto in (AutoConfig, AutoModelForCausalLM, AutoTokenizer):
+        monkeypatch.setattr(auto, "from_pretrained", lambda *a, **k: pytest.fail("transformers was asked"))
+    for load in (model_loading.load_tokenizer, model_loading.default_target_modules,
+                 lambda path, name: model_loading.load_base_model(path, torch.device("cpu"), name=name)):
+        with pytest.raises(FileNotFoundError) as e:
+            load("models/tiny-blom", name="MODEL_PATH")
+        assert str(e.value) == ("MODEL_PATH='models/tiny-blom': no such model folder (did you mean "
+                                "models/tiny-bloom?); pass a local model folder or a hub id such as "
+                                "'bigscience/bloom-1b7'")
+    assert not model_loading.looks_like_missing_folder("bigscience/bloom-1b7")  # no folder "bigscience" here
+
+
+def test_an_unreachable_hub_fails_at_once_with_the_offline_hint(monkeypatch):
+    """No network and no HF_HUB_OFFLINE: one short look at the hub, then only the download cache (huggingface_hub
+    would retry each file five times, about a minute). Name resolution is counted."""
+    import huggingface_hub.constants
+    import socket
+
+    resolved = []
+
+    def no_dns(host, *args, **kwargs):
+        resolved.append(host)
+        raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(socket, "getaddrinfo", no_dns)
+    for proxy in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy", "HTTP_PROXY", "http_proxy"):
+        monkeypatch.delenv(proxy, raising=False)
+    model_loading.hub_unreachable.cache_clear()
+    try:
+        with pytest.raises(FileNotFoundError) as e:
+            model_loading.load_tokenizer("bigscience/no-such-model", name="MODEL_PATH")
+    finally:
+        model_loading.hub_unreachable.cache_clear()
+    assert str(e.value) == ("MODEL_PATH='bigscience/no-such-model': not a local folder, not downloaded yet, and the "
+                            "hub cannot be reached (cannot resolve huggingface.co); connect to the internet to "
+                            "download it once, or point it at a local model folder such as models/tiny-bloom "
+                            "(HF_HUB_OFFLINE=1 skips the hub)")
+    # Ours, and huggingface_hub's one request for its agent registry (no retries); a file's download retries would
+    # resolve the host six times.
+    assert resolved[0] == "huggingface.co" and len(resolved) <= 2, resolved
+
+
+@pytest.mark.slow  # train.py in a process of its own
+def test_a_model_path_typo_without_hf_hub_offline_is_one_line(tmp_path):
+    """The issue's case as typed: `MODEL_PATH=models/tiny-blom python train.py`, HF_HUB_OFFLINE unset."""
+    env = {k: v for k, v in os.environ.items() if k.lower() not in FIELDS and k != "HF_HUB_OFFLINE"}
+    result = subprocess.run([sys.executable, "train.py"], cwd=REPO, capture_output=True, text=True, timeout=120,
+                            env={**env, "MODEL_PATH": "models/tiny-blom", "OUTPUT_DIR": str(tmp_path / "out")})
+    assert result.returncode == 1
+    assert result.stderr.strip() == ("error: MODEL_PATH='models/tiny-blom': no such model folder (did you mean "
+                                     "models/tiny-bloom?); pass a local model folder or a hub id such as "
+                                     "'bigscience/bloom-1b7'")
+
+
+def test_the_summary_says_what_ran_and_its_command_survives_a_shell(tmp_path, small_data, capsys, monkeypatch):
+    """An OUTPUT_DIR with a space: the printed command, parsed by a real shell, hands inference.py the folder as one
+    argument. One step is "1 step"; a misspelled setting in the environment gets a line naming the real one."""
+    monkeypatch.setenv("LORA_RANK", "16")
+    cfg = tiny_config(tmp_path, small_data, output_dir=str(tmp_path / "my runs" / "it's one"), max_steps=1)
+    train.run(cfg, train.DistEnv())
+    printed = capsys.readouterr().out.splitlines()
+    assert "warning: LORA_RANK is not a setting of train.py and is ignored; did you mean LORA_R?" in printed
+    assert re.fullmatch(r"done         1 step in 0 min \d+ s; eval loss .*", next(line for line in printed
+                                                                               if line.startswith("done")))
+    command = printed[-1]
+    shell = subprocess.run(["sh", "-c", command.replace("python ", "printf '%s\\n' ", 1)], capture_output=True,
+                           text=True, check=True)
+    assert shell.stdout.splitlines() == ["inference.py", "--lora-weights", cfg.output_dir, "--instruction",
+                                         "Give three tips for staying healthy."]
+
+
+@pytest.mark.slow  # inference.py in a process of its own
+def test_the_printed_try_it_command_runs_in_a_shell_for_a_folder_with_a_space(tmp_path, small_data, capsys):
+    cfg = tiny_config(tmp_path, small_data, output_dir=str(tmp_path / "my runs" / "out 1"), max_steps=1)
+    train.run(cfg, train.DistEnv())
+    command = capsys.readouterr().out.splitlines()[-1]
+    assert command.startswith("python inference.py --lora-weights ")
+    # This interpreter for `python`, and a short answer; the rest exactly as printed, parsed by sh.
+    result = subprocess.run(["sh", "-c", f"{shlex.quote(sys.executable)}{command[len('python'):]} --max-new-tokens 4"],
+                            cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert f"+ adapter {cfg.output_dir} (merged)" in result.stderr and result.stdout.strip()
+
+
+def test_the_banner_counts_the_examples_that_lost_their_answer(tmp_path, records, capsys):
+    """Some prompts fill MAX_LENGTH=96, others leave room for their answer: the banner says how many lost it,
+    counted here with the tokenizer and the template."""
+    from prompter import Prompter
+
+    tokenizer = train.load_tokenizer(str(TINY_BLOOM))
+    prompts = [Prompter().generate_prompt(r["instruction"], r["input"]) for r in records[:48] if r["output"].strip()]
+    cut = sum(len(tokenizer(p)["input_ids"]) >= 96 for p in prompts)
+    assert 0 < cut < len(prompts)
+    (tmp_path / "data.json").write_text(json.dumps(records[:48]), encoding="utf-8")
+    train.run(tiny_config(tmp_path, tmp_path / "data.json", max_length=96, max_steps=1), train.DistEnv())
+    assert (f"warning      {cut} of {len(prompts)} examples lost their whole answer to MAX_LENGTH=96 (the prompt "
+            "alone fills it) and train on the prompt only") in capsys.readouterr().out
+
+
+def test_files_are_written_with_the_users_umask(tmp_path, small_data):
+    """safetensors writes its files 0600; everything a run writes gets what the umask gives (here 027: 0640), so
+    another user of a shared machine can read the adapter where the umask lets them read its config."""
+    previous = os.umask(0o027)
+    try:
+        train.run(tiny_config(tmp_path, small_data, max_steps=1), train.DistEnv())
+    finally:
+        os.umask(previous)
+    out = tmp_path / "out"
+    modes = {str(p.relative_to(out)): p.stat().st_mode & 0o777 for p in out.rglob("*") if p.is_file()}
+    assert {"adapter_model.safetensors", "adapter_config.json", "checkpoint-1/adapter_model.safetensors",
+            "checkpoint-1/trainer_state.pt"} <= modes.keys()
+    assert set(modes.values()) == {0o640}, modes
 
 
 # --- the numbers ----------------------------------------------------------------------------------------------------
@@ -374,6 +515,7 @@ def test_a_run_ended_by_max_steps_is_checkpointed_and_a_longer_run_extends_it(tm
     assert "checkpoints  at each epoch's end and at the last step; all kept" in printed
     assert re.search(rf"resumed\s+from {re.escape(str(out / 'checkpoint-2'))}: step 2", printed)
     assert "the run now ends at step 4 instead of 2" in printed
+    assert re.search(r"^done         2 steps in 0 min \d+ s, from step 2 to 4; eval", printed, re.MULTILINE)
     rows = metric_rows(out)
     assert [row["step"] for row in rows if "loss" in row] == [1, 2, 3, 4]
     assert checkpoint_dirs(out) == [out / "checkpoint-4", out / "checkpoint-2"]
@@ -391,6 +533,8 @@ def test_a_run_ended_by_max_steps_is_checkpointed_and_a_longer_run_extends_it(tm
     printed = capsys.readouterr().out
     assert "checkpoint-4: step 4, the run had finished (raise NUM_EPOCHS or MAX_STEPS" in printed
     assert "memory       nothing left to train" in printed
+    assert re.search(r"^done         no step to train: the run had already finished at step 4 \(0 min \d+ s\); eval",
+                     printed, re.MULTILINE)
     last_logged = {k: v for k, v in [row for row in rows if "eval_loss" in row][-1].items() if k != "time"}
     assert metrics == last_logged and metrics["step"] == 4
 
@@ -444,7 +588,7 @@ def test_offline_quick_start_learns_and_its_adapter_loads_in_peft(quick_start_ru
 
 # What train.py itself prints: the banner's and summary's keys, its progress bar, its evaluation lines.
 OUR_LINE = re.compile(r"(model|data|examples|LoRA|precision|base|processes|batch|output|checkpoints|memory|resumed"
-                      r"|warning|done) {2,}|note: |train: |step \d+: eval loss |adapter saved to "
+                      r"|warning|done) {2,}|note: |warning: |train: |step \d+: eval loss |adapter saved to "
                       r"|python inference\.py ")
 
 
