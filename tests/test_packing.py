@@ -155,6 +155,43 @@ def test_without_the_block_diagonal_mask_the_examples_see_each_other(name, varia
     assert max(relative_difference(packed_grads[k], g) for k, g in unpacked_grads.items()) > 1e-2
 
 
+def test_packed_bloom_with_activation_checkpointing_and_a_4bit_base(monkeypatch):
+    """GRADIENT_CHECKPOINTING recomputes each block in the backward pass: it must see the packed rows' mask again
+    (fused_bloom keeps the forward pass's position ids until the next one). QUANTIZE=4bit: the quantized base, as
+    train.py loads it for an fp32 run, packed as unpacked."""
+    pytest.importorskip("bitsandbytes")
+    from support import model_loading
+
+    monkeypatch.setattr(fused_bloom, "CPU_SDPA_MIN_LENGTH", 0)
+    data = examples()
+    checkpointed = lora_model("bloom")
+    model_loading.enable_activation_checkpointing(checkpointed.model, {"use_reentrant": False})
+    torch.manual_seed(0)
+    base = model_loading.load_quantized_for_training(str(TINY_BLOOM), torch.device("cpu"), "4bit", None)
+    assert use_fused_modules(base) == base.config.n_layer
+    quantized = LoraModelForCasualLM(base, LoraConfig(r=4, lora_alpha=8, target_modules=["query_key_value"],
+                                                      init_lora_weights=False))
+    # The 4-bit base keeps its other weights in bf16 (model_loading.quantized_dtypes), so its gradients carry bf16's
+    # rounding (measured 3e-4 to 1.3e-3 packed vs unpacked); the float32 ones 5e-7.
+    for model, grad_tolerance in ((checkpointed, 1e-5), (quantized, 1e-2)):
+        unpacked_losses, unpacked_grads = per_example_losses_unpacked(model, data, "left")
+        packed_losses, packed_grads = per_example_losses_packed(model, data)
+        assert relative_difference(packed_losses, unpacked_losses) <= 1e-5
+        assert all(relative_difference(packed_grads[k], g) <= grad_tolerance for k, g in unpacked_grads.items())
+
+
+def test_packed_bf16_autocast_is_the_unpacked_within_bf16_rounding(monkeypatch):
+    """MIX_PREC_TRAIN on a CPU: bf16 autocast, packed and unpacked within bf16's rounding (1 %; the sabotaged
+    float32 comparison above is off by far more)."""
+    monkeypatch.setattr(fused_bloom, "CPU_SDPA_MIN_LENGTH", 0)
+    model, data = lora_model("bloom"), examples()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        unpacked_losses, unpacked_grads = per_example_losses_unpacked(model, data, "left")
+        packed_losses, packed_grads = per_example_losses_packed(model, data)
+    assert relative_difference(packed_losses, unpacked_losses) <= 1e-2
+    assert all(relative_difference(packed_grads[k], g) <= 3e-2 for k, g in unpacked_grads.items())
+
+
 def test_bloom_packed_alibi_equals_the_unpacked_one_example_by_example():
     """ALiBi inside each example: the values transformers' build_alibi_tensor gives the example alone."""
     from transformers.models.bloom.modeling_bloom import build_alibi_tensor
