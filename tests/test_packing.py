@@ -338,3 +338,22 @@ def test_train_py_final_evaluation_packed_equals_unpacked(tmp_path, unseen_data,
                           size_valid_set=24, eval_freq=0, num_epochs=1, max_steps=2, packing=packing)
         losses[packing] = train.run(cfg, train.DistEnv())["eval_loss"]
     assert abs(losses[True] - losses[False]) <= 1e-5 * losses[False]
+
+
+@pytest.mark.slow
+def test_packed_quick_start_runs_reports_its_rows_and_learns(tmp_path):
+    """`PACKING=true DEBUG=true MODEL_PATH=models/tiny-bloom python train.py` as a user types it: exit 0, only our
+    lines, the banner's rows and fill (>= 0.95 on the sample), the evaluation loss falls, PEFT loads the adapter."""
+    import re
+
+    from conftest import metric_rows
+    from test_train import foreign_lines, user_command
+
+    result = user_command(tmp_path, PACKING="true", DEBUG="true", MODEL_PATH="models/tiny-bloom")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert not foreign_lines(result.stdout + result.stderr)
+    found = re.search(r"^packing +1,896 train examples in ([\d,]+) rows \(fill ([\d.]+)\)", result.stdout, re.M)
+    assert found and float(found.group(2)) >= 0.95 and int(found.group(1).replace(",", "")) < 1896 / 3
+    assert "32 packed rows per optimizer step" in result.stdout
+    evals = [row["eval_loss"] for row in metric_rows(tmp_path / "outputs" / "debug") if "eval_loss" in row]
+    assert len(evals) >= 2 and evals[-1] < evals[0]
