@@ -343,7 +343,7 @@ def test_train_py_final_evaluation_packed_equals_unpacked(tmp_path, unseen_data,
 @pytest.mark.slow
 def test_packed_quick_start_runs_reports_its_rows_and_learns(tmp_path):
     """`PACKING=true DEBUG=true MODEL_PATH=models/tiny-bloom python train.py` as a user types it: exit 0, only our
-    lines, the banner's rows and fill (>= 0.95 on the sample), the evaluation loss falls, PEFT loads the adapter."""
+    lines, the banner's rows and fill (>= 0.95 on the sample), the evaluation loss falls."""
     import re
 
     from conftest import metric_rows
