@@ -58,6 +58,7 @@ from support.fsdp import (
 from support.fused_bloom import use_fused_modules
 from support.metrics import MetricsLog
 from support.output_dir import check_output_dir, own_output_dir
+from support.packing import PackCollator, check_packable, model_inputs, pack_dataset
 from support.precision import DTYPES, autocast_dtype, resolve_precision
 from support.report import print_banner, print_summary
 from support.token_loss import count_label_tokens, next_token_labels
@@ -170,6 +171,17 @@ def prepare_datasets(cfg: TrainConfig, tokenizer):
     return train_set, valid_set, stats
 
 
+def pack_datasets(cfg: TrainConfig, train_set, valid_set):
+    """PACKING=true: the examples packed into rows of up to MAX_LENGTH tokens (packing.py), after the split, so
+    that the same examples are held out either way; other architectures are refused before the model loads."""
+    try:
+        model_type = model_loading.model_type(cfg.model_path, name="MODEL_PATH")
+    except (OSError, ValueError) as err:
+        raise RunError(str(err)) from None
+    check_packable(model_type, cfg.fused_modules)
+    return pack_dataset(train_set, cfg.max_length, cfg.seed), pack_dataset(valid_set, cfg.max_length, cfg.seed)
+
+
 def tokenized_records(path: str, cfg: TrainConfig, tokenizer):
     """The records of one data source, checked and tokenized (cached), and their counts for the banner."""
     records, stats = validate_records(load_records(path, cfg.cache_dir, cfg.data_field_map), path)
@@ -256,7 +268,8 @@ class Trainer:
                                          seed=cfg.seed, drop_last=False)
         # Lengths rounded up to a multiple of 8, as the usual recipe's collator does: on a CPU oneDNN builds and
         # caches kernels for each new shape (bf16: 1.5x slower steps and +40 MB a step when every length is new).
-        collate = PadCollator(tokenizer, pad_to_multiple_of=8)
+        collate = (PackCollator(tokenizer.pad_token_id, pad_to_multiple_of=8) if cfg.packing
+                   else PadCollator(tokenizer, pad_to_multiple_of=8))
         workers = {"num_workers": cfg.num_workers, "worker_init_fn": faults.ignore_stop_signals}
         # Generators of their own: else each new iterator draws a seed from the global RNG, and a resumed run's
         # dropout masks would drift from the uninterrupted run's.
@@ -406,8 +419,7 @@ class Trainer:
         """The summed token loss of one batch, under `self.ctx`: computed by the model's forward pass (so DDP and FSDP
         see it), without the whole logits (1 GiB at BLOOM's vocabulary, 4 x 512 tokens, half precision)."""
         with self.ctx:  # a KV cache is for generating, not training
-            return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False,
-                         targets=next_token_labels(batch))
+            return model(**model_inputs(batch), use_cache=False, targets=next_token_labels(batch))
 
     @torch.no_grad()
     def evaluate(self, epoch: int | None = None) -> dict:
@@ -544,6 +556,8 @@ def run(cfg: TrainConfig, dist: DistEnv, signals: StopSignals | None = None) -> 
     tokenizer = load_tokenizer(cfg.model_path)
     cfg = with_default_targets(cfg)
     train_set, valid_set, stats = prepare_datasets(cfg, tokenizer)
+    if cfg.packing:
+        train_set, valid_set = pack_datasets(cfg, train_set, valid_set)
     identity = run_identity(cfg, dist.world_size, stats["fingerprint"])
     resume = resolve_resume(cfg, dist)
     if resume is not None:

@@ -6,6 +6,14 @@ Reproduce (from the repository root)::
     python bench/bench_vs_hf_trainer.py                    # bf16 + length grouping, 1,000 Alpaca examples
     python bench/bench_vs_hf_trainer.py --precision fp32   # the same in float32
     python bench/bench_vs_hf_trainer.py --memory           # peak memory: BLOOM's vocabulary, 3 steps of 4 x 512
+    python bench/bench_vs_hf_trainer.py --packing          # ours packed vs the recipe's best and its default
+    python bench/bench_vs_hf_trainer.py --packing --device cuda   # the same on the GPU (bf16, or fp16 on a T4)
+
+--packing runs three sides: ours with PACKING=true (no length grouping), the recipe's best (bf16 + length
+grouping) and its default (bf16, no grouping, as alpaca-lora runs); the epoch loop time of each is its loop time
+per real token times the epoch's real tokens (the loop rate over the whole epoch: ours packed makes about a
+quarter of the recipe's optimizer steps, so leaving out step 1 would leave out more of its epoch); the table also
+gives ours' fill (real tokens / row tokens) and each side's wall time.
 
 The two sides, each run as a fresh process of its own (`python train.py`, `python bench/hf_trainer_recipe.py`), on
 the same model folder and the same records, one after the other, the order alternating from round to round (ours
@@ -97,6 +105,10 @@ POLL_S = 0.02
 TOKEN_TOLERANCE = 0.01  # the two sides' real tokens may differ by this fraction
 # Issue 17's first milestones: ours / recipe loop time per real token, and peak memory above the loaded model.
 TARGETS = {"bf16": 0.75, "fp32": 0.9, "memory": 0.2}
+# Issue 30's bars for --packing: ours packed / the recipe's epoch loop time (first milestones in brackets).
+PACKING_TARGETS = {"recipe": (0.7, 0.8), "recipe-default": (0.5, 0.6)}
+PACKING_SIDES = {"ours": "train.py, PACKING=true", "recipe": "PEFT + Trainer, length grouping",
+                 "recipe-default": "PEFT + Trainer, no grouping"}
 # Defaults of the two modes: timing (bar 2 of the issue) and --memory (bar 3).
 MODES = {
     "timing": dict(hidden=512, heads=8, layers=8, vocab=16384, records=1000, valid_records=50, max_length=256,
@@ -120,8 +132,12 @@ def parse_args(argv=None) -> argparse.Namespace:
                                                                    "--memory)")
     parser.add_argument("--valid-records", type=int, default=None, help="validation records, evaluated once at "
                                                                          "the end (default 50; 4 with --memory)")
-    parser.add_argument("--precision", choices=("bf16", "fp32"), default="bf16")
+    parser.add_argument("--precision", choices=("bf16", "fp16", "fp32"), default=None,
+                        help="default bf16; with --device cuda bf16 where the GPU has it natively, else fp16")
     parser.add_argument("--group-by-length", action=argparse.BooleanOptionalAction, default=True)
+    parser.add_argument("--packing", action="store_true",
+                        help="ours with PACKING=true against the recipe with and without length grouping")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="both sides on this device")
     parser.add_argument("--max-length", type=int, default=None, help="default 256 (512 with --memory)")
     parser.add_argument("--batch", type=int, default=None, help="micro-batch (default 4)")
     parser.add_argument("--accum", type=int, default=None, help="gradient accumulation (default 2; 1 with --memory)")
@@ -134,8 +150,16 @@ def parse_args(argv=None) -> argparse.Namespace:
     for name, value in MODES[mode].items():
         if getattr(args, name) is None:
             setattr(args, name, value)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: no GPU here")
+    if args.precision is None:
+        native_bf16 = args.device == "cpu" or torch.cuda.is_bf16_supported(including_emulation=False)
+        args.precision = "bf16" if native_bf16 else "fp16"
+    if args.packing and args.memory:
+        parser.error("--packing and --memory: one mode at a time")
     if args.out is None:
-        args.out = RESULTS / ("vs_hf_trainer" + "_memory" * args.memory + "_fp32" * (args.precision == "fp32") + ".md")
+        args.out = RESULTS / ("vs_hf_trainer" + "_memory" * args.memory + "_packing" * args.packing
+                              + "_fp32" * (args.precision == "fp32") + "_cuda" * (args.device == "cuda") + ".md")
     small = [name for name in ("records", "valid_records", "max_length", "batch", "accum", "repeats")
              if getattr(args, name) < 1]
     if small:
@@ -199,11 +223,15 @@ def side_command(side: str, args, model: Path, files: tuple[Path, Path], run_dir
     env.update(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
     if args.threads:
         env["OMP_NUM_THREADS"] = str(args.threads)
+    if args.device == "cpu":
+        env["CUDA_VISIBLE_DEVICES"] = ""  # both sides on the CPU also where a GPU is present
+    grouping = args.group_by_length and not args.packing or side == "recipe" and args.packing
     if side == "ours":
         env.update(MODEL_PATH=str(model), DATA_PATH=str(files[0]), VALID_DATA_PATH=str(files[1]),
                    OUTPUT_DIR=str(run_dir / "out"), CACHE_DIR=str(run_dir / "cache"), NUM_EPOCHS="1",
                    MAX_LENGTH=str(args.max_length), BATCH_SIZE=str(args.batch), GRAD_ACCUM_STEPS=str(args.accum),
-                   PRECISION=args.precision, GROUP_BY_LENGTH=str(args.group_by_length).lower(),
+                   PRECISION=args.precision, GROUP_BY_LENGTH=str(grouping).lower(),
+                   PACKING=str(args.packing).lower(),
                    LORA_R="8", LORA_ALPHA="16", LORA_DROPOUT="0.05", TARGET_MODULES="query_key_value",
                    LEARNING_RATE="3e-4", WARMUP_STEPS="100", WEIGHT_DECAY="0", MAX_GRAD_NORM="1.0", SEED="42",
                    TRAIN_ON_INPUTS="true", EVAL_FREQ="0", SAVE_STEPS="0")
@@ -211,9 +239,9 @@ def side_command(side: str, args, model: Path, files: tuple[Path, Path], run_dir
     command = [sys.executable, str(RECIPE), "--model-path", str(model), "--train-file", str(files[0]),
                "--valid-file", str(files[1]), "--output-dir", str(run_dir / "out"),
                "--cache-dir", str(run_dir / "cache"), "--timings", str(run_dir / "timings.json"),
-               "--precision", args.precision, "--cutoff-len", str(args.max_length),
+               "--precision", args.precision, "--device", args.device, "--cutoff-len", str(args.max_length),
                "--micro-batch-size", str(args.batch), "--grad-accum", str(args.accum)]
-    return command + (["--group-by-length"] if args.group_by_length else []), env, "READY"
+    return command + (["--group-by-length"] if grouping else []), env, "READY"
 
 
 def run_side(side: str, args, model: Path, files: tuple[Path, Path], run_dir: Path) -> dict:
@@ -263,7 +291,13 @@ def run_side(side: str, args, model: Path, files: tuple[Path, Path], run_dir: Pa
     cpu = {"cpu_s": (cpu_after.ru_utime + cpu_after.ru_stime) - (cpu_before.ru_utime + cpu_before.ru_stime),
            "system_s": cpu_after.ru_stime - cpu_before.ru_stime}
     return {**figures(launch, ends, tokens, exit_time, watch["baseline"], peak, watch["method"]), **cpu,
-            "cores_busy": cpu["cpu_s"] / (exit_time - launch)}
+            "cores_busy": cpu["cpu_s"] / (exit_time - launch), **packed_fill(run_dir / "log.txt")}
+
+
+def packed_fill(log: Path) -> dict:
+    """Ours with PACKING=true: the rows and fill its banner reports ({} for the other runs)."""
+    found = re.search(r"packing +[\d,]+ train examples in ([\d,]+) rows \(fill ([\d.]+)\)", log.read_text())
+    return {"rows": int(found.group(1).replace(",", "")), "fill": float(found.group(2))} if found else {}
 
 
 def proc_status_bytes(pid: int, field: str) -> int | None:
@@ -306,8 +340,9 @@ def figures(launch: float, ends: list[float], tokens: list[int], exit_time: floa
 def run_rounds(args, model: Path, files: tuple[Path, Path], work: Path) -> list[dict]:
     """`args.repeats` rounds of both sides, the order alternating; each run's figures with its round and side."""
     runs = []
+    sides = PACKING_SIDES if args.packing else SIDES
     for round_index in range(args.repeats):
-        order = list(SIDES) if round_index % 2 == 0 else list(SIDES)[::-1]
+        order = list(sides) if round_index % 2 == 0 else list(sides)[::-1]
         for position, side in enumerate(order):
             started = time.time()
             result = run_side(side, args, model, files, work / f"{round_index + 1}-{side}")
@@ -356,7 +391,7 @@ def markdown(args, argv, model: Path, runs: list[dict], summary: dict) -> str:
         "",
         f"Reproduce: `{command_line('bench_vs_hf_trainer.py', argv)}`",
         "",
-        f"- Device: cpu ({describe_device(torch.device('cpu'))}); OMP_NUM_THREADS "
+        f"- Device: {device_line(args)}; OMP_NUM_THREADS "
         f"{args.threads or 'unset (torch default)'}; torch {torch.__version__}, transformers "
         f"{version('transformers')}, peft {version('peft')}, accelerate {version('accelerate')}.",
         f"- Model: {model_description(model)}.",
@@ -407,6 +442,115 @@ def target_line(args, ratios: dict) -> str:
     return f"Milestone (issue 17): ours / recipe {what} <= {target} ({args.precision}): {verdict} ({ratios[key]:.3f})."
 
 
+def cpu_matrix_features() -> str:
+    """The CPU's model and its matrix instructions (lscpu's flags: AMX, AVX512-BF16, AVX512-FP16), which decide how
+    fast bf16 matrix products run: the ratios of this benchmark differ between CPUs with and without them."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return "CPU features unknown"
+    model = re.search(r"^model name\s*:\s*(.+)$", text, re.M)
+    found = re.search(r"^flags\s*:\s*(.+)$", text, re.M)
+    flags = set(found.group(1).split()) if found else set()
+    names = {"amx_tile": "AMX", "avx512_bf16": "AVX512-BF16", "avx512_fp16": "AVX512-FP16"}
+    present = [label for flag, label in names.items() if flag in flags]
+    absent = [label for flag, label in names.items() if flag not in flags]
+    return (f"{model.group(1).strip() if model else platform_name()}, {os.cpu_count()} cores; matrix features: "
+            f"{', '.join(present) or 'none'}" + (f" (no {', no '.join(absent)})" if absent else ""))
+
+
+def platform_name() -> str:
+    import platform
+
+    return platform.processor() or platform.machine()
+
+
+def device_line(args) -> str:
+    if args.device == "cuda":
+        return f"cuda ({describe_device(torch.device('cuda'))}); host CPU {cpu_matrix_features()}"
+    return f"cpu ({describe_device(torch.device('cpu'))}; {cpu_matrix_features()})"
+
+
+def report_packing(args, argv, model: Path, runs: list[dict], started: float) -> dict:
+    """--packing: each side's medians, the epoch loop time (loop time per real token x the epoch's real tokens),
+    ours / each recipe side; the table written and printed; returns {"runs", "medians", "ratios"}."""
+    medians = {}
+    for side in PACKING_SIDES:
+        mine = [run for run in runs if run["side"] == side]
+        medians[side] = {key: statistics.median(run[key] for run in mine) for key in
+                         ("loop_us_per_token", "loop_s", "real_tokens", "steps", "startup_s", "wall_s")}
+        medians[side]["epoch_loop_s"] = medians[side]["loop_us_per_token"] * medians[side]["real_tokens"] / 1e6
+    fill = statistics.median(run["fill"] for run in runs if run["side"] == "ours")
+    rows = statistics.median(run["rows"] for run in runs if run["side"] == "ours")
+    ratios = {side: {key: medians["ours"][key] / medians[side][key] for key in ("epoch_loop_s", "wall_s",
+                                                                                "loop_us_per_token")}
+              for side in ("recipe", "recipe-default")}
+    token_difference = max(abs(medians["ours"]["real_tokens"] / medians[side]["real_tokens"] - 1)
+                           for side in ratios)
+    table = packing_markdown(args, argv, model, runs, medians, ratios, fill, rows, token_difference)
+    write_text_atomically(args.out, table)
+    print(table)
+    print(f"ours packed / recipe: epoch loop {ratios['recipe']['epoch_loop_s']:.3f} (length grouping), "
+          f"{ratios['recipe-default']['epoch_loop_s']:.3f} (no grouping); fill {fill:.3f}  "
+          f"({time.time() - started:.0f} s in all; table: {display_path(args.out)})")
+    if token_difference > TOKEN_TOLERANCE:
+        raise SystemExit(f"error: the sides trained on different amounts of text (real tokens differ by "
+                         f"{token_difference:.2%}, more than {TOKEN_TOLERANCE:.0%}): not comparable")
+    return {"runs": runs, "medians": medians, "ratios": ratios, "fill": fill}
+
+
+PACKING_ROWS = [("epoch_loop_s", "epoch loop time (loop time per real token x the epoch's real tokens), s",
+                 "{:.2f}"),
+                ("loop_us_per_token", "loop time per real token, us", "{:.2f}"),
+                ("loop_s", "loop time (end of step 1 -> end of step N), s", "{:.2f}"),
+                ("wall_s", "whole wall time, s", "{:.2f}"),
+                ("startup_s", "start-up (launch -> end of step 1), s", "{:.2f}"),
+                ("steps", "optimizer steps", "{:.0f}"),
+                ("real_tokens", "real tokens, all steps", "{:,.0f}")]
+
+
+def packing_markdown(args, argv, model, runs, medians, ratios, fill, rows, token_difference) -> str:
+    lines = [
+        "# train.py packed vs the usual recipe (PEFT + transformers.Trainer), one epoch each",
+        "",
+        f"Reproduce: `{command_line('bench_vs_hf_trainer.py', argv)}`",
+        "",
+        f"- Device: {device_line(args)}; OMP_NUM_THREADS {args.threads or 'unset (torch default)'}; torch "
+        f"{torch.__version__}, transformers {version('transformers')}, peft {version('peft')}.",
+        f"- Model: {model_description(model)}.",
+        f"- Data: {args.records:,} training records of `{display_path(args.data)}`, {args.valid_records:,} "
+        "validation records evaluated once at the end; one epoch.",
+        f"- Settings, every side: {args.precision}; max length {args.max_length}; batch {args.batch} x {args.accum} "
+        "accumulation (ours: packed rows of up to max length tokens; the recipe: examples); LoRA r=8, alpha=16, "
+        "dropout 0.05 on query_key_value; lr 3e-4, 100 warm-up steps.",
+        f"- Ours: PACKING=true, {rows:,.0f} rows, fill {fill:.3f} (real tokens / row tokens). The recipe's padding: "
+        "bench/results/data.md (about 0.5 real tokens per padded token without grouping, 0.96 with).",
+        f"- {args.repeats} round(s), the order of the sides alternating; medians over rounds. Real tokens, ours vs "
+        f"each recipe side: within {token_difference:.2%}.",
+        "",
+        "| | ours (packed) | recipe, length grouping | recipe, no grouping | ours / grouping | ours / no grouping |",
+        "|---|---|---|---|---|---|",
+    ]
+    for key, label, fmt in PACKING_ROWS:
+        cells = [fmt.format(medians[side][key]) for side in PACKING_SIDES]
+        ratio = [f"{ratios[side][key]:.3f}" if key in ratios[side] else "" for side in ("recipe", "recipe-default")]
+        lines.append(f"| {label} | {' | '.join(cells)} | {' | '.join(ratio)} |")
+    lines += ["", "Each run:", "", "| round | side | epoch loop s | loop us / real token | wall s | steps |",
+              "|---|---|---|---|---|---|"]
+    for run in runs:
+        epoch = run["loop_us_per_token"] * run["real_tokens"] / 1e6
+        lines.append(f"| {run['round']} ({run['position']}.) | {run['side']} | {epoch:.2f} "
+                     f"| {run['loop_us_per_token']:.2f} | {run['wall_s']:.2f} | {run['steps']} |")
+    lines.append("")
+    for side, (bar, milestone) in PACKING_TARGETS.items():
+        ratio = ratios[side]["epoch_loop_s"]
+        verdict = ("holds" if ratio <= bar else f"does NOT hold (first milestone {milestone}: "
+                   + ("holds" if ratio <= milestone else "does not hold either") + ")")
+        lines.append(f"- Bar (issue 30): ours packed / {PACKING_SIDES[side]} epoch loop time <= {bar}: {verdict} "
+                     f"({ratio:.3f}).")
+    return "\n".join(lines) + "\n"
+
+
 def model_description(model: Path) -> str:
     config = json.loads((model / "config.json").read_text())
     shape = ", ".join(f"{name} {config[name]}" for name in ("hidden_size", "n_head", "n_layer", "vocab_size")
@@ -430,6 +574,8 @@ def main(argv=None) -> dict:
     with tempfile.TemporaryDirectory(prefix="bench-vs-hf-") as work:
         files = write_records(args, model, Path(work))
         runs = run_rounds(args, model, files, Path(work))
+    if args.packing:
+        return report_packing(args, argv, model, runs, started)
     summary = summarize(runs)
     table = markdown(args, argv, model, runs, summary)
     write_text_atomically(args.out, table)

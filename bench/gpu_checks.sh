@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Everything this repository checks on a GPU, in one go, most important first: the precision benchmark at
 # BLOOM-1b7's shape, train.py end to end at that shape (random weights) in bf16 and in fp16 + GradScaler (the T4
-# path), a DDP run under torchrun (NCCL), then the loss, output-layer + loss and LoRA benchmarks.
+# path), a DDP run under torchrun (NCCL), then the loss, output-layer + loss and LoRA benchmarks, and ours packed
+# against alpaca-lora's recipe (bench_vs_hf_trainer.py --packing --device cuda).
 #
 #   bash bench/gpu_checks.sh RESULTS_DIR [SECONDS]   # SECONDS: the whole run's budget (default 3600)
 #
@@ -57,5 +58,9 @@ step ddp-tiny-fp16 60 "DEBUG=true DDP=true PRECISION=fp16 MODEL_PATH=models/tiny
 step loss-bench 60 "$py bench/bench_loss.py --device cuda --seq 512 --memory-jobs 3 --out $out/loss.md"
 step head-loss-bench 60 "$py bench/bench_head_loss.py --device cuda --hidden 2048 --seq 512 --out $out/head_loss.md"
 step lora-bench 60 "$py bench/bench_lora.py --device cuda --out $out/lora.md"
+# Packing's headline on a GPU: ours packed vs the recipe with and without length grouping, one epoch each, bf16
+# where the card has it natively, else fp16.
+step vs-hf-trainer-packing 300 "$py bench/bench_vs_hf_trainer.py --packing --device cuda --repeats 1 \
+    --out $out/vs_hf_trainer_packing_cuda.md"
 echo "=== summary"
 cat "$out/summary.txt"

@@ -14,7 +14,8 @@ group_by_length (transformers 5 spells it train_sampling_strategy="group_by_leng
 
 What it changes, and why:
   - the CPU (`use_cpu=True`), float32 weights, no 8-bit loading, bf16 autocast (`bf16=True`) where finetune.py
-    has fp16 on a GPU: what train.py does on a CPU with PRECISION=bf16;
+    has fp16 on a GPU: what train.py does on a CPU with PRECISION=bf16 (`--device cuda`: the GPU, float32
+    weights, fp16 or bf16 autocast by --precision);
   - no evaluation or checkpoint inside the loop, one evaluation at the end (finetune.py's every 200 steps never
     fires in a run of 200 steps or fewer; train.py is run with EVAL_FREQ=0 SAVE_STEPS=0 to match), eval batch =
     train batch (train.py's);
@@ -73,7 +74,9 @@ def parse_args(argv=None):
     parser.add_argument("--output-dir", required=True)
     parser.add_argument("--cache-dir", default=None, help="datasets' cache (default: its own)")
     parser.add_argument("--timings", type=Path, required=True, help="JSON file to write the step times to")
-    parser.add_argument("--precision", choices=("bf16", "fp32"), default="bf16")
+    parser.add_argument("--precision", choices=("bf16", "fp16", "fp32"), default="bf16")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                        help="cuda: finetune.py's own device (fp16 there is its setting)")
     parser.add_argument("--group-by-length", action="store_true")
     parser.add_argument("--cutoff-len", type=int, default=256)
     parser.add_argument("--micro-batch-size", type=int, default=4)
@@ -127,7 +130,8 @@ def main(argv=None) -> None:
             num_train_epochs=args.epochs,
             learning_rate=args.learning_rate,
             bf16=args.precision == "bf16",
-            use_cpu=True,
+            fp16=args.precision == "fp16",
+            use_cpu=args.device == "cpu",
             logging_steps=10,
             optim="adamw_torch",
             eval_strategy="no",

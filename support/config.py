@@ -82,6 +82,9 @@ class TrainConfig:
                                                                "(0: keep all)"})
     train_on_inputs: bool = field(default=True, metadata={"help": "false: prompt tokens carry no label"})
     group_by_length: bool = field(default=False, metadata={"help": "batch similar lengths together (less padding)"})
+    packing: bool = field(default=False, metadata={"help": "several examples per row of MAX_LENGTH tokens (no "
+                                                           "padding), each attending only to itself; BATCH_SIZE "
+                                                           "counts rows (docs/packing.md)"})
     overwrite_output_dir: bool = field(default=False, metadata={"help": "a new run into a folder that holds another "
                                                                        "run's results moves them aside to "
                                                                        "<OUTPUT_DIR>.replaced-<time>/ first"})
@@ -154,6 +157,9 @@ class TrainConfig:
             raise ConfigError(f"QUANTIZE={self.quantize} and FSDP=true: this repo does not shard bitsandbytes' "
                               "quantized weights; use DDP=true (each process holds the quantized base) or FSDP "
                               "without QUANTIZE")
+        if self.packing and self.group_by_length:
+            raise ConfigError("PACKING=true and GROUP_BY_LENGTH=true: packed rows are full already, there is no "
+                              "padding left to group away; set one of them")
         if self.overwrite_output_dir and self.resume_from:
             raise ConfigError(f"RESUME_FROM={self.resume_from!r} continues a run and OVERWRITE_OUTPUT_DIR=true starts "
                               "a new one; set one of them")
@@ -212,7 +218,7 @@ RESUME_MUST_MATCH = (
     "model_path", "quantize",                                                 # the frozen base
     "target_modules", "lora_r", "lora_alpha", "lora_dropout",                 # the adapter and its shapes
     "max_length", "train_on_inputs", "size_valid_set", "seed",                # the examples and the split
-    "batch_size", "grad_accum_steps", "group_by_length",                      # the data order and batches
+    "batch_size", "grad_accum_steps", "group_by_length", "packing",           # the data order and batches
     "learning_rate", "weight_decay", "warmup_steps", "max_grad_norm",         # the optimizer and schedule
 )
 # These change the run's length or arithmetic on purpose: more epochs (the cosine schedule is then recomputed for
@@ -257,10 +263,15 @@ def parse_value(name: str, raw: str, kind: type):
 # (evaluation, checkpoints, the loss falling) within minutes.
 DEBUG_DEFAULTS = {"num_epochs": 1, "size_valid_set": 100, "eval_freq": 20, "warmup_steps": 10,
                   "output_dir": "outputs/debug"}
+# With PACKING=true a step holds about four times the examples (14 steps instead of 60 on the sample): evaluate and
+# warm up as often per example.
+DEBUG_PACKING_DEFAULTS = {"eval_freq": 5, "warmup_steps": 3}
 
 
 def debug_defaults_text() -> str:
-    return ", ".join(f"{name.upper()}={value}" for name, value in DEBUG_DEFAULTS.items())
+    packing = ", ".join(f"{name.upper()}={value}" for name, value in DEBUG_PACKING_DEFAULTS.items())
+    return (", ".join(f"{name.upper()}={value}" for name, value in DEBUG_DEFAULTS.items())
+            + f" ({packing} with PACKING=true)")
 
 
 def build_arg_parser() -> argparse.ArgumentParser:
@@ -297,7 +308,7 @@ def load_config(argv: list[str] | None = None, environ: typing.Mapping[str, str]
         elif name in environ:
             values[f.name] = parse_value(name, environ[name], _field_type(f))
     if values.get("debug"):
-        values = {**DEBUG_DEFAULTS, **values}
+        values = {**DEBUG_DEFAULTS, **(DEBUG_PACKING_DEFAULTS if values.get("packing") else {}), **values}
     return TrainConfig(**values)
 
 
@@ -329,6 +340,7 @@ def options_markdown() -> str:
         return (value or '""') if isinstance(value, str) else repr(value)
 
     debug = ", ".join(f"`{name.upper()}={default_text(value)}`" for name, value in DEBUG_DEFAULTS.items())
+    packing_debug = ", ".join(f"`{name.upper()}={value}`" for name, value in DEBUG_PACKING_DEFAULTS.items())
     lines = [
         "# Options of train.py",
         "",
@@ -338,10 +350,10 @@ def options_markdown() -> str:
         "Every option is an environment variable, the name in upper case (as the assignment's `DEBUG`, "
         "`MIX_PREC_TRAIN`, `DDP`), and a `--flag` (`--batch_size 8` or `--batch-size 8`); a flag wins over the "
         "environment, booleans accept 1/0/true/false/yes/no, a bad value stops the run with one line naming it, and "
-        f"`DEBUG=true` changes these defaults unless you set them: {debug}, and `DATA_PATH` becomes the shipped "
-        "sample. An environment variable that is not an option but is close to one (`LORA_RANK`, `MAX_STEP`) gets "
-        "a warning line naming the option (`LORA_R`, `MAX_STEPS`). `python train.py --help` lists the same options "
-        "with their defaults.",
+        f"`DEBUG=true` changes these defaults unless you set them: {debug} ({packing_debug} with `PACKING=true`), and "
+        "`DATA_PATH` becomes the shipped sample. An environment variable that is not an option but is close to one "
+        "(`LORA_RANK`, `MAX_STEP`) gets a warning line naming the option (`LORA_R`, `MAX_STEPS`). `python train.py "
+        "--help` lists the same options with their defaults.",
         "",
         "| variable / flag | default | meaning |",
         "| --- | --- | --- |",

@@ -11,6 +11,10 @@ The swap works like lora_model's injection of LoRA layers: each block's module i
 the same weights under the same names (state dicts, adapters and checkpoints are unchanged). The numbers are the
 eager modules' up to rounding: tests/test_fused_bloom.py holds logits and LoRA gradients to 1e-5 in float32,
 padding and dropout-free training included.
+
+Packed rows (PACKING=true, packing.py) reach the attention as position ids that restart at 0 for each example, with
+no attention mask: BloomModel itself ignores position ids, so a hook on it hands them to the attention, which then
+builds ALiBi from each token's position inside its example and a block-diagonal causal mask (`packed_alibi_and_mask`).
 """
 
 from __future__ import annotations
@@ -61,6 +65,7 @@ class SdpaBloomAttention(nn.Module):
         query, key, value = (t.transpose(1, 2) for t in fused_qkv.unbind(3))  # batch x heads x seq x dim
         if layer_past is not None:
             key, value = layer_past.update(key, value, self.layer_idx)
+        alibi, attention_mask = self._packed_alibi_and_mask(alibi, attention_mask, batch, q_length)
         dropout = self.attention_dropout.p if self.training else 0.0
         if query.device.type == "cpu" and key.shape[2] < CPU_SDPA_MIN_LENGTH:
             context = self._eager_attention(query, key, value, alibi, attention_mask, dropout)
@@ -92,6 +97,20 @@ class SdpaBloomAttention(nn.Module):
         return torch.bmm(probs.view(-1, q_length, kv_length), value.reshape(-1, kv_length, dim)).view(
             batch, heads, q_length, dim)
 
+    def _packed_alibi_and_mask(self, alibi, mask, batch: int, q_length: int):
+        """For a packed forward pass (position ids recorded by `record_packed_positions`), ALiBi and the mask of
+        `packed_alibi_and_mask` in place of BloomModel's, built for the first layer and reused by the others (and
+        by activation checkpointing's recomputation, which hands back the same alibi)."""
+        positions = self._bias_cache.get("position_ids")
+        if positions is None or positions.shape != (batch, q_length):
+            return alibi, mask
+        cached = self._bias_cache.get("packed")
+        if cached is not None and cached[0] is positions and cached[1] is alibi:
+            return cached[2], cached[3]
+        packed = packed_alibi_and_mask(positions, self.num_heads, alibi.dtype)
+        self._bias_cache["packed"] = (positions, alibi, *packed)
+        return packed
+
     def _attention_bias(self, alibi: torch.Tensor, mask: torch.Tensor | None, batch: int, q_length: int,
                         kv_length: int, dtype: torch.dtype) -> torch.Tensor:
         """alibi (batch * heads, 1, kv) plus the 4-D mask (additive or boolean; None: causal), in `dtype` as eager's
@@ -106,19 +125,63 @@ class SdpaBloomAttention(nn.Module):
             bias = bias.masked_fill(~mask, torch.finfo(bias.dtype).min)
         else:
             bias = bias + mask
-        bias = bias.to(dtype)
+        # Clamped before the cast: fp32's minimum is -inf in fp16, and a row with every key masked (a left pad)
+        # would turn NaN in SDPA; eager's path clamps in float32 (above) for the same reason.
+        bias = bias.clamp_min(torch.finfo(dtype).min).to(dtype)
         self._bias_cache.update(key=(alibi, mask, dtype), bias=bias)
         return bias
+
+
+def packed_alibi_and_mask(position_ids: torch.Tensor, num_heads: int, dtype: torch.dtype):
+    """ALiBi and the causal mask of packed rows: `position_ids` (batch x T) restart at 0 for each example.
+
+    transformers' BLOOM computes ALiBi as slope x (the key's position among the row's real tokens), in float32, then
+    casts it to the hidden states' dtype; here the position is the key's inside its example, so each example gets
+    exactly its unpacked values. The mask (batch x 1 x T x T, boolean) lets a query see the keys of its own example
+    up to itself.
+
+    Returns:
+        (alibi of shape (batch * heads, 1, T) in `dtype`, mask).
+    """
+    from transformers.models.bloom.modeling_bloom import _get_alibi_slopes
+
+    batch, length = position_ids.shape
+    slopes = _get_alibi_slopes(num_heads, position_ids.device)
+    alibi = (slopes[None, :, None] * position_ids[:, None, :]).reshape(batch * num_heads, 1, length).to(dtype)
+    sequence = (position_ids == 0).cumsum(-1)
+    causal = torch.ones(length, length, dtype=torch.bool, device=position_ids.device).tril()
+    mask = (sequence[:, :, None] == sequence[:, None, :]) & causal
+    return alibi, mask[:, None]
+
+
+def record_packed_positions(module: nn.Module, args, kwargs) -> None:
+    """A forward pre-hook for BloomModel (and BloomForCausalLM, which does not pass position ids on to it): packed
+    rows' position ids (passed with no attention mask and no cache, the rule transformers' masking_utils uses for
+    other models) go to the attention modules through the model's bias cache; otherwise None. The cache is an
+    attribute of the module, not captured by the hook, so that a deep copy of the model gets its own."""
+    cache = module.fused_bias_cache
+    positions = kwargs.get("position_ids")
+    if not (positions is not None and kwargs.get("attention_mask") is None
+            and kwargs.get("past_key_values") is None):
+        positions = None
+    if hasattr(module, "transformer"):  # the causal LM around BloomModel: its hook comes next
+        cache["outer_position_ids"] = positions
+    else:
+        outer_positions = cache.pop("outer_position_ids", None)
+        cache["position_ids"] = positions if positions is not None else outer_positions
 
 
 def use_fused_modules(model: nn.Module) -> int:
     """Swap every BLOOM block's attention and GELU in `model` (a base model or one wrapped by LoRA) for the fused
     ones above; returns how many blocks were swapped (0 for other architectures, which keep their own)."""
-    from transformers.models.bloom.modeling_bloom import BloomAttention, BloomGelu
+    from transformers.models.bloom.modeling_bloom import BloomAttention, BloomForCausalLM, BloomGelu, BloomModel
 
     bias_cache: dict = {}  # one per model: its blocks all see the same alibi and mask in a forward pass
     swapped = 0
     for module in list(model.modules()):
+        if isinstance(module, (BloomModel, BloomForCausalLM)) and not hasattr(module, "fused_bias_cache"):
+            module.fused_bias_cache = bias_cache
+            module.register_forward_pre_hook(record_packed_positions, with_kwargs=True)
         attention = getattr(module, "self_attention", None)
         if isinstance(attention, BloomAttention) and not (attention.pretraining_tp > 1 and attention.slow_but_exact):
             module.self_attention = SdpaBloomAttention(attention, bias_cache)

@@ -144,16 +144,20 @@ def default_target_modules(model_path: str, name: str = "model_path") -> list[st
     Raises:
         FileNotFoundError, ValueError: the model's config.json cannot be found or read (see `model_load_error`).
     """
+    return DEFAULT_TARGET_MODULES.get(model_type(model_path, name))
+
+
+def model_type(model_path: str, name: str = "model_path") -> str:
+    """The architecture's model_type ("bloom", "llama", ...), read from the model's config.json before the weights
+    load. Raises as `default_target_modules`."""
     if looks_like_missing_folder(model_path):
         raise model_load_error(model_path, FileNotFoundError(model_path), name)
     from transformers import AutoConfig
 
     try:
-        model_type = AutoConfig.from_pretrained(model_path, trust_remote_code=False,
-                                                **hub_options(model_path)).model_type
+        return AutoConfig.from_pretrained(model_path, trust_remote_code=False, **hub_options(model_path)).model_type
     except (OSError, ValueError) as err:
         raise model_load_error(model_path, err, name) from None
-    return DEFAULT_TARGET_MODULES.get(model_type)
 
 
 def quiet_bitsandbytes() -> None:

@@ -12,17 +12,19 @@ from support.atomic import human_bytes
 from support.config import TrainConfig
 from support.distributed import DistEnv
 from support.model_loading import base_model_bytes
+from support.packing import packing_line
 
 
 def print_banner(cfg: TrainConfig, dist: DistEnv, stats: dict, trainer, precision_line: str) -> None:
     """The start of a run: what it trains, on what, how, and where it writes (`trainer`: a train.Trainer)."""
     trainable, total = trainer.raw_model.get_nb_trainable_parameters()
     effective_batch = cfg.batch_size * cfg.grad_accum_steps * dist.world_size
+    train_set, valid_set = trainer.train_loader.dataset, trainer.valid_loader.dataset.dataset
     lines = [
         f"model        {cfg.model_path}",
         f"data         {cfg.data_path}: {data_stats_line(stats)}",
-        f"examples     {len(trainer.train_loader.dataset):,} train / {len(trainer.valid_loader.dataset.dataset):,} "
-        f"validation ({stats['valid_reason']})",
+        f"examples     {example_count(train_set):,} train / {example_count(valid_set):,} validation "
+        f"({stats['valid_reason']})",
         f"LoRA         r={cfg.lora_r}, alpha={cfg.lora_alpha:g}, dropout={cfg.lora_dropout:g}, "
         f"targets={cfg.target_modules}; trainable {trainable:,} of {total:,} ({100 * trainable / total:.4f}%)",
         f"precision    {precision_line}",
@@ -31,7 +33,8 @@ def print_banner(cfg: TrainConfig, dist: DistEnv, stats: dict, trainer, precisio
         f"processes    {dist.world_size}"
         + (f" ({'FSDP' if dist.fsdp else 'DDP'}, {torch_dist.get_backend()})" if dist.distributed else ""),
         f"batch        {cfg.batch_size} x {cfg.grad_accum_steps} accumulation x {dist.world_size} processes = "
-        f"{effective_batch} examples per optimizer step; {trainer.total_steps:,} steps, the first "
+        f"{effective_batch} {'packed rows' if cfg.packing else 'examples'} per optimizer step; "
+        f"{trainer.total_steps:,} steps, the first "
         f"{trainer.warmup_steps:,} warming up ({trainer.warmup_reason})"
         + ("; gradient checkpointing" if cfg.gradient_checkpointing else ""),
         f"output       {cfg.output_dir}",
@@ -39,6 +42,8 @@ def print_banner(cfg: TrainConfig, dist: DistEnv, stats: dict, trainer, precisio
         + "at each epoch's end and at the last step; " + (f"the newest {cfg.save_total_limit} kept"
                                                           if cfg.save_total_limit else "all kept"),
     ]
+    if cfg.packing:
+        lines.insert(3, f"packing      {packing_line(train_set, valid_set, cfg.max_length)}")
     if trainer.resumed_from is not None:
         progress = trainer.progress
         position = ("the run had finished (raise NUM_EPOCHS or MAX_STEPS to train on)" if trainer.finished else
@@ -51,6 +56,11 @@ def print_banner(cfg: TrainConfig, dist: DistEnv, stats: dict, trainer, precisio
         lines.append(f"warning      WARMUP_STEPS={cfg.warmup_steps} is not shorter than the run ({trainer.total_steps} "
                      f"steps): the learning rate never reaches LEARNING_RATE={cfg.learning_rate:g}")
     print("\n".join(lines), flush=True)
+
+
+def example_count(dataset) -> int:
+    """Examples in a dataset of examples, or of packed rows (each knows how many it holds)."""
+    return sum(dataset["examples"]) if "examples" in getattr(dataset, "column_names", ()) else len(dataset)
 
 
 def base_memory_line(model, parameters: int) -> str:

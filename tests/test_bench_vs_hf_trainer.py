@@ -67,3 +67,25 @@ def printed_value(cell: str) -> tuple[float, float]:
     text = cell.replace(",", "")
     decimals = len(text.partition(".")[2])
     return float(text), 0.5 * 10.0 ** -decimals
+
+
+def test_packing_report_takes_the_epoch_loop_from_the_loop_rate_and_names_the_cpu(tmp_path):
+    """--packing: the epoch loop time is the loop time per real token x the epoch's real tokens, the ratios are
+    ours / each recipe side, the bars are judged from them, and the device line names the CPU's matrix features."""
+    bench = load_bench()
+    args = bench.parse_args(["--packing", "--model-path", str(TINY_BLOOM), "--out", str(tmp_path / "p.md"),
+                             "--repeats", "1"])
+    runs = [{"side": side, "round": 1, "position": i + 1, "loop_us_per_token": us, "loop_s": 1.0, "steps": steps,
+             "real_tokens": 10_000, "startup_s": 2.0, "wall_s": wall, **extra}
+            for i, (side, us, steps, wall, extra) in enumerate([
+                ("ours", 100.0, 5, 4.0, {"fill": 0.98, "rows": 40}), ("recipe", 160.0, 20, 5.0, {}),
+                ("recipe-default", 250.0, 20, 8.0, {})])]
+    result = bench.report_packing(args, [], TINY_BLOOM, runs, started=0.0)
+    assert result["medians"]["ours"]["epoch_loop_s"] == pytest.approx(1.0)  # 100 us x 10,000 tokens
+    assert result["ratios"]["recipe"]["epoch_loop_s"] == pytest.approx(100 / 160)
+    assert result["ratios"]["recipe-default"]["epoch_loop_s"] == pytest.approx(100 / 250)
+    assert result["ratios"]["recipe-default"]["wall_s"] == pytest.approx(4 / 8)
+    table = (tmp_path / "p.md").read_text()
+    assert "matrix features:" in table and "fill 0.980" in table
+    assert "length grouping epoch loop time <= 0.7: holds (0.625)" in table
+    assert "no grouping epoch loop time <= 0.5: holds (0.400)" in table

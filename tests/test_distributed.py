@@ -311,9 +311,15 @@ DDP_RUNS = {  # name: (overrides for the 2-rank run, single-process references w
                          [{**T4, "batch_size": 4}]),
     "gpu-bf16-weights": (A100 := {**ACCUM, "precision": "bf16", "base_weights": "bfloat16"},
                          [{**A100, "batch_size": 4}]),
+    # PACKING=true: batches of packed rows, the global batch's token-weighted loss over both ranks' rows.
+    "packed-accum": ({**ACCUM, "packing": True}, [dict(batch_size=4, grad_accum_steps=2, packing=True)]),
+    "packed-accum-float64": ({**ACCUM, "packing": True, "float64": True},
+                             [dict(batch_size=4, grad_accum_steps=2, packing=True, float64=True)]),
+    "gpu-fp16-weights-packed": ({**T4, "packing": True}, [{**T4, "batch_size": 4, "packing": True}]),
 }
 # Every element, every step (see assert_same_training); the float32 runs are the names listed here.
-WEIGHT_TOLERANCE = {"plain": 1e-5, "accum": 1e-4, "grouped": 1e-4, "plain-warm-up": 1e-5, "accum-warm-up": 1e-5}
+WEIGHT_TOLERANCE = {"plain": 1e-5, "accum": 1e-4, "grouped": 1e-4, "plain-warm-up": 1e-5, "accum-warm-up": 1e-5,
+                    "packed-accum": 1e-4}
 
 
 @pytest.fixture(scope="module")
@@ -394,7 +400,8 @@ def test_the_equivalence_check_is_sensitive(two_node_runs, small_data, tmp_path,
 # The DDP_RUNS also trained under FSDP=true (2 processes, one torchrun launch), each compared with that name's DDP run
 # and its first single-process reference, with the same checks and tolerances: float32 without and with
 # accumulation, float64 (also with activation checkpointing), and a 2 x T4's float16 base weights with GradScaler.
-FSDP_RUNS = ("plain", "accum", "plain-float64", "accum-float64", "checkpointing-float64", "gpu-fp16-weights")
+FSDP_RUNS = ("plain", "accum", "plain-float64", "accum-float64", "checkpointing-float64", "gpu-fp16-weights",
+             "packed-accum")
 ODD_VALID = 9  # validation records: rank 0 evaluates 5 (3 batches of 2), rank 1 4 and a label-less pad (fsdp.py)
 
 

@@ -313,6 +313,40 @@ def test_one_process_survives_sigkill_a_crash_mid_checkpoint_and_sigterm(tmp_pat
     assert len(kept) == 2 and kept[-1] == f"checkpoint-{STEPS}" and not leftovers(out)  # SAVE_TOTAL_LIMIT=2
 
 
+PACKED_STEPS = 16  # 64 training examples of up to 128 tokens pack into fewer rows: 2 epochs of packed batches
+
+
+@pytest.mark.slow
+def test_a_packed_run_survives_sigkill_bit_identical_and_refuses_another_packing(tmp_path, data, cache):
+    """PACKING=true: `python train.py` killed with SIGKILL at a random moment and resumed ends bit-identical to the
+    uninterrupted packed run (every step's loss, lr and gradient norm, and the adapter); a resume with PACKING=false
+    is refused in one line."""
+    rng = random.Random(30)
+    packed = {"PACKING": "true", "MAX_STEPS": str(PACKED_STEPS), "SAVE_STEPS": "3", "EVAL_FREQ": "5"}
+    straight_out, out = tmp_path / "straight", tmp_path / "out"
+    with runs() as started:
+        started.append(straight := train_py(run_env(data, cache, straight_out, **packed), tmp_path / "0.txt"))
+        started.append(first := train_py(run_env(data, cache, out, **packed), tmp_path / "1.txt"))
+        kill_after_step(first, 4, rng, signal.SIGKILL)
+        assert first.wait() == -signal.SIGKILL
+        killed_at = max(logged_steps(out))
+        assert 4 <= killed_at < PACKED_STEPS
+        started.append(refused := train_py(run_env(data, cache, out, RESUME_FROM="latest", MAX_STEPS=str(PACKED_STEPS),
+                                                   SAVE_STEPS="3", EVAL_FREQ="5"), tmp_path / "2.txt"))
+        assert refused.wait() == 1
+        assert "PACKING is False here but True in the checkpoint" in refused.text()
+        started.append(second := train_py(run_env(data, cache, out, RESUME_FROM="latest", **packed),
+                                          tmp_path / "3.txt"))
+        assert second.wait() == 0, second.text()[-3000:]
+        assert straight.wait() == 0, straight.text()[-3000:]
+    assert "packing      64 train examples in" in straight.text()
+    assert [s[0] for s in step_numbers(out)] == list(range(1, PACKED_STEPS + 1))
+    assert step_numbers(out) == step_numbers(straight_out)
+    diff = max_abs_diff(adapter_tensors(out), adapter_tensors(straight_out))
+    print(f"packed: SIGKILL at step {killed_at}; max |resumed - straight| = {diff}")
+    assert diff == 0.0
+
+
 @pytest.mark.slow
 def test_two_ranks_survive_sigterm_and_a_killed_worker(tmp_path, data, cache, straight_ddp):
     """`DDP=true torchrun --nproc_per_node=2 train.py`: SIGTERM to torchrun makes both ranks checkpoint the same step

@@ -587,8 +587,8 @@ def test_offline_quick_start_learns_and_its_adapter_loads_in_peft(quick_start_ru
 # --- a user's own commands --------------------------------------------------------------------------------------------
 
 # What train.py itself prints: the banner's and summary's keys, its progress bar, its evaluation lines.
-OUR_LINE = re.compile(r"(model|data|examples|LoRA|precision|base|processes|batch|output|checkpoints|memory|resumed"
-                      r"|warning|done) {2,}|note: |warning: |train: |step \d+: eval loss |adapter saved to "
+OUR_LINE = re.compile(r"(model|data|examples|packing|LoRA|precision|base|processes|batch|output|checkpoints|memory"
+                      r"|resumed|warning|done) {2,}|note: |warning: |train: |step \d+: eval loss |adapter saved to "
                       r"|python inference\.py ")
 
 
