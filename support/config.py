@@ -20,7 +20,7 @@ TRUE_WORDS = ("1", "true", "yes")
 FALSE_WORDS = ("0", "false", "no")
 PRECISIONS = ("fp32", "bf16", "fp16")
 QUANTIZE_CHOICES = ("8bit", "4bit")
-REPORT_TO_CHOICES = ("tensorboard", "wandb")  # metrics.TRACKER_CLASSES
+REPORT_TO_CHOICES = ("tensorboard",)  # metrics.TRACKER_CLASSES
 DEFAULT_MODEL = "bigscience/bloom-1b7"
 MAX_INT = 2**31 - 1
 AUTO = -1  # WARMUP_STEPS and SIZE_VALID_SET: chosen from the run's length and the data's size (see resolve_*)
@@ -83,9 +83,9 @@ class TrainConfig:
     eval_generate_every_eval: bool = field(default=False, metadata={"help": "with EVAL_GENERATE: score the answers "
                                                                             "at every evaluation, not only the "
                                                                             "last"})
-    report_to: str = field(default="", metadata={"help": "tensorboard and/or wandb (comma-separated): stream the "
-                                                          "metrics to OUTPUT_DIR/tensorboard/ or to Weights & "
-                                                          "Biases (offline unless WANDB_MODE says otherwise)"})
+    report_to: str = field(default="", metadata={"help": "tensorboard: stream the metrics (loss, learning rate, "
+                                                          "gradient norm, tokens/s, eval loss, EVAL_GENERATE's "
+                                                          "scores) to OUTPUT_DIR/tensorboard/"})
     save_steps: int = field(default=200, metadata={"help": "checkpoint every N optimizer steps, besides each "
                                                            "epoch's end and the last step (0: only those)"})
     save_total_limit: int = field(default=0, metadata={"help": "keep only the newest N complete checkpoints "
@@ -204,10 +204,13 @@ class TrainConfig:
     def report_to_list(self) -> list[str]:
         """REPORT_TO as a list of tracker names, e.g. ["tensorboard"]; [] for none."""
         names = [name.strip().lower() for name in self.report_to.split(",") if name.strip()]
+        if "wandb" in names:
+            raise ConfigError("REPORT_TO=wandb is not supported: use REPORT_TO=tensorboard; Weights & Biases "
+                              "imports its event files (wandb sync --sync-tensorboard OUTPUT_DIR/tensorboard)")
         for name in names:
             if name not in REPORT_TO_CHOICES or names.count(name) > 1:
-                raise ConfigError(f"REPORT_TO must be {' and/or '.join(REPORT_TO_CHOICES)} (comma-separated, each "
-                                  f"once), or empty for none, got {self.report_to!r}")
+                raise ConfigError(f"REPORT_TO must be {', '.join(REPORT_TO_CHOICES)} (comma-separated, each once), "
+                                  f"or empty for none, got {self.report_to!r}")
         return names
 
     def resolve_valid_size(self, examples: int) -> tuple[int | float, str]:

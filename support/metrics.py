@@ -1,7 +1,7 @@
 """OUTPUT_DIR/metrics.jsonl, one JSON line per optimizer step and per evaluation (epochs counted from 1, each line
 stamped with its local time to the millisecond, which bench/bench_vs_hf_trainer.py times steps by), and the loss
-curve drawn from it. With REPORT_TO, every row is also streamed to TensorBoard (OUTPUT_DIR/tensorboard/) or Weights &
-Biases, as scalars at the row's step: train/loss, train/lr, train/grad_norm, train/tokens_per_s, eval/loss, eval/ppl,
+curve drawn from it. With REPORT_TO=tensorboard, every row is also streamed to TensorBoard (OUTPUT_DIR/tensorboard/),
+as scalars at the row's step: train/loss, train/lr, train/grad_norm, train/tokens_per_s, eval/loss, eval/ppl,
 eval/rouge_l, ... (a key "eval_x" becomes "eval/x", any other "train/<key>").
 
 Only rank 0 writes; a log made by another rank is a no-op, so the trainer can log without asking who it is.
@@ -13,7 +13,6 @@ import contextlib
 import datetime
 import importlib.util
 import json
-import os
 from pathlib import Path
 
 from support.atomic import atomic_write, write_text_atomically
@@ -22,8 +21,7 @@ METRICS_NAME = "metrics.jsonl"
 LOSS_CURVE_NAME = "loss_curve.png"
 TENSORBOARD_DIR = "tensorboard"
 # What each tracker needs installed: (module, what to install). TensorBoard's is pinned in requirements.txt.
-TRACKER_PACKAGES = {"tensorboard": ("tensorboard", "pip install tensorboard==2.21.0"),
-                    "wandb": ("wandb", "pip install wandb")}
+TRACKER_PACKAGES = {"tensorboard": ("tensorboard", "pip install tensorboard==2.21.0")}
 NOT_SCALARS = ("step", "epoch", "time")
 
 
@@ -65,25 +63,7 @@ class TensorBoardTracker:
         self.writer.close()
 
 
-class WandbTracker:
-    """A Weights & Biases run, offline unless WANDB_MODE says otherwise (`wandb sync` uploads it later); its files
-    go to OUTPUT_DIR/wandb/."""
-
-    def __init__(self, output_dir: Path, purge_step: int | None) -> None:
-        import wandb
-
-        self.wandb = wandb
-        self.run = wandb.init(project=os.environ.get("WANDB_PROJECT", "lora-alpaca"), dir=str(output_dir),
-                              mode=os.environ.get("WANDB_MODE", "offline"), resume="allow" if purge_step else None)
-
-    def log(self, row: dict) -> None:
-        self.run.log(scalars(row), step=row["step"])
-
-    def close(self) -> None:
-        self.run.finish()
-
-
-TRACKER_CLASSES = {"tensorboard": TensorBoardTracker, "wandb": WandbTracker}
+TRACKER_CLASSES = {"tensorboard": TensorBoardTracker}
 
 
 class MetricsLog:
