@@ -123,8 +123,8 @@ class TrainConfig:
         for name in positive:
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name.upper()} must be > 0, got {getattr(self, name)}")
-        non_negative = ("eval_freq", "eval_generate", "save_steps", "save_total_limit", "num_workers", "weight_decay",
-                        "max_grad_norm")
+        non_negative = ("eval_freq", "eval_generate", "save_steps", "save_total_limit", "num_workers",
+                        "weight_decay", "max_grad_norm")
         for name in non_negative:
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name.upper()} must be >= 0, got {getattr(self, name)}")

@@ -137,6 +137,27 @@ def test_a_missing_tracker_is_one_line_saying_what_to_install(monkeypatch):
                                                         "install tensorboard==2.21.0")
 
 
+def test_a_resumed_run_replaces_the_tensorboard_events_past_its_checkpoint(tmp_path):
+    """Steps 1-5 logged, the run killed, resumed from step 3 (MetricsLog.trim(3)) and steps 4-5 logged again:
+    TensorBoard's reader shows the second values of steps 4-5 (purge_step), as metrics.jsonl does."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    first = metrics.MetricsLog(tmp_path, enabled=True, report_to=["tensorboard"])
+    for step in range(1, 6):
+        first.write({"step": step, "epoch": 1, "loss": float(step)})
+    first.close()
+    resumed = metrics.MetricsLog(tmp_path, enabled=True, report_to=["tensorboard"])
+    resumed.trim(3)
+    for step in (4, 5):
+        resumed.write({"step": step, "epoch": 1, "loss": 10.0 * step})
+    resumed.close()
+    assert [row["loss"] for row in metric_rows(tmp_path)] == [1.0, 2.0, 3.0, 40.0, 50.0]
+    accumulator = EventAccumulator(str(tmp_path / metrics.TENSORBOARD_DIR))
+    accumulator.Reload()
+    assert [(e.step, e.value) for e in accumulator.Scalars("train/loss")] == [
+        (1, 1.0), (2, 2.0), (3, 3.0), (4, 40.0), (5, 50.0)]
+
+
 def test_training_imports_no_tracker_and_no_scorer_unless_asked():
     """Start-up stays as fast as before: `import train` loads neither TensorBoard nor rouge-score."""
     code = ("import sys, train; print(sorted(m for m in ('tensorboard', 'torch.utils.tensorboard', 'rouge_score')"
