@@ -107,6 +107,37 @@ def test_the_shipped_lm_eval_examples_are_the_quick_starts_validation_set():
     assert {r["instruction"] for r in shipped} <= {r["instruction"] for r in records}
 
 
+@pytest.mark.parametrize("settings", [
+    {},                                                     # the quick start's: TRAIN_ON_INPUTS, nothing dropped
+    {"train_on_inputs": False, "max_length": 64},           # prompts that fill MAX_LENGTH are dropped before the split
+    {"valid_data_path": "valid"},                           # a validation file of its own
+])
+def test_validation_records_are_the_examples_train_py_validates_on(tmp_path, settings):
+    """The records answer_eval finds again, tokenized as train.py tokenizes, are train.py's validation examples,
+    token for token and in order (prepare_datasets is the reference)."""
+    from prompter import Prompter
+    from support.alpaca_data import tokenize_records
+    from support.model_loading import load_tokenizer
+
+    records = json.loads(SAMPLE.read_text(encoding="utf-8"))
+    data = tmp_path / "data.json"
+    data.write_text(json.dumps(records[:300]), encoding="utf-8")
+    if settings.get("valid_data_path"):
+        (tmp_path / "valid.json").write_text(json.dumps(records[300:340]), encoding="utf-8")
+        settings = {**settings, "valid_data_path": str(tmp_path / "valid.json")}
+    cfg = TrainConfig(model_path=str(TINY_BLOOM), data_path=str(data), cache_dir=str(tmp_path / "cache"),
+                      size_valid_set=30, **settings)
+    tokenizer = load_tokenizer(str(TINY_BLOOM))
+    _, valid_set, stats = train.prepare_datasets(cfg, tokenizer)
+    if not cfg.train_on_inputs:
+        assert stats["no_label_dropped"] > 0  # the case is exercised
+    found = answer_eval.validation_records(cfg, tokenizer, Prompter(), stats["fingerprint"])
+    again = tokenize_records(found, tokenizer, Prompter(), cfg.max_length, cfg.train_on_inputs, tmp_path / "again")
+    assert again["input_ids"] == valid_set["input_ids"] and len(found) == len(valid_set) > 0
+    with pytest.raises(ValueError, match="the data changed since the run split it"):
+        answer_eval.validation_records(cfg, tokenizer, Prompter(), "another fingerprint")
+
+
 # --- settings -------------------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("settings, message", [
