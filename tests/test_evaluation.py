@@ -189,6 +189,7 @@ def test_a_resumed_run_replaces_the_tensorboard_events_past_its_checkpoint(tmp_p
         (1, 1.0), (2, 2.0), (3, 3.0), (4, 40.0), (5, 50.0)]
 
 
+@pytest.mark.slow
 def test_training_imports_no_tracker_and_no_scorer_unless_asked():
     """Start-up stays as fast as before: `import train` loads neither TensorBoard nor rouge-score."""
     code = ("import sys, train; print(sorted(m for m in ('tensorboard', 'torch.utils.tensorboard', 'rouge_score')"
@@ -278,6 +279,7 @@ def test_bad_input_is_one_line_and_writes_nothing(adapter, tmp_path, capsys, cas
     assert (eval_dir.is_dir() and read_rows(adapter)) == previous  # an earlier evaluation is left as it was
 
 
+@pytest.mark.slow
 def test_eval_generate_scores_the_same_answers_as_evaluate(tmp_path, capsys):
     """EVAL_GENERATE=4 at the run's end (the LoRA layers unmerged, in the training loop) gives the means that
     `inference.py evaluate --limit 4` gives afterwards (adapter merged, loaded from disk), and they reach
