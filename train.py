@@ -186,15 +186,17 @@ def tokenized_records(path: str, cfg: TrainConfig, tokenizer):
                             stats=stats), stats
 
 
-def generation_records(cfg: TrainConfig, tokenizer, valid_size: int, fingerprint: str) -> list[dict]:
-    """EVAL_GENERATE's examples: the first EVAL_GENERATE validation records ([] when it is 0), found again as
-    `inference.py evaluate` finds them (answer_eval.validation_records)."""
+def generation_records(cfg: TrainConfig, tokenizer, valid_size: int,
+                       fingerprint: str) -> list[dict]:
+    """EVAL_GENERATE's examples: the first EVAL_GENERATE validation records ([] when it is 0), found
+    again as `inference.py evaluate` finds them (answer_eval.validation_records)."""
     if not cfg.eval_generate:
         return []
     if cfg.eval_generate > valid_size:
-        raise ConfigError(f"EVAL_GENERATE={cfg.eval_generate} is more than the {valid_size:,} validation examples; "
-                          f"set EVAL_GENERATE={valid_size} or less")
-    return answer_eval.validation_records(cfg, tokenizer, Prompter(), fingerprint)[:cfg.eval_generate]
+        raise ConfigError(f"EVAL_GENERATE={cfg.eval_generate} is more than the {valid_size:,} "
+                          f"validation examples; set EVAL_GENERATE={valid_size} or less")
+    records = answer_eval.validation_records(cfg, tokenizer, Prompter(), fingerprint)
+    return records[:cfg.eval_generate]
 
 
 def cosine_schedule_with_warmup(optimizer: torch.optim.Optimizer, warmup_steps: int, total_steps: int):
@@ -231,8 +233,9 @@ class Trainer:
         self.cfg, self.dist, self.identity = cfg, dist, identity or {}
         self.raw_model = self.model = model  # self.model: the DDP wrapper under DDP (FSDP shards model in place)
         self.output_dir = Path(cfg.output_dir)
-        self.metrics = MetricsLog(self.output_dir, enabled=dist.is_master, report_to=cfg.report_to_list)
-        self.answer_records: list[dict] = []  # EVAL_GENERATE's validation examples (run() sets them)
+        self.metrics = MetricsLog(self.output_dir, enabled=dist.is_master,
+                                  report_to=cfg.report_to_list)
+        self.answer_records: list[dict] = []  # EVAL_GENERATE's examples (run() sets them)
         self._base_answers: list[str] | None = None  # the base model's, generated once
         self.set_mixed_precision_context(precision)
         self.train_loader, self.valid_loader = self.prepare_dataloader(train_set, valid_set, tokenizer)
@@ -364,7 +367,8 @@ class Trainer:
         boundary = epoch_done or self.finished
         if boundary or (cfg.eval_freq and step % cfg.eval_freq == 0):
             self.progress.last_eval = self.evaluate(epoch)
-            if cfg.eval_generate and (self.finished or cfg.eval_generate_every_eval) and self.progress.last_eval:
+            generate = cfg.eval_generate and (self.finished or cfg.eval_generate_every_eval)
+            if generate and self.progress.last_eval:
                 self.progress.last_eval |= self.score_answers(epoch)
         if boundary or (cfg.save_steps and step % cfg.save_steps == 0):
             self.save_checkpoint()
@@ -464,30 +468,35 @@ class Trainer:
 
     @torch.no_grad()
     def score_answers(self, epoch: int) -> dict:
-        """EVAL_GENERATE: the base model's (generated once) and the adapter's greedy answers to the first
-        EVAL_GENERATE validation instructions, scored as `inference.py evaluate` scores them; the means logged and
-        returned. Rank 0 generates on its whole copy of the model; the other ranks wait at the next collective."""
+        """EVAL_GENERATE: the base model's (generated once) and the adapter's greedy answers to the
+        first EVAL_GENERATE validation instructions, scored as `inference.py evaluate` scores them;
+        the means logged and returned. Rank 0 generates on its whole copy of the model; the other
+        ranks wait at the next collective."""
         if not self.dist.is_master:
             return {}
         import inference  # generation's prompts, options and batching, as after training
 
-        loaded = inference.LoadedModel(self.raw_model, inference.load_tokenizer(self.cfg.model_path),
-                                       self.dist.device, self.precision, merged=False)
+        tokenizer = inference.load_tokenizer(self.cfg.model_path)  # padding on the left
+        loaded = inference.LoadedModel(self.raw_model, tokenizer, self.dist.device, self.precision,
+                                       merged=False)
         options = inference.GenerationOptions(max_new_tokens=inference.EVAL_MAX_NEW_TOKENS)
         size = self.cfg.batch_size
 
         def generate(records: list[dict]) -> list[str]:
             prompts = [inference.build_prompt(r["instruction"], r["input"]) for r in records]
             with self.ctx:
-                return [answer for i in range(0, len(prompts), size)
-                        for answer in inference.generate_responses(loaded, prompts[i:i + size], options)]
+                batches = (prompts[i:i + size] for i in range(0, len(prompts), size))
+                return [answer for batch in batches
+                        for answer in inference.generate_responses(loaded, batch, options)]
 
         self.raw_model.eval()
-        with torch.random.fork_rng(devices=[self.dist.device] if self.dist.device.type == "cuda" else []):
+        devices = [self.dist.device] if self.dist.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices):  # training's random streams stay as they were
             if self._base_answers is None:
                 with self.raw_model.disable_adapter():
                     self._base_answers = generate(self.answer_records)
-            rows = answer_eval.compare(self.answer_records, generate, generate, base_answers=self._base_answers)
+            rows = answer_eval.compare(self.answer_records, generate, generate,
+                                       base_answers=self._base_answers)
         self.raw_model.train()
         summary = answer_eval.summarize(rows)
         metrics = {"step": self.progress.step, "epoch": epoch, "eval_generated": len(rows)}
@@ -495,9 +504,10 @@ class Trainer:
             metrics |= {f"eval_{name}": summary[name]["adapter"]["mean"],
                         f"eval_base_{name}": summary[name]["base"]["mean"]}
         self.metrics.write(metrics)
-        tqdm.write(f"step {self.progress.step}: {len(rows)} answers, ROUGE-L {metrics['eval_rouge_l']:.4f} (base "
-                   f"{metrics['eval_base_rouge_l']:.4f}), exact match {metrics['eval_exact_match']:.3f} (base "
-                   f"{metrics['eval_base_exact_match']:.3f})")
+        tqdm.write(f"step {self.progress.step}: {len(rows)} answers, ROUGE-L "
+                   f"{metrics['eval_rouge_l']:.4f} (base {metrics['eval_base_rouge_l']:.4f}), "
+                   f"exact match {metrics['eval_exact_match']:.3f} "
+                   f"(base {metrics['eval_base_exact_match']:.3f})")
         return metrics
 
     # --- checkpoints and the final adapter ---

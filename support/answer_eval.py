@@ -1,18 +1,21 @@
-"""Did fine-tuning help? Generated answers scored against the reference outputs, base model beside adapter.
+"""Did fine-tuning help? Generated answers scored against the reference outputs, base model beside
+adapter.
 
 Each answer gets two scores against its example's reference output:
-  * ROUGE-L F1 (Google's `rouge-score` package, Porter stemmer on): the longest common subsequence of words,
-    as the F1 of its precision and recall; 0 to 1. Its tokenizer keeps only ASCII letters and digits, so it suits
-    English references like Alpaca's.
-  * exact match: 1 when the answer equals the reference after SQuAD's normalisation (lower case, punctuation and
-    the articles a/an/the removed, runs of whitespace made one space), else 0.
-The means come with a 95 % bootstrap interval (1,000 resamples of the examples, seeded: the same answers always give
-the same interval), and the adapter's gain over the base with a paired one (both resampled on the same examples).
+  * ROUGE-L F1 (Google's `rouge-score` package, Porter stemmer on): the longest common subsequence
+    of words, as the F1 of its precision and recall; 0 to 1. Its tokenizer keeps only ASCII letters
+    and digits, so it suits English references like Alpaca's.
+  * exact match: 1 when the answer equals the reference after SQuAD's normalisation (lower case,
+    punctuation and the articles a/an/the removed, runs of whitespace made one space), else 0.
+The means come with a 95 % bootstrap interval (1,000 resamples of the examples, seeded: the same
+answers always give the same interval), and the adapter's gain over the base with a paired one (both
+resampled on the same examples).
 
-The held-out examples are, by default, the run's own validation set: re-derived from the settings its checkpoint
-recorded (DATA_PATH or VALID_DATA_PATH, SIZE_VALID_SET, SEED, ...) with train.py's own split, and refused if the data
-changed since (their fingerprint differs from the one the run recorded). Generation is passed in as a function, so
-that inference.py (after training) and train.py (EVAL_GENERATE, during it) score the same way.
+The held-out examples are, by default, the run's own validation set: re-derived from the settings
+its checkpoint recorded (DATA_PATH or VALID_DATA_PATH, SIZE_VALID_SET, SEED, ...) with train.py's
+own split, and refused if the data changed since (their fingerprint differs from the one the run
+recorded). Generation is passed in as a function, so that inference.py (after training) and train.py
+(EVAL_GENERATE, during it) score the same way.
 """
 
 from __future__ import annotations
@@ -27,8 +30,10 @@ from pathlib import Path
 import datasets
 import numpy as np
 
-from support.alpaca_data import PromptTemplate, split_train_valid, tokenize_fingerprint, validate_records
-from support.alpaca_data import _preamble_ids, _tokenize_batch
+from support.alpaca_data import (
+    PromptTemplate, _preamble_ids, _tokenize_batch, split_train_valid, tokenize_fingerprint,
+    validate_records,
+)
 from support.atomic import atomic_write
 from support.checkpoint import MANIFEST_NAME, checkpoint_dirs
 from support.config import TrainConfig
@@ -39,8 +44,8 @@ ANSWERS_NAME = "answers.jsonl"
 REPORT_NAME = "report.md"
 SUMMARY_NAME = "summary.json"
 BOOTSTRAP_RESAMPLES, BOOTSTRAP_SEED, CONFIDENCE = 1000, 0, 0.95
-# The default --limit: the quick start's whole validation set (100 examples, a minute or two on a CPU); on a real
-# run's 2,000, a first look with a usable interval (about +-0.02 on a mean ROUGE-L).
+# The default --limit: the quick start's whole validation set (100 examples, a minute or two on a
+# CPU); on a real run's 2,000, a first look with a usable interval (about +-0.02 on a mean ROUGE-L).
 DEFAULT_LIMIT = 100
 SIDE_BY_SIDE = 3  # examples the report shows in full
 SCORES = ("rouge_l", "exact_match")
@@ -50,20 +55,21 @@ MODELS = ("base", "adapter")
 _scorer = None
 
 
-# --- the scores ---------------------------------------------------------------------------------------------------
+# --- the scores ------------------------------------------------------------------------------
 
 def rouge_l(answer: str, reference: str) -> float:
-    """ROUGE-L F1 of `answer` against `reference` (rouge-score, stemmed); 0.0 when either has no word."""
+    """ROUGE-L F1 of `answer` against `reference` (rouge-score, stemmed); 0.0 if either has no
+    word."""
     global _scorer
     if _scorer is None:
-        from rouge_score import rouge_scorer  # requirements.txt; imported only when answers are scored
+        from rouge_score import rouge_scorer  # imported only when answers are scored
 
         _scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
     return float(_scorer.score(reference, answer)["rougeL"].fmeasure)
 
 
 def normalize_answer(text: str) -> str:
-    """SQuAD's normalisation: lower case, no punctuation, no articles (a, an, the), single spaces."""
+    """SQuAD's normalisation: lower case, no punctuation, no articles (a/an/the), single spaces."""
     text = "".join(ch for ch in text.lower() if ch not in set(string.punctuation))
     text = re.sub(r"\b(a|an|the)\b", " ", text)
     return " ".join(text.split())
@@ -78,12 +84,14 @@ def score(answer: str, reference: str) -> dict[str, float]:
     return {"rouge_l": rouge_l(answer, reference), "exact_match": exact_match(answer, reference)}
 
 
-# --- the statistics -----------------------------------------------------------------------------------------------
+# --- the statistics --------------------------------------------------------------------------
 
-def bootstrap_interval(values: Sequence[float], resamples: int = BOOTSTRAP_RESAMPLES, seed: int = BOOTSTRAP_SEED,
+def bootstrap_interval(values: Sequence[float], resamples: int = BOOTSTRAP_RESAMPLES,
+                       seed: int = BOOTSTRAP_SEED,
                        confidence: float = CONFIDENCE) -> tuple[float, float]:
-    """Percentile bootstrap interval of the mean: `resamples` means of n values drawn with replacement from the n
-    `values` (NumPy's default_rng(seed)), and their (1 - confidence) / 2 and (1 + confidence) / 2 quantiles."""
+    """Percentile bootstrap interval of the mean: `resamples` means of n values drawn with
+    replacement from the n `values` (NumPy's default_rng(seed)), and their (1 - confidence) / 2 and
+    (1 + confidence) / 2 quantiles."""
     values = np.asarray(values, dtype=np.float64)
     if values.size == 0:
         return math.nan, math.nan
@@ -94,8 +102,8 @@ def bootstrap_interval(values: Sequence[float], resamples: int = BOOTSTRAP_RESAM
 
 
 def summarize(rows: Sequence[dict]) -> dict:
-    """Per score: each model's mean and interval, the adapter's mean gain over the base with its paired interval,
-    and the adapter's wins / ties / losses per example."""
+    """Per score: each model's mean and interval, the adapter's mean gain over the base with its
+    paired interval, and the adapter's wins / ties / losses per example."""
     summary = {"examples": len(rows)}
     for name in SCORES:
         base = np.array([row[f"base_{name}"] for row in rows], dtype=np.float64)
@@ -103,15 +111,16 @@ def summarize(rows: Sequence[dict]) -> dict:
         summary[name] = {
             "base": {"mean": float(base.mean()), "ci95": bootstrap_interval(base)},
             "adapter": {"mean": float(adapter.mean()), "ci95": bootstrap_interval(adapter)},
-            # Paired: each resample takes the same examples for both models (the seed draws the same indices).
-            "gain": {"mean": float((adapter - base).mean()), "ci95": bootstrap_interval(adapter - base)},
+            # Paired: each resample takes the same examples for both models (same seed, same draws).
+            "gain": {"mean": float((adapter - base).mean()),
+                     "ci95": bootstrap_interval(adapter - base)},
             "wins": int((adapter > base).sum()), "ties": int((adapter == base).sum()),
             "losses": int((adapter < base).sum()),
         }
     return summary
 
 
-# --- comparing the two models -------------------------------------------------------------------------------------
+# --- comparing the two models ----------------------------------------------------------------
 
 Generate = Callable[[list[dict]], list[str]]  # records -> one answer each, in order
 
@@ -131,16 +140,17 @@ def compare(records: Sequence[dict], generate_base: Generate, generate_adapter: 
     adapter_answers = generate_adapter(records)
     rows = []
     for record, base, adapter in zip(records, base_answers, adapter_answers, strict=True):
-        row = {"instruction": record["instruction"], "input": record["input"], "reference": record["output"],
-               "base_answer": base, "adapter_answer": adapter}
+        row = {"instruction": record["instruction"], "input": record["input"],
+               "reference": record["output"], "base_answer": base, "adapter_answer": adapter}
         for model, answer in (("base", base), ("adapter", adapter)):
-            row.update({f"{model}_{name}": value for name, value in score(answer, record["output"]).items()})
+            scores = score(answer, record["output"])
+            row.update({f"{model}_{name}": value for name, value in scores.items()})
         rows.append(row)
     return rows
 
 
 def table(summary: dict) -> str:
-    """The printed table: both models' means with their intervals, the gain, and wins / ties / losses."""
+    """The printed table: each model's means and intervals, the gain, wins / ties / losses."""
     def cell(stat: dict, signed: bool = False) -> str:
         low, high = stat["ci95"]
         mean = f"{stat['mean']:+.4f}" if signed else f"{stat['mean']:.4f}"
@@ -150,25 +160,27 @@ def table(summary: dict) -> str:
              "| --- | " + " | ".join("---" for _ in SCORES) + " |"]
     for model in MODELS:
         lines.append(f"| {model} | " + " | ".join(cell(summary[n][model]) for n in SCORES) + " |")
-    lines.append("| adapter - base | " + " | ".join(cell(summary[n]["gain"], signed=True) for n in SCORES) + " |")
-    lines.append("| adapter wins / ties / losses | "
-                 + " | ".join(f"{summary[n]['wins']} / {summary[n]['ties']} / {summary[n]['losses']}"
-                              for n in SCORES) + " |")
+    gains = " | ".join(cell(summary[n]["gain"], signed=True) for n in SCORES)
+    counts = " | ".join(f"{summary[n]['wins']} / {summary[n]['ties']} / {summary[n]['losses']}"
+                        for n in SCORES)
+    lines += [f"| adapter - base | {gains} |", f"| adapter wins / ties / losses | {counts} |"]
     return "\n".join(lines)
 
 
 def report_markdown(summary: dict, rows: Sequence[dict], about: dict) -> str:
-    """The Markdown report: what was evaluated, the table, how the scores are defined, examples side by side."""
+    """The Markdown report: what was evaluated, the table, how the scores are defined, examples
+    side by side."""
     setting_lines = [f"- {key}: {value}" for key, value in about.items()]
     lines = [
         "# Base model vs adapter on held-out examples", "",
         *setting_lines, f"- examples: {summary['examples']}", "",
         table(summary), "",
-        "ROUGE-L F1: `rouge-score`'s rougeL with the Porter stemmer (words of ASCII letters and digits). Exact "
-        "match: equal after SQuAD's normalisation (lower case, no punctuation, no a/an/the, single spaces). "
-        f"Intervals: percentile bootstrap of the mean, {BOOTSTRAP_RESAMPLES:,} resamples of the examples, seed "
-        f"{BOOTSTRAP_SEED}; the gain's is paired (the same examples for both models). A win: the adapter's answer "
-        "scores higher than the base's on that example.", "",
+        "ROUGE-L F1: `rouge-score`'s rougeL with the Porter stemmer (words of ASCII letters and "
+        "digits). Exact match: equal after SQuAD's normalisation (lower case, no punctuation, no "
+        "a/an/the, single spaces). Intervals: percentile bootstrap of the mean, "
+        f"{BOOTSTRAP_RESAMPLES:,} resamples of the examples, seed {BOOTSTRAP_SEED}; the gain's is "
+        "paired (the same examples for both models). A win: the adapter's answer scores higher "
+        "than the base's on that example.", "",
         "## Examples side by side", "",
     ]
     for i, row in enumerate(rows[:SIDE_BY_SIDE], start=1):
@@ -178,8 +190,9 @@ def report_markdown(summary: dict, rows: Sequence[dict], about: dict) -> str:
         lines += ["| | answer | ROUGE-L | exact |", "| --- | --- | --- | --- |",
                   f"| reference | {_one_line(row['reference'])} | | |"]
         for model in MODELS:
-            lines.append(f"| {model} | {_one_line(row[f'{model}_answer'])} | {row[f'{model}_rouge_l']:.4f} | "
-                         f"{row[f'{model}_exact_match']:.0f} |")
+            answer, rouge = row[f"{model}_answer"], row[f"{model}_rouge_l"]
+            exact = row[f"{model}_exact_match"]
+            lines.append(f"| {model} | {_one_line(answer)} | {rouge:.4f} | {exact:.0f} |")
         lines.append("")
     lines.append(f"Every example, with both answers and scores: `{ANSWERS_NAME}`.")
     return "\n".join(lines) + "\n"
@@ -191,112 +204,132 @@ def _one_line(text: str, limit: int = 300) -> str:
 
 
 def write_results(folder: Path, rows: Sequence[dict], summary: dict, report: str) -> Path:
-    """Write `folder` (answers.jsonl, summary.json, report.md) as one unit: the old one stays until the new one is
-    complete. Returns the report's path."""
+    """Write `folder` (answers.jsonl, summary.json, report.md) as one unit: the old one stays until
+    the new one is complete. Returns the report's path."""
     with atomic_write(folder, folder=True) as staging:
-        (staging / ANSWERS_NAME).write_text("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows),
-                                            encoding="utf-8")
+        lines = (json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
+        (staging / ANSWERS_NAME).write_text("".join(lines), encoding="utf-8")
         (staging / SUMMARY_NAME).write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
         (staging / REPORT_NAME).write_text(report, encoding="utf-8")
     return folder / REPORT_NAME
 
 
-# --- which examples ---------------------------------------------------------------------------------------------
+# --- which examples --------------------------------------------------------------------------
 
 def clean_records(source: str, cache_dir: str, data_fields: dict[str, str]) -> list[dict]:
-    """The records of a data file as training reads them (DATA_FIELDS applied, checked, placeholders cleared).
+    """The records of a data file as training reads them (DATA_FIELDS applied, checked, placeholders
+    cleared).
 
     Raises:
-        DataError: the file is missing or unreadable, or a record has no instruction or output (named).
+        DataError: the file is missing or unreadable, or a record has no instruction or output
+            (named).
     """
     return validate_records(load_records(source, cache_dir, data_fields), source)[0]
 
 
 def run_settings(adapter_dir: Path) -> tuple[TrainConfig, dict, Path]:
-    """The settings and run identity a training run recorded in `adapter_dir` (its newest checkpoint's
-    manifest.json, or the folder's own when it is a checkpoint), and the manifest's path.
+    """The settings and run identity a training run recorded in `adapter_dir` (its newest
+    checkpoint's manifest.json, or the folder's own when it is a checkpoint), and the manifest's
+    path.
 
     Raises:
-        FileNotFoundError: no manifest: the folder is not a train.py run (then --data names the examples).
+        FileNotFoundError: no manifest: the folder is not a train.py run (then --data names the
+            examples).
     """
-    candidates = [adapter_dir / MANIFEST_NAME] + [c / MANIFEST_NAME for c in checkpoint_dirs(adapter_dir)]
+    folders = [adapter_dir, *checkpoint_dirs(adapter_dir)]  # a checkpoint, or a run's newest first
+    candidates = [folder / MANIFEST_NAME for folder in folders]
     for path in candidates:
         if path.is_file():
             manifest = json.loads(path.read_text(encoding="utf-8"))
             known = {name: value for name, value in manifest["config"].items()
                      if name in TrainConfig.__dataclass_fields__}
             return TrainConfig(**known), manifest["identity"], path
-    raise FileNotFoundError(f"{adapter_dir} holds no checkpoint manifest recording the run's validation split "
-                            "(a train.py run writes one in each checkpoint-<step>/); pass --data FILE with the "
-                            "examples to evaluate on")
+    raise FileNotFoundError(f"{adapter_dir} holds no checkpoint manifest recording the run's "
+                            "validation split (a train.py run writes one in each "
+                            "checkpoint-<step>/); pass --data FILE with the examples to score")
 
 
 def validation_records(cfg: TrainConfig, tokenizer, prompter: PromptTemplate,
                        data_fingerprint: str | None = None) -> list[dict]:
-    """The run's validation examples as records, in train.py's order: VALID_DATA_PATH's, or those split_train_valid
-    took out of DATA_PATH (the same count, seed and permutation over the same tokenized examples).
+    """The run's validation examples as records, in train.py's order: VALID_DATA_PATH's, or those
+    split_train_valid took out of DATA_PATH (the same count, seed and permutation over the same
+    tokenized examples).
 
     Args:
-        data_fingerprint: the run's recorded one (run identity "data"); when given, data that changed since the
-            run are refused instead of giving another split.
+        data_fingerprint: the run's recorded one (run identity "data"); when given, data that
+            changed since the run are refused instead of giving another split.
 
     Raises:
         DataError: the data cannot be read, or no longer match `data_fingerprint`.
     """
     train_records = clean_records(cfg.data_path, cfg.cache_dir, cfg.data_field_map)
-    fingerprint = tokenize_fingerprint(train_records, tokenizer, prompter, cfg.max_length, cfg.train_on_inputs)[0]
+    def fingerprint_of(records: list[dict]) -> str:  # as prepare_datasets' stats record it
+        return tokenize_fingerprint(records, tokenizer, prompter, cfg.max_length,
+                                    cfg.train_on_inputs)[0]
+
+    fingerprint = fingerprint_of(train_records)
     valid_records = None
     if cfg.valid_data_path:
         valid_records = clean_records(cfg.valid_data_path, cfg.cache_dir, cfg.data_field_map)
-        fingerprint += tokenize_fingerprint(valid_records, tokenizer, prompter, cfg.max_length,
-                                            cfg.train_on_inputs)[0]
+        fingerprint += fingerprint_of(valid_records)
     if data_fingerprint is not None and fingerprint != data_fingerprint:
-        source = f"VALID_DATA_PATH={cfg.valid_data_path}" if cfg.valid_data_path else f"DATA_PATH={cfg.data_path}"
-        raise DataError(f"{source}: the data changed since the run split it (their fingerprint differs from the "
-                        "one the run recorded), so its validation examples cannot be found again; pass --data FILE")
+        source = (f"VALID_DATA_PATH={cfg.valid_data_path}" if cfg.valid_data_path
+                  else f"DATA_PATH={cfg.data_path}")
+        raise DataError(f"{source}: the data changed since the run split it (their fingerprint "
+                        "differs from the one the run recorded), so its validation examples cannot "
+                        "be found again; pass --data FILE")
     if valid_records is not None:
         return _trainable(valid_records, tokenizer, prompter, cfg)
     examples = _trainable(train_records, tokenizer, prompter, cfg)
     size, _ = cfg.resolve_valid_size(len(examples))
-    _, valid = split_train_valid(datasets.Dataset.from_dict({"index": list(range(len(examples)))}), size, cfg.seed)
+    positions = datasets.Dataset.from_dict({"index": list(range(len(examples)))})
+    _, valid = split_train_valid(positions, size, cfg.seed)  # train.py's own split of the examples
     return [examples[i] for i in valid["index"]]
 
 
-def _trainable(records: list[dict], tokenizer, prompter: PromptTemplate, cfg: TrainConfig) -> list[dict]:
-    """The records tokenize_records keeps as examples, in order. With TRAIN_ON_INPUTS every record keeps a label
-    (the prompt's own tokens); without, those whose prompt fills MAX_LENGTH are dropped, by the same function."""
+def _trainable(records: list[dict], tokenizer, prompter: PromptTemplate,
+               cfg: TrainConfig) -> list[dict]:
+    """The records tokenize_records keeps as examples, in order. With TRAIN_ON_INPUTS every record
+    keeps a label (the prompt's own tokens); without, those whose prompt fills MAX_LENGTH are
+    dropped, by the same function."""
     if cfg.train_on_inputs:
         return records
     preambles = _preamble_ids(tokenizer, prompter)
     kept = []
     for record in records:
         batch = {name: [record[name]] for name in ("instruction", "input", "output")}
-        if _tokenize_batch(batch, tokenizer, prompter, cfg.max_length, False, preambles)["input_ids"]:
+        example = _tokenize_batch(batch, tokenizer, prompter, cfg.max_length, False, preambles)
+        if example["input_ids"]:
             kept.append(record)
     return kept
 
 
 def heldout_set(adapter_dir: Path, data: str | None, data_fields: str, tokenizer,
                 prompter: PromptTemplate) -> tuple[list[dict], dict]:
-    """The examples to evaluate on, and lines for the report saying which: the records of `data` (DATA_FIELDS
-    mapping its columns), or else the validation examples of the run that wrote `adapter_dir`.
+    """The examples to evaluate on, and lines for the report saying which: the records of `data`
+    (DATA_FIELDS mapping its columns), or else the validation examples of the run that wrote
+    `adapter_dir`.
 
     Raises:
-        DataError: unreadable data, a record without an output to score against, or changed run data.
-        FileNotFoundError: no `data` and no run settings in `adapter_dir`. ConfigError: a bad DATA_FIELDS.
+        DataError: unreadable data, a record without an output to score against, or changed run
+            data.
+        FileNotFoundError: no `data` and no run settings in `adapter_dir`. ConfigError: a bad
+            DATA_FIELDS.
     """
     if data:
-        fields = TrainConfig(data_fields=data_fields).data_field_map  # checked as train.py checks DATA_FIELDS
+        fields = TrainConfig(data_fields=data_fields).data_field_map  # checked as train.py does
         return clean_records(data, ".cache", fields), {"examples from": f"--data {data}"}
     cfg, identity, manifest = run_settings(adapter_dir)
     split = (f"VALID_DATA_PATH={cfg.valid_data_path}" if cfg.valid_data_path else
-             f"split off DATA_PATH={cfg.data_path} with SIZE_VALID_SET={cfg.size_valid_set:g}, SEED={cfg.seed}")
+             f"split off DATA_PATH={cfg.data_path} with SIZE_VALID_SET={cfg.size_valid_set:g}, "
+             f"SEED={cfg.seed}")
     about = {"examples from": f"the run's validation set ({split}; settings read from {manifest})"}
     return validation_records(cfg, tokenizer, prompter, identity.get("data")), about
 
 
 def check_limit(limit: int | None, available: int, what: str) -> int:
-    """The number of examples to evaluate: `limit`, or by default the first DEFAULT_LIMIT (all when fewer).
+    """The number of examples to evaluate: `limit`, or by default the first DEFAULT_LIMIT (all when
+    fewer).
 
     Raises:
         ValueError: `limit` is below 1 or above the `available` examples of `what`.
@@ -306,6 +339,6 @@ def check_limit(limit: int | None, available: int, what: str) -> int:
     if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
         raise ValueError(f"--limit must be a whole number >= 1, got {limit!r}")
     if limit > available:
-        raise ValueError(f"--limit {limit} is more than the {available:,} examples of {what}; pass --limit "
-                         f"{available} or less")
+        raise ValueError(f"--limit {limit} is more than the {available:,} examples of {what}; "
+                         f"pass --limit {available} or less")
     return limit

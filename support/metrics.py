@@ -1,8 +1,9 @@
 """OUTPUT_DIR/metrics.jsonl, one JSON line per optimizer step and per evaluation (epochs counted from 1, each line
 stamped with its local time to the millisecond, which bench/bench_vs_hf_trainer.py times steps by), and the loss
-curve drawn from it. With REPORT_TO=tensorboard, every row is also streamed to TensorBoard (OUTPUT_DIR/tensorboard/),
-as scalars at the row's step: train/loss, train/lr, train/grad_norm, train/tokens_per_s, eval/loss, eval/ppl,
-eval/rouge_l, ... (a key "eval_x" becomes "eval/x", any other "train/<key>").
+curve drawn from it. With REPORT_TO=tensorboard, every row is also streamed to TensorBoard
+(OUTPUT_DIR/tensorboard/), as scalars at the row's step: train/loss, train/lr, train/grad_norm,
+train/tokens_per_s, eval/loss, eval/ppl, eval/rouge_l, ... (a key "eval_x" becomes "eval/x", any
+other "train/<key>").
 
 Only rank 0 writes; a log made by another rank is a no-op, so the trainer can log without asking who it is.
 """
@@ -20,14 +21,14 @@ from support.atomic import atomic_write, write_text_atomically
 METRICS_NAME = "metrics.jsonl"
 LOSS_CURVE_NAME = "loss_curve.png"
 TENSORBOARD_DIR = "tensorboard"
-# What each tracker needs installed: (module, what to install). TensorBoard's is pinned in requirements.txt.
+# What each tracker needs installed: (module, how to install it); pinned in requirements.txt.
 TRACKER_PACKAGES = {"tensorboard": ("tensorboard", "pip install tensorboard==2.21.0")}
 NOT_SCALARS = ("step", "epoch", "time")
 
 
 def missing_tracker(report_to: list[str]) -> str:
-    """"" when every tracker in `report_to` can be imported, else one line saying what to install. Looks the
-    packages up without importing them (start-up stays as fast without REPORT_TO)."""
+    """"" when every tracker in `report_to` can be imported, else one line saying what to install.
+    Looks the packages up without importing them (start-up stays as fast without REPORT_TO)."""
     for name in report_to:
         module, install = TRACKER_PACKAGES[name]
         if importlib.util.find_spec(module) is None:
@@ -36,13 +37,14 @@ def missing_tracker(report_to: list[str]) -> str:
 
 
 def scalar_tag(key: str) -> str:
-    """A metrics.jsonl key as a tracker's scalar name: eval_loss -> eval/loss, loss -> train/loss."""
+    """A metrics.jsonl key as a tracker's scalar: eval_loss -> eval/loss, loss -> train/loss."""
     return f"eval/{key.removeprefix('eval_')}" if key.startswith("eval_") else f"train/{key}"
 
 
 def scalars(row: dict) -> dict[str, float]:
-    return {scalar_tag(key): value for key, value in row.items()
-            if key not in NOT_SCALARS and isinstance(value, (int, float)) and not isinstance(value, bool)}
+    """The numbers of a metrics.jsonl row by scalar name (step, epoch and time left out)."""
+    return {scalar_tag(key): value for key, value in row.items() if key not in NOT_SCALARS
+            and isinstance(value, (int, float)) and not isinstance(value, bool)}
 
 
 class TensorBoardTracker:
@@ -51,13 +53,15 @@ class TensorBoardTracker:
     def __init__(self, output_dir: Path, purge_step: int | None) -> None:
         from torch.utils.tensorboard import SummaryWriter
 
-        # purge_step: a resumed run hides the events a killed run wrote past its checkpoint, as trim() drops rows.
-        self.writer = SummaryWriter(log_dir=str(Path(output_dir) / TENSORBOARD_DIR), purge_step=purge_step)
+        # purge_step: a resumed run hides the events a killed run wrote past its checkpoint, as
+        # trim() drops those rows of metrics.jsonl.
+        self.writer = SummaryWriter(log_dir=str(Path(output_dir) / TENSORBOARD_DIR),
+                                    purge_step=purge_step)
 
     def log(self, row: dict) -> None:
         for tag, value in scalars(row).items():
             self.writer.add_scalar(tag, value, row["step"])
-        self.writer.flush()  # on disk at once: a killed run loses no row, a test reads it at the end
+        self.writer.flush()  # on disk at once: a killed run loses no row
 
     def close(self) -> None:
         self.writer.close()
@@ -67,8 +71,9 @@ TRACKER_CLASSES = {"tensorboard": TensorBoardTracker}
 
 
 class MetricsLog:
-    """Appends rows to `output_dir/metrics.jsonl` when `enabled` (rank 0), and streams them to the trackers named in
-    `report_to` (opened at the first row, so that nothing is written before the run owns its folder)."""
+    """Appends rows to `output_dir/metrics.jsonl` when `enabled` (rank 0), and streams them to the
+    trackers named in `report_to` (opened at the first row: nothing is written before the run owns
+    its folder)."""
 
     def __init__(self, output_dir: Path, enabled: bool, report_to: list[str] | None = None) -> None:
         self.path, self.enabled = Path(output_dir) / METRICS_NAME, enabled
@@ -82,7 +87,8 @@ class MetricsLog:
             with open(self.path, "a", encoding="utf-8") as f:
                 f.write(json.dumps(row) + "\n")
             if self.trackers is None:
-                self.trackers = [TRACKER_CLASSES[name](self.path.parent, self._purge_step) for name in self.report_to]
+                self.trackers = [TRACKER_CLASSES[name](self.path.parent, self._purge_step)
+                                 for name in self.report_to]
             for tracker in self.trackers:
                 tracker.log(row)
 

@@ -1,6 +1,6 @@
-"""`python inference.py evaluate` (base vs adapter, scored against the references), EVAL_GENERATE, REPORT_TO and the
-lm-evaluation-harness task: checked against rouge-score called directly, a plain NumPy bootstrap, TensorBoard's own
-event reader and lm_eval's own generation."""
+"""`python inference.py evaluate` (base vs adapter, scored against the references), EVAL_GENERATE,
+REPORT_TO and the lm-evaluation-harness task: checked against rouge-score called directly, a plain
+NumPy bootstrap, TensorBoard's own event reader and lm_eval's own generation."""
 
 import csv
 import json
@@ -36,8 +36,8 @@ def read_rows(adapter_dir: Path) -> list[dict]:
 
 
 def check_scores(adapter_dir: Path) -> list[dict]:
-    """The stored scores recomputed with rouge-score itself from the stored answers and references (to 1e-6), and
-    the report's and summary.json's means equal to the answers' means."""
+    """The stored scores recomputed with rouge-score itself from the stored answers and references
+    (to 1e-6), and the report's and summary.json's means equal to the answers' means."""
     from rouge_score import rouge_scorer
 
     scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
@@ -62,8 +62,8 @@ def check_scores(adapter_dir: Path) -> list[dict]:
 # --- the scores and the interval ----------------------------------------------------------------------------------
 
 def test_bootstrap_interval_is_the_plain_percentile_bootstrap():
-    """Against a loop written the textbook way (same seed, one resample at a time, np.percentile), and against the
-    normal approximation mean +- 1.96 sd / sqrt(n) on a sample where it holds."""
+    """Against a loop written the textbook way (same seed, one resample at a time, np.percentile),
+    and against the normal approximation mean +- 1.96 sd / sqrt(n) on a sample where it holds."""
     values = np.random.default_rng(7).normal(0.3, 0.2, size=400)
     rng = np.random.default_rng(answer_eval.BOOTSTRAP_SEED)
     means = [values[rng.integers(0, values.size, size=values.size)].mean() for _ in range(1000)]
@@ -94,8 +94,8 @@ def test_summary_counts_wins_ties_losses_and_pairs_the_gain():
 
 
 def test_the_shipped_lm_eval_examples_are_the_quick_starts_validation_set():
-    """eval_tasks/alpaca_sample_heldout.jsonl holds the examples `inference.py evaluate` takes after the quick start
-    (DEBUG=true: SIZE_VALID_SET=100 of the sample, seed 42), in the same order."""
+    """eval_tasks/alpaca_sample_heldout.jsonl holds the examples `inference.py evaluate` takes after
+    the quick start (DEBUG=true: SIZE_VALID_SET=100 of the sample, seed 42), in the same order."""
     from prompter import Prompter
     from support.model_loading import load_tokenizer
 
@@ -113,8 +113,8 @@ def test_the_shipped_lm_eval_examples_are_the_quick_starts_validation_set():
     {"valid_data_path": "valid"},                           # a validation file of its own
 ])
 def test_validation_records_are_the_examples_train_py_validates_on(tmp_path, settings):
-    """The records answer_eval finds again, tokenized as train.py tokenizes, are train.py's validation examples,
-    token for token and in order (prepare_datasets is the reference)."""
+    """The records answer_eval finds again, tokenized as train.py tokenizes, are train.py's
+    validation examples, token for token and in order (prepare_datasets is the reference)."""
     from prompter import Prompter
     from support.alpaca_data import tokenize_records
     from support.model_loading import load_tokenizer
@@ -169,8 +169,9 @@ def test_a_missing_tracker_is_one_line_saying_what_to_install(monkeypatch):
 
 
 def test_a_resumed_run_replaces_the_tensorboard_events_past_its_checkpoint(tmp_path):
-    """Steps 1-5 logged, the run killed, resumed from step 3 (MetricsLog.trim(3)) and steps 4-5 logged again:
-    TensorBoard's reader shows the second values of steps 4-5 (purge_step), as metrics.jsonl does."""
+    """Steps 1-5 logged, the run killed, resumed from step 3 (MetricsLog.trim(3)) and steps 4-5
+    logged again: TensorBoard's reader shows the second values of steps 4-5 (purge_step), as
+    metrics.jsonl does."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     first = metrics.MetricsLog(tmp_path, enabled=True, report_to=["tensorboard"])
@@ -202,8 +203,9 @@ def test_training_imports_no_tracker_and_no_scorer_unless_asked():
 # --- inference.py evaluate ------------------------------------------------------------------------------------------
 
 def test_evaluate_after_a_run_needs_only_the_adapter(adapter, capsys):
-    """The run's own validation examples (4 of conftest's 24-record run), found again from its checkpoint; the
-    scores are rouge-score's, the report's means the answers' means; the adapter changed the answers."""
+    """The run's own validation examples (4 of conftest's 24-record run), found again from its
+    checkpoint; the scores are rouge-score's, the report's means the answers' means; the adapter
+    changed the answers."""
     code, out, err = evaluate(["--lora-weights", str(adapter)], capsys)
     assert code == 0, err
     assert "| base |" in out and "| adapter |" in out and f"report: {adapter / 'eval' / 'report.md'}" in out
@@ -240,8 +242,8 @@ def alpaca_file(tmp_path: Path, kind: str) -> Path:
 
 
 def test_evaluate_on_a_json_file_and_a_csv_with_data_fields(adapter, tmp_path, capsys, monkeypatch):
-    """--data on files the repo does not ship: the same records as a .json and as a .csv whose columns DATA_FIELDS
-    maps give the same rows."""
+    """--data on files the repo does not ship: the same records as a .json and as a .csv whose
+    columns DATA_FIELDS maps give the same rows."""
     records = json.loads(alpaca_file(tmp_path, "json").read_text(encoding="utf-8"))
     results = {}
     for kind in ("json", "csv"):
@@ -281,9 +283,9 @@ def test_bad_input_is_one_line_and_writes_nothing(adapter, tmp_path, capsys, cas
 
 @pytest.mark.slow
 def test_eval_generate_scores_the_same_answers_as_evaluate(tmp_path, capsys):
-    """EVAL_GENERATE=4 at the run's end (the LoRA layers unmerged, in the training loop) gives the means that
-    `inference.py evaluate --limit 4` gives afterwards (adapter merged, loaded from disk), and they reach
-    metrics.jsonl and the end-of-run summary."""
+    """EVAL_GENERATE=4 at the run's end (the LoRA layers unmerged, in the training loop) gives the
+    means that `inference.py evaluate --limit 4` gives afterwards (adapter merged, loaded from
+    disk), and they reach metrics.jsonl and the end-of-run summary."""
     data = tmp_path / "small.json"
     data.write_text(json.dumps(json.loads(SAMPLE.read_text(encoding="utf-8"))[:24]), encoding="utf-8")
     cfg = TrainConfig(model_path=str(TINY_BLOOM), data_path=str(data), output_dir=str(tmp_path / "out"),
@@ -320,8 +322,8 @@ def single_threaded_env() -> dict:
 
 @pytest.mark.slow
 def test_bar1_evaluate_after_the_quick_start_as_typed(quick_start_run):
-    """After the README quick start, `python inference.py evaluate --lora-weights outputs/debug` with nothing else:
-    the quick start's 100 validation examples, scored, printed and written."""
+    """After the README quick start, `python inference.py evaluate --lora-weights outputs/debug`
+    with nothing else: the quick start's 100 validation examples, scored, printed and written."""
     folder, result = quick_start_run
     assert result.returncode == 0, result.stderr[-2000:]
     done = subprocess.run([sys.executable, str(REPO / "inference.py"), "evaluate", "--lora-weights", "outputs/debug"],
@@ -337,9 +339,10 @@ def test_bar1_evaluate_after_the_quick_start_as_typed(quick_start_run):
 
 @pytest.mark.slow
 def test_bar3_tensorboard_scalars_equal_metrics_jsonl(tmp_path):
-    """`REPORT_TO=tensorboard DEBUG=true MODEL_PATH=models/tiny-bloom python train.py` (shortened to 6 steps, with
-    EVAL_GENERATE so the answer scores are streamed too): TensorBoard's EventAccumulator reads back every
-    metrics.jsonl value at its step (to float32, the event file's precision)."""
+    """`REPORT_TO=tensorboard DEBUG=true MODEL_PATH=models/tiny-bloom python train.py` (shortened to
+    6 steps, with EVAL_GENERATE so the answer scores are streamed too): TensorBoard's
+    EventAccumulator reads back every metrics.jsonl value at its step (to float32, the event file's
+    precision)."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
     from test_train import user_command
 
@@ -367,9 +370,9 @@ def test_bar3_tensorboard_scalars_equal_metrics_jsonl(tmp_path):
 
 @pytest.mark.slow
 def test_bar4_lm_eval_runs_the_shipped_task_on_the_quick_start_adapter(quick_start_run, tmp_path):
-    """The docs' lm_eval command on the quick start's adapter (loaded by PEFT inside lm_eval): it runs offline and
-    its greedy answers are the ones `inference.py evaluate` wrote for the same examples (our merged LoRA and
-    generation loop against PEFT's and lm_eval's)."""
+    """The docs' lm_eval command on the quick start's adapter (loaded by PEFT inside lm_eval): it
+    runs offline and its greedy answers are the ones `inference.py evaluate` wrote for the same
+    examples (our merged LoRA and generation loop against PEFT's and lm_eval's)."""
     folder, result = quick_start_run
     assert result.returncode == 0, result.stderr[-2000:]
     adapter = folder / "outputs" / "debug"
