@@ -12,6 +12,7 @@ From the shell::
     python inference.py --lora-weights outputs/lora-alpaca              # interactive: one prompt after another
     python inference.py export --lora-weights outputs/lora-alpaca --out outputs/bloom-alpaca-merged
     python inference.py serve --lora-weights outputs/lora-alpaca    # a page: base and base + adapter side by side
+    python inference.py evaluate --lora-weights outputs/lora-alpaca # base vs adapter, scored
 
 The model is loaded once per process and kept (one at a time: loading another evicts it), so a loop of calls pays
 for loading once. It goes to the GPU when there is one, in bf16 (fp16 on GPUs without bf16); on the CPU in fp32.
@@ -38,7 +39,7 @@ import torch
 
 from lora_model import LoraModelForCasualLM, read_adapter_dir
 from prompter import Prompter
-from support import model_loading
+from support import answer_eval, model_loading
 from support.atomic import atomic_write
 from support.generation import (
     SAMPLING_DEFAULTS, CliParser, GenerationOptions, LoadedModel, add_model_arguments,
@@ -298,13 +299,105 @@ def export_merged_model(lora_weights_path, out_dir, model_path: str | None = Non
     return out_dir
 
 
+# --- evaluation -------------------------------------------------------------------------------
+
+EVAL_MAX_NEW_TOKENS = 128  # most Alpaca references are shorter; a looping answer stops here
+
+
+def evaluate_adapter(lora_weights_path, data: str | None = None, data_fields: str = "",
+                     limit: int | None = None, model_path: str | None = None, *,
+                     precision: str = "auto", device: str | torch.device | None = None,
+                     batch_size: int = 8, **generation_options) -> tuple[dict, Path]:
+    """Answer held-out instructions with the base model and with the adapter (greedy, batched, the
+    prompts of `generate_inference`), score both against the references (support/answer_eval.py)
+    and write `<adapter>/eval/`: answers.jsonl (one line per example), summary.json, report.md.
+
+    Args:
+        data: an Alpaca-format file (json, jsonl, csv, parquet); None = the run's validation set.
+        data_fields: DATA_FIELDS for `data`, e.g. "instruction=prompt,output=completion".
+        limit: the first `limit` examples (default: answer_eval.DEFAULT_LIMIT, or all when fewer).
+        **generation_options: as `generate_inference` (max_new_tokens: EVAL_MAX_NEW_TOKENS here).
+
+    Returns:
+        (summary: answer_eval.summarize's dict, the report's path).
+
+    Raises:
+        ValueError, FileNotFoundError: a bad option, adapter folder or data file; nothing written.
+    """
+    options = GenerationOptions(**{"max_new_tokens": EVAL_MAX_NEW_TOKENS, **generation_options})
+    if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
+        raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
+    adapter_dir, model_path = resolve_adapter(lora_weights_path, model_path)
+    tokenizer = load_tokenizer(model_path)
+    records, about = answer_eval.heldout_set(adapter_dir, data, data_fields, tokenizer, PROMPTER)
+    records = records[:answer_eval.check_limit(limit, len(records), about["examples from"])]
+
+    def answers_of(adapter: Path | None):
+        def generate(records: list[dict]) -> list[str]:
+            loaded = load_model(model_path, adapter, precision=precision, device=device)
+            print(f"{loaded.describe()}: answering {len(records)} instructions", file=sys.stderr,
+                  flush=True)
+            prompts = [build_prompt(PROMPTER, r["instruction"], r["input"]) for r in records]
+            batches = (prompts[i:i + batch_size] for i in range(0, len(prompts), batch_size))
+            return [answer for batch in batches
+                    for answer in generate_responses(loaded, batch, options, PROMPTER)]
+        return generate
+
+    rows = answer_eval.compare(records, answers_of(None), answers_of(adapter_dir))
+    summary = answer_eval.summarize(rows)
+    about |= {"base model": model_path, "adapter": str(adapter_dir),
+              "decoding": f"greedy, max_new_tokens={options.max_new_tokens}, "
+                          f"repetition_penalty={options.repetition_penalty:g}"}
+    report = answer_eval.report_markdown(summary, rows, about)
+    folder = adapter_dir / answer_eval.EVAL_DIR_NAME
+    return summary, answer_eval.write_results(folder, rows, summary, report)
+
+
 # --- command line ---------------------------------------------------------------------------------------------------
+
+def build_evaluate_parser() -> argparse.ArgumentParser:
+    parser = CliParser(prog="inference.py evaluate",
+                     description="Score the base model's and the adapter's greedy answers to "
+                                 "held-out instructions against the references (ROUGE-L F1, "
+                                 "exact match); writes <adapter>/eval/.")
+    add_model_arguments(parser)
+    parser.add_argument("--data", help="Alpaca-format file to evaluate on (default: the run's "
+                                       "validation set)")
+    parser.add_argument("--data-fields", default=os.environ.get("DATA_FIELDS", ""),
+                        help="the data's column names, e.g. instruction=prompt,output=completion "
+                             "(default: env DATA_FIELDS)")
+    parser.add_argument("--limit", type=int, help=f"the first N examples (default: "
+                                                  f"{answer_eval.DEFAULT_LIMIT}, or all if fewer)")
+    parser.add_argument("--max-new-tokens", type=int, default=EVAL_MAX_NEW_TOKENS,
+                        help=f"default: {EVAL_MAX_NEW_TOKENS}")
+    parser.add_argument("--repetition-penalty", type=float, default=1.0,
+                        help="> 1 discourages repeats (default: 1.0)")
+    parser.add_argument("--batch-size", type=int, default=8,
+                        help="prompts generated together (default: 8)")
+    add_placement_arguments(parser)
+    return parser
+
+
+def _evaluate(argv: list[str]) -> int:
+    args = build_evaluate_parser().parse_args(argv)
+    if args.lora_weights is None:
+        raise ValueError("--lora-weights is required: the adapter folder to evaluate")
+    summary, report = evaluate_adapter(
+        args.lora_weights, args.data, args.data_fields, args.limit, args.model_path,
+        precision=args.precision, device=args.device, batch_size=args.batch_size,
+        max_new_tokens=args.max_new_tokens, repetition_penalty=args.repetition_penalty)
+    print(answer_eval.table(summary))
+    answers = report.with_name(answer_eval.ANSWERS_NAME)
+    print(f"{summary['examples']} examples; report: {report}; every answer: {answers}", flush=True)
+    return 0
+
 
 def build_parsers() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
     """(generation parser, export parser)."""
     generate = CliParser(prog="inference.py", description=__doc__.split("\n\n")[0],
                        epilog="Export a merged model: python inference.py export --help. Base and adapter side by "
-                              "side in the browser: python inference.py serve --help")
+                              "side in the browser: python inference.py serve --help. Scored on "
+                              "held-out examples: python inference.py evaluate --help")
     add_model_arguments(generate)
     generate.add_argument("--instruction", help="the task; without it, an interactive prompt loop")
     generate.add_argument("--input", default="", help="optional context for the instruction")
@@ -372,6 +465,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if argv[:1] == ["serve"]:
             return _serve(argv[1:])
+        if argv[:1] == ["evaluate"]:
+            return _evaluate(argv[1:])
         if argv[:1] == ["export"]:
             args = export_parser.parse_args(argv[1:])
             out = export_merged_model(args.lora_weights, args.out, model_path=args.model_path, dtype=args.dtype,

@@ -34,7 +34,7 @@ from tqdm import tqdm  # the plain bar: it renders in a notebook too, without ip
 
 from lora_model import LoraConfig, LoraModelForCasualLM, read_adapter_dir, targets_conv1d
 from prompter import Prompter
-from support import faults, model_loading
+from support import answer_eval, faults, model_loading
 from support.alpaca_data import (
     LengthGroupedSampler, PadCollator, SkipSampler, split_train_valid, tokenize_records,
     validate_records,
@@ -56,7 +56,7 @@ from support.fsdp import (
     full_tensor, load_adapter_weights, load_optimizer_state, shard_model,
 )
 from support.fused_bloom import use_fused_modules
-from support.metrics import MetricsLog
+from support.metrics import MetricsLog, missing_tracker
 from support.output_dir import check_output_dir, own_output_dir
 from support.packing import PackCollator, check_packable, model_inputs, pack_dataset
 from support.precision import DTYPES, autocast_dtype, resolve_precision
@@ -189,6 +189,19 @@ def tokenized_records(path: str, cfg: TrainConfig, tokenizer):
                             stats=stats), stats
 
 
+def generation_records(cfg: TrainConfig, tokenizer, valid_size: int,
+                       fingerprint: str) -> list[dict]:
+    """EVAL_GENERATE's examples: the first EVAL_GENERATE validation records ([] when it is 0), found
+    again as `inference.py evaluate` finds them (answer_eval.validation_records)."""
+    if not cfg.eval_generate:
+        return []
+    if cfg.eval_generate > valid_size:
+        raise ConfigError(f"EVAL_GENERATE={cfg.eval_generate} is more than the {valid_size:,} "
+                          f"validation examples; set EVAL_GENERATE={valid_size} or less")
+    records = answer_eval.validation_records(cfg, tokenizer, Prompter(), fingerprint)
+    return records[:cfg.eval_generate]
+
+
 def cosine_schedule_with_warmup(optimizer: torch.optim.Optimizer, warmup_steps: int, total_steps: int):
     """The learning rate rises linearly from 0 over `warmup_steps`, then follows half a cosine down to 0 at
     `total_steps`: alpaca-lora's schedule (transformers' get_cosine_schedule_with_warmup, the same floats), written
@@ -223,7 +236,10 @@ class Trainer:
         self.cfg, self.dist, self.identity = cfg, dist, identity or {}
         self.raw_model = self.model = model  # self.model: the DDP wrapper under DDP (FSDP shards model in place)
         self.output_dir = Path(cfg.output_dir)
-        self.metrics = MetricsLog(self.output_dir, enabled=dist.is_master)
+        self.metrics = MetricsLog(self.output_dir, enabled=dist.is_master,
+                                  report_to=cfg.report_to_list)
+        self.answer_records: list[dict] = []  # EVAL_GENERATE's examples (run() sets them)
+        self._base_answers: list[str] | None = None  # the base model's, generated once
         self.set_mixed_precision_context(precision)
         self.train_loader, self.valid_loader = self.prepare_dataloader(train_set, valid_set, tokenizer)
         self.train_sampler: SkipSampler = self.train_loader.sampler
@@ -357,6 +373,9 @@ class Trainer:
         boundary = epoch_done or self.finished
         if boundary or (cfg.eval_freq and step % cfg.eval_freq == 0):
             self.progress.last_eval = self.evaluate(epoch)
+            generate = cfg.eval_generate and (self.finished or cfg.eval_generate_every_eval)
+            if generate and self.progress.last_eval:
+                self.progress.last_eval |= self.score_answers(epoch)
         if boundary or (cfg.save_steps and step % cfg.save_steps == 0):
             self.save_checkpoint()
         if self._stop_signum:
@@ -451,6 +470,50 @@ class Trainer:
             tqdm.write(f"step {self.progress.step}: eval loss {loss:.4f}, perplexity {metrics['eval_ppl']:.2f}")
         return metrics
 
+    @torch.no_grad()
+    def score_answers(self, epoch: int) -> dict:
+        """EVAL_GENERATE: the base model's (generated once) and the adapter's greedy answers to the
+        first EVAL_GENERATE validation instructions, scored as `inference.py evaluate` scores them;
+        the means logged and returned. Rank 0 generates on its whole copy of the model; the other
+        ranks wait at the next collective."""
+        if not self.dist.is_master:
+            return {}
+        import inference  # generation's prompts, options and batching, as after training
+
+        tokenizer = inference.load_tokenizer(self.cfg.model_path)  # padding on the left
+        loaded = inference.LoadedModel(self.raw_model, tokenizer, self.dist.device, self.precision,
+                                       merged=False)
+        options = inference.GenerationOptions(max_new_tokens=inference.EVAL_MAX_NEW_TOKENS)
+        size = self.cfg.batch_size
+
+        def generate(records: list[dict]) -> list[str]:
+            prompts = [inference.build_prompt(inference.PROMPTER, r["instruction"], r["input"]) for r in records]
+            with self.ctx:
+                batches = (prompts[i:i + size] for i in range(0, len(prompts), size))
+                return [answer for batch in batches
+                        for answer in inference.generate_responses(loaded, batch, options, inference.PROMPTER)]
+
+        self.raw_model.eval()
+        devices = [self.dist.device] if self.dist.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices):  # training's random streams stay as they were
+            if self._base_answers is None:
+                with self.raw_model.disable_adapter():
+                    self._base_answers = generate(self.answer_records)
+            rows = answer_eval.compare(self.answer_records, generate, generate,
+                                       base_answers=self._base_answers)
+        self.raw_model.train()
+        summary = answer_eval.summarize(rows)
+        metrics = {"step": self.progress.step, "epoch": epoch, "eval_generated": len(rows)}
+        for name in answer_eval.SCORES:
+            metrics |= {f"eval_{name}": summary[name]["adapter"]["mean"],
+                        f"eval_base_{name}": summary[name]["base"]["mean"]}
+        self.metrics.write(metrics)
+        tqdm.write(f"step {self.progress.step}: {len(rows)} answers, ROUGE-L "
+                   f"{metrics['eval_rouge_l']:.4f} (base {metrics['eval_base_rouge_l']:.4f}), "
+                   f"exact match {metrics['eval_exact_match']:.3f} "
+                   f"(base {metrics['eval_base_exact_match']:.3f})")
+        return metrics
+
     # --- checkpoints and the final adapter ---
 
     def save_checkpoint(self) -> Path:
@@ -505,6 +568,7 @@ class Trainer:
         if self.dist.is_master:
             self.raw_model.save_pretrained(self.output_dir, state_dict=adapter)
             self.metrics.plot()
+            self.metrics.close()
         if self.dist.distributed:
             torch_dist.barrier()
 
@@ -551,11 +615,14 @@ def run(cfg: TrainConfig, dist: DistEnv, signals: StopSignals | None = None) -> 
     for line in misspelled_settings() if dist.is_master else []:
         print(f"warning: {line}", flush=True)
     check_output_dir(cfg, dist)  # another run's folder: refused at once, nothing written
+    if problem := missing_tracker(cfg.report_to_list):
+        raise ConfigError(problem)
     seed_everything(cfg.seed)
     precision = resolve_precision(cfg.precision, dist.device, mixed=cfg.mix_prec_train)
     tokenizer = load_tokenizer(cfg.model_path)
     cfg = with_default_targets(cfg)
     train_set, valid_set, stats = prepare_datasets(cfg, tokenizer)
+    answer_records = generation_records(cfg, tokenizer, len(valid_set), stats["fingerprint"])
     if cfg.packing:
         train_set, valid_set = pack_datasets(cfg, train_set, valid_set)
     identity = run_identity(cfg, dist.world_size, stats["fingerprint"])
@@ -573,6 +640,7 @@ def run(cfg: TrainConfig, dist: DistEnv, signals: StopSignals | None = None) -> 
         # Dropout masks should differ between ranks; the offset keeps each rank's stream reproducible.
         torch.manual_seed(cfg.seed + dist.rank)
         trainer = Trainer(cfg, dist, lora_model, tokenizer, train_set, valid_set, precision, identity, resume)
+        trainer.answer_records = answer_records
         if dist.is_master:
             print_banner(cfg, dist, stats, trainer, describe_precision(cfg, trainer.precision, dist.device))
         # An out-of-memory batch shape fails here, not steps into the run; a finished run has no step to fail.

@@ -21,6 +21,7 @@ from support.precision import PRECISIONS, QUANTIZED
 
 TRUE_WORDS = ("1", "true", "yes")
 FALSE_WORDS = ("0", "false", "no")
+REPORT_TO_CHOICES = ("tensorboard",)  # metrics.TRACKER_CLASSES
 DEFAULT_MODEL = "bigscience/bloom-1b7"
 MAX_INT = 2**31 - 1
 AUTO = -1  # WARMUP_STEPS and SIZE_VALID_SET: chosen from the run's length and the data's size (see resolve_*)
@@ -76,6 +77,15 @@ class TrainConfig:
                                                                   "most 2000)"})
     seed: int = field(default=42, metadata={"help": "seed for data order, LoRA init and dropout"})
     eval_freq: int = field(default=200, metadata={"help": "evaluate every N optimizer steps (0: only per epoch)"})
+    eval_generate: int = field(default=0, metadata={
+        "help": "at the run's end, answer the first N validation instructions with the base model "
+                "and the adapter and score them (ROUGE-L, exact match; as inference.py "
+                "evaluate); 0: off"})
+    eval_generate_every_eval: bool = field(default=False, metadata={
+        "help": "with EVAL_GENERATE: score the answers at every evaluation, not only the last"})
+    report_to: str = field(default="", metadata={
+        "help": "tensorboard: stream the metrics (loss, learning rate, gradient norm, tokens/s, "
+                "eval loss, EVAL_GENERATE's scores) to OUTPUT_DIR/tensorboard/"})
     save_steps: int = field(default=200, metadata={"help": "checkpoint every N optimizer steps, besides each "
                                                            "epoch's end and the last step (0: only those)"})
     save_total_limit: int = field(default=0, metadata={"help": "keep only the newest N complete checkpoints "
@@ -116,8 +126,8 @@ class TrainConfig:
         for name in positive:
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name.upper()} must be > 0, got {getattr(self, name)}")
-        non_negative = ("eval_freq", "save_steps", "save_total_limit", "num_workers", "weight_decay",
-                        "max_grad_norm")
+        non_negative = ("eval_freq", "eval_generate", "save_steps", "save_total_limit",
+                        "num_workers", "weight_decay", "max_grad_norm")
         for name in non_negative:
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name.upper()} must be >= 0, got {getattr(self, name)}")
@@ -167,6 +177,15 @@ class TrainConfig:
             raise ConfigError(f"TARGET_MODULES must name at least one module, or be empty for the architecture's "
                               f"default, got {self.target_modules!r}")
         self.data_field_map  # checks DATA_FIELDS
+        self.report_to_list  # checks REPORT_TO
+        if self.eval_generate_every_eval and not self.eval_generate:
+            raise ConfigError("EVAL_GENERATE_EVERY_EVAL=true scores generated answers, but "
+                              "EVAL_GENERATE=0 asks for none; set EVAL_GENERATE=N (validation "
+                              "examples to answer)")
+        if self.eval_generate and self.fsdp:
+            raise ConfigError(f"EVAL_GENERATE={self.eval_generate} and FSDP=true: generating "
+                              "needs the whole model in one process; score the adapter after "
+                              "training with python inference.py evaluate")
         if not (0 < self.size_valid_set < 1 or self.size_valid_set == int(self.size_valid_set)):
             raise ConfigError(f"SIZE_VALID_SET must be a whole count or a fraction in (0, 1), got "
                               f"{self.size_valid_set}")
@@ -188,6 +207,21 @@ class TrainConfig:
                                   f"input, output, each once), got {self.data_fields!r}")
             mapping[ours] = theirs
         return mapping
+
+    @property
+    def report_to_list(self) -> list[str]:
+        """REPORT_TO as a list of tracker names, e.g. ["tensorboard"]; [] for none."""
+        names = [name.strip().lower() for name in self.report_to.split(",") if name.strip()]
+        if "wandb" in names:
+            raise ConfigError("REPORT_TO=wandb is not supported: use REPORT_TO=tensorboard; "
+                              "Weights & Biases imports its event files (wandb sync "
+                              "--sync-tensorboard OUTPUT_DIR/tensorboard)")
+        for name in names:
+            if name not in REPORT_TO_CHOICES or names.count(name) > 1:
+                choices = ", ".join(REPORT_TO_CHOICES)
+                raise ConfigError(f"REPORT_TO must be {choices} (comma-separated, each once), or "
+                                  f"empty for none, got {self.report_to!r}")
+        return names
 
     def resolve_valid_size(self, examples: int) -> tuple[int | float, str]:
         """SIZE_VALID_SET as the splitter wants it (an int count or a float fraction) for `examples` examples, and
@@ -231,7 +265,8 @@ RESUME_MAY_CHANGE_WITH_NOTE = ("num_epochs", "max_steps", "mix_prec_train", "pre
 # content is compared: DATA_FIELDS and VALID_DATA_PATH through it too); DEBUG acts only through the settings above.
 RESUME_FREE = ("debug", "ddp", "fsdp", "data_path", "data_fields", "valid_data_path", "output_dir", "cache_dir",
                "num_workers", "eval_freq", "save_steps", "save_total_limit", "ddp_timeout", "resume_from",
-               "gradient_checkpointing", "overwrite_output_dir")
+               "gradient_checkpointing", "overwrite_output_dir", "eval_generate",
+               "eval_generate_every_eval", "report_to")
 
 
 def parse_value(name: str, raw: str, kind: type):

@@ -76,6 +76,11 @@ def print_summary(cfg: TrainConfig, trainer, metrics: dict, seconds: float) -> N
     progress, minutes = trainer.progress, f"{int(seconds // 60)} min {seconds % 60:.0f} s"
     evaluation = (f"eval loss {metrics['eval_loss']:.4f}, perplexity {metrics['eval_ppl']:.2f}" if metrics
                   else "no validation set")
+    if "eval_rouge_l" in metrics:  # EVAL_GENERATE
+        evaluation += (f"; on {metrics['eval_generated']} validation answers ROUGE-L "
+                       f"{metrics['eval_rouge_l']:.4f} (base {metrics['eval_base_rouge_l']:.4f}), "
+                       f"exact match {metrics['eval_exact_match']:.3f} "
+                       f"(base {metrics['eval_base_exact_match']:.3f})")
     skipped = (f"; {progress.skipped_steps} of {progress.step} fp16 steps skipped by the GradScaler (inf/NaN "
                "gradients)" if trainer.gradscaler.is_enabled() else "")
     trained = progress.step - trainer.first_step
