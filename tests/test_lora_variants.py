@@ -446,3 +446,47 @@ def test_pissa_is_refused_on_a_non_float_weight():
     base.weight.data = base.weight.data.to(torch.float64)
     with pytest.raises(ValueError, match="PiSSA needs a float32/float16/bfloat16 base weight"):
         Linear(base, r=2, init_lora_weights="pissa")
+
+
+# --- train.py end to end (slow) -------------------------------------------------------------------------------
+
+def check_variant_run(out: Path, pissa: bool) -> dict:
+    """A finished `DEBUG=true` run in `out`: its eval loss fell, and PEFT loads its adapter (on the original base)
+    with our model's logits. Ours: the adapter loaded by from_pretrained, or for PiSSA the trained PiSSA model itself
+    (the residual base + the last checkpoint's A and B, rebuilt as a resumed run would), which the converted adapter
+    must reproduce. Returns the figures (bench/results and the report quote them)."""
+    from conftest import TINY_BLOOM, metric_rows
+
+    evals = [row["eval_loss"] for row in metric_rows(out) if "eval_loss" in row]
+    assert len(evals) >= 2 and evals[-1] < evals[0], evals
+    checkpoint = max(out.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
+    ids = torch.tensor([[1, 100, 200, 300, 400, 500, 600]])
+    with torch.no_grad():
+        base_logits = load_base(TINY_BLOOM)(input_ids=ids).logits
+        in_peft = peft.PeftModel.from_pretrained(load_base(TINY_BLOOM), out).eval()(input_ids=ids).logits
+        ours = LoraModelForCasualLM.from_pretrained(load_base(TINY_BLOOM), checkpoint if pissa else out)
+        our_logits = ours(input_ids=ids).logits
+    figures = {"evals": evals, "peft_vs_ours": max_diff(in_peft, our_logits),
+               "adapter_vs_base": max_diff(our_logits, base_logits)}
+    assert figures["peft_vs_ours"] <= MAX_DIFF, figures
+    assert figures["adapter_vs_base"] > 1e-4, figures  # the adapter did something
+    return figures
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("setting", [{"USE_DORA": "true"}, {"INIT_LORA_WEIGHTS": "pissa"}], ids=["dora", "pissa"])
+def test_debug_run_with_a_variant_learns_and_its_adapter_loads_in_peft(tmp_path, setting):
+    """`USE_DORA=true DEBUG=true MODEL_PATH=models/tiny-bloom python train.py` (and INIT_LORA_WEIGHTS=pissa), as
+    typed, shortened to 10 steps of 2 x 4 examples of at most 128 tokens, evaluated at steps 5 and 10 on 32
+    examples: exit 0, the eval loss falls, the adapter in OUTPUT_DIR loads in PEFT with our logits (PiSSA: converted
+    to a rank-16 LoRA adapter for the original base)."""
+    from test_train import user_command
+
+    result = user_command(tmp_path, DEBUG="true", MODEL_PATH="models/tiny-bloom", MAX_STEPS="10", EVAL_FREQ="5",
+                          WARMUP_STEPS="2", SIZE_VALID_SET="32", MAX_LENGTH="128", GRAD_ACCUM_STEPS="2", **setting)
+    assert result.returncode == 0, result.stderr[-2000:]
+    out = tmp_path / "outputs" / "debug"
+    config = json.loads((out / "adapter_config.json").read_text())
+    pissa = "INIT_LORA_WEIGHTS" in setting
+    assert (config["use_dora"], config["r"], config["init_lora_weights"]) == (not pissa, 16 if pissa else 8, True)
+    check_variant_run(out, pissa)
