@@ -23,7 +23,8 @@ PRECISIONS = ("fp32", "bf16", "fp16")
 QUANTIZE_CHOICES = ("8bit", "4bit")
 DEFAULT_MODEL = "bigscience/bloom-1b7"
 MAX_INT = 2**31 - 1
-# INIT_LORA_WEIGHTS, PEFT's names: true = its default (A kaiming-uniform, B zeros), gaussian, pissa, pissa_niter_<N>.
+# INIT_LORA_WEIGHTS in PEFT's names: true (its default: A kaiming-uniform, B zeros), gaussian,
+# pissa, pissa_niter_<N>.
 INIT_LORA_WEIGHTS_RE = re.compile(r"true|gaussian|pissa|pissa_niter_\d+")
 AUTO = -1  # WARMUP_STEPS and SIZE_VALID_SET: chosen from the run's length and the data's size (see resolve_*)
 # What AUTO chooses: 10 % of the run's steps / of the examples, at most the full-Alpaca defaults of the assignment.
@@ -69,13 +70,12 @@ class TrainConfig:
     lora_r: int = field(default=8, metadata={"help": "LoRA rank"})
     lora_alpha: float = field(default=16, metadata={"help": "LoRA alpha (scaling = alpha / r)"})
     lora_dropout: float = field(default=0.05, metadata={"help": "dropout on the LoRA input"})
-    use_dora: bool = field(default=False, metadata={"help": "DoRA: a trainable magnitude per output feature times "
-                                                            "the LoRA-updated weight's direction "
-                                                            "(docs/lora_variants.md)"})
-    init_lora_weights: str = field(default="true", metadata={"help": "true (A random, B zeros), gaussian, or pissa / "
-                                                                      "pissa_niter_N: A, B from the base weight's top "
-                                                                      "singular vectors, the base keeping the rest "
-                                                                      "(docs/lora_variants.md)"})
+    use_dora: bool = field(default=False, metadata={
+        "help": "DoRA: a trainable magnitude per output feature times the LoRA-updated weight's "
+                "direction (docs/lora_variants.md)"})
+    init_lora_weights: str = field(default="true", metadata={
+        "help": "true (A random, B zeros), gaussian, or pissa / pissa_niter_N: A, B from the base "
+                "weight's top singular vectors, the base keeping the rest (docs/lora_variants.md)"})
     target_modules: str = field(default="", metadata={"help": "comma-separated module names, or all-linear "
                                                                "(default: the architecture's usual ones: "
                                                                "query_key_value for BLOOM, q_proj,v_proj for "
@@ -161,12 +161,13 @@ class TrainConfig:
                               f"{self.quantize!r}")
         self.init_lora_weights = self.init_lora_weights.strip().lower()
         if not INIT_LORA_WEIGHTS_RE.fullmatch(self.init_lora_weights):
-            raise ConfigError(f"INIT_LORA_WEIGHTS must be true, gaussian, pissa or pissa_niter_<N> (N iterations of "
-                              f"a randomized SVD), got {self.init_lora_weights!r}")
-        variant = "USE_DORA=true" if self.use_dora else f"INIT_LORA_WEIGHTS={self.init_lora_weights}"
+            raise ConfigError(f"INIT_LORA_WEIGHTS must be true, gaussian, pissa or pissa_niter_<N> "
+                              f"(N iterations of a randomized SVD), got {self.init_lora_weights!r}")
         if self.quantize and (self.use_dora or self.pissa):
-            raise ConfigError(f"QUANTIZE={self.quantize} and {variant}: DoRA and PiSSA need the unquantized base "
-                              "weight, which this repo does not dequantize; drop one of them")
+            variant = ("USE_DORA=true" if self.use_dora
+                       else f"INIT_LORA_WEIGHTS={self.init_lora_weights}")
+            raise ConfigError(f"QUANTIZE={self.quantize} and {variant}: DoRA and PiSSA need the "
+                              "unquantized base weight, which this repo does not dequantize")
         if self.fsdp and self.quantize:
             raise ConfigError(f"QUANTIZE={self.quantize} and FSDP=true: this repo does not shard bitsandbytes' "
                               "quantized weights; use DDP=true (each process holds the quantized base) or FSDP "
@@ -237,7 +238,7 @@ def _field_type(f: dataclasses.Field) -> type:
 RESUME_MUST_MATCH = (
     "model_path", "quantize",                                                 # the frozen base
     "target_modules", "lora_r", "lora_alpha", "lora_dropout",                 # the adapter and its shapes
-    "use_dora", "init_lora_weights",                                          # its variant (PiSSA: the residual)
+    "use_dora", "init_lora_weights",                                          # DoRA; PiSSA's W0
     "max_length", "train_on_inputs", "size_valid_set", "seed",                # the examples and the split
     "batch_size", "grad_accum_steps", "group_by_length",                      # the data order and batches
     "learning_rate", "weight_decay", "warmup_steps", "max_grad_norm",         # the optimizer and schedule

@@ -74,8 +74,9 @@ class LoraConfig:
         bias: "none", "all" (every bias trains) or "lora_only" (biases of LoRA-wrapped layers train).
         fan_in_fan_out: the base weights are stored (in, out), as GPT-2's Conv1D.
         use_rslora: rsLoRA scaling alpha / sqrt(r).
-        init_lora_weights: True (PEFT default), "gaussian", "pissa", "pissa_niter_<N>" (PiSSA: the targeted base
-            weights become residuals; see `save_pretrained`), or False (random B: tests only).
+        init_lora_weights: True (PEFT default), "gaussian", "pissa", "pissa_niter_<N>" (PiSSA: the
+            targeted base weights become residuals; see `save_pretrained`), or False (random B:
+            tests only).
         use_dora: DoRA, a trainable magnitude per output feature (Linear layers only).
         base_model_name_or_path: recorded in adapter_config.json so inference can find the base model.
 
@@ -207,7 +208,8 @@ def _make_lora_layer(base: nn.Module, config: LoraConfig) -> Linear | Embedding:
                   init_lora_weights=config.init_lora_weights, use_rslora=config.use_rslora)
     if isinstance(base, nn.Embedding):
         if config.use_dora:
-            raise ValueError("use_dora=True is implemented for Linear layers only; target no Embedding with DoRA")
+            raise ValueError("use_dora=True is implemented for Linear layers only; target no "
+                             "Embedding with DoRA")
         return Embedding(base, **common)
     return Linear(base, fan_in_fan_out=config.fan_in_fan_out, use_dora=config.use_dora, **common)
 
@@ -391,12 +393,12 @@ class LoraModelForCasualLM(nn.Module):
 
         Args:
             save_directory: the adapter folder.
-            state_dict: the adapter tensors to write instead of the model's own, as PEFT takes it (train.py's,
-                gathered whole under FSDP).
-            path_initial_model_for_weight_conversion: PEFT's option for a PiSSA adapter: the folder this model's
-                adapter was saved to right after initialisation. The adapter is then written converted to a plain
-                LoRA adapter of rank 2r that loads on the original base model (`pissa_to_lora`).
-            initial_state_dict: the same, the initial adapter tensors given in memory (train.py's).
+            state_dict: the adapter tensors to write instead of the model's own, as PEFT takes it
+                (train.py's, gathered whole under FSDP).
+            path_initial_model_for_weight_conversion: PEFT's option for a PiSSA adapter: the folder
+                this model's adapter was saved to right after initialisation. The adapter is then
+                written as a plain LoRA adapter of rank 2r for the original base (`pissa_to_lora`).
+            initial_state_dict: the same, the initial adapter tensors in memory (train.py's).
 
         Raises:
             ValueError: the initial adapter's keys or shapes do not fit this adapter.
@@ -411,7 +413,8 @@ class LoraModelForCasualLM(nn.Module):
         tensors = {key: (t.float() if "lora_" in key else t).contiguous().cpu() for key, t in state_dict.items()}
         with atomic_write(folder / ADAPTER_WEIGHTS_NAME) as staging:
             save_file(tensors, str(staging), metadata={"format": "pt"})
-        write_text_atomically(folder / ADAPTER_CONFIG_NAME, json.dumps(config.to_peft_dict(), indent=2) + "\n")
+        write_text_atomically(folder / ADAPTER_CONFIG_NAME,
+                              json.dumps(config.to_peft_dict(), indent=2) + "\n")
 
     def load_adapter_weights(self, tensors: dict[str, torch.Tensor], source: str = "adapter") -> None:
         """Copy adapter tensors (PEFT keys) into the model, strictly.
@@ -462,27 +465,33 @@ LoraModelForCausalLM = LoraModelForCasualLM
 
 def pissa_to_lora(state_dict: dict[str, torch.Tensor], initial_state_dict: dict[str, torch.Tensor],
                   config: LoraConfig) -> tuple[dict[str, torch.Tensor], LoraConfig]:
-    """A trained PiSSA adapter as a plain LoRA adapter for the original base model (PEFT's `subtract_mutated_init`).
+    """A trained PiSSA adapter as a plain LoRA adapter for the original base model (PEFT's
+    `subtract_mutated_init`). PiSSA trains W = W_res + s B A from W_res + s B0 A0 = W0, so
 
-    PiSSA trains W = W_res + s B A from W_res + s B0 A0 = W0, so W = W0 + s (B A - B0 A0) = W0 + s [B, -B0] [A; A0]:
-    a LoRA adapter of rank 2r (alpha doubled too, so s stays; times sqrt(2) under rsLoRA) with the default init.
-    Other tensors (DoRA's magnitude, trained biases) are kept as they are: the weight they act on is the same W.
+        W = W0 + s (B A - B0 A0) = W0 + s [B, -B0] [A; A0]
+
+    a LoRA adapter of rank 2r (alpha doubled too, so s stays; times sqrt(2) under rsLoRA) with the
+    default init. Other tensors (DoRA's magnitude, trained biases) are kept as they are: the weight
+    they act on is the same W.
 
     Raises:
         ValueError: the initial adapter's A and B keys or shapes differ from this adapter's.
     """
     factors = sorted(key for key in state_dict if ".lora_A." in key or ".lora_B." in key)
     initial = {_strip_adapter_name(key): value for key, value in initial_state_dict.items()}
-    bad = [key for key in factors if key not in initial or initial[key].shape != state_dict[key].shape]
+    bad = [key for key in factors
+           if key not in initial or initial[key].shape != state_dict[key].shape]
     if bad:
-        raise ValueError(f"initial adapter for the PiSSA conversion does not fit this adapter: {', '.join(bad)} "
-                         "missing or of another shape")
+        raise ValueError(f"initial adapter for the PiSSA conversion does not fit this adapter: "
+                         f"{', '.join(bad)} missing or of another shape")
     tensors = dict(state_dict)
     for key in factors:
         trained, start = state_dict[key].float().cpu(), initial[key].float().cpu()
-        tensors[key] = torch.cat([trained, start], 0) if ".lora_A." in key else torch.cat([trained, -start], 1)
+        is_a = ".lora_A." in key
+        tensors[key] = torch.cat([trained, start], 0) if is_a else torch.cat([trained, -start], 1)
     alpha = config.lora_alpha * (2**0.5 if config.use_rslora else 2)
-    return tensors, dataclasses.replace(config, r=2 * config.r, lora_alpha=alpha, init_lora_weights=True)
+    return tensors, dataclasses.replace(config, r=2 * config.r, lora_alpha=alpha,
+                                        init_lora_weights=True)
 
 
 def _strip_adapter_name(key: str) -> str:

@@ -143,7 +143,8 @@ def build_lora_model(model, cfg: TrainConfig, model_path: str) -> LoraModelForCa
     try:
         config = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
                             target_modules=targets, fan_in_fan_out=targets_conv1d(model, targets),
-                            use_dora=cfg.use_dora, init_lora_weights=cfg.lora_init, base_model_name_or_path=base)
+                            use_dora=cfg.use_dora, init_lora_weights=cfg.lora_init,
+                            base_model_name_or_path=base)
         lora_model = LoraModelForCasualLM(model, config)
     except ValueError as err:
         raise ConfigError(f"TARGET_MODULES: {err}") from None
@@ -232,10 +233,12 @@ class Trainer:
         self._saved_step = -1  # step of the last checkpoint on disk for this run
         self._stop_signum = 0  # a stop signal the ranks agreed on
         self.stop_signal: Callable[[], int] = lambda: 0  # see train()
-        # PiSSA's initial A and B, before a resume loads trained ones: the final adapter is saved as the difference,
-        # a LoRA adapter for the original base (save_final_adapter). A resumed run recomputes them: same seed.
-        self.pissa_initial = ({key: value.detach().cpu().clone() for key, value in full_adapter_state(model).items()}
-                              if cfg.pissa else None)
+        # PiSSA's initial A and B, before a resume loads trained ones (a resumed run recomputes them
+        # from the same seed): the final adapter is the difference, a LoRA adapter for the base.
+        self.pissa_initial = None
+        if cfg.pissa:
+            self.pissa_initial = {key: value.detach().cpu().clone()
+                                  for key, value in full_adapter_state(model).items()}
         if resume is not None:
             self.resume(*resume)
 
@@ -494,12 +497,13 @@ class Trainer:
 
     def save_final_adapter(self) -> None:
         """The finished adapter, directly in OUTPUT_DIR (PeftModel.from_pretrained(base, OUTPUT_DIR) loads it), and
-        the loss curve; the other ranks wait until both are on disk. A PiSSA adapter is written converted to a plain
-        LoRA one of rank 2 x LORA_R, for the original base (lora_model.pissa_to_lora); its checkpoints stay PiSSA's
-        own, to resume from."""
+        the loss curve; the other ranks wait until both are on disk. A PiSSA adapter is written as
+        a plain LoRA one of rank 2 x LORA_R for the original base (lora_model.pissa_to_lora); its
+        checkpoints stay PiSSA's own, to resume from."""
         adapter = full_adapter_state(self.raw_model)  # every rank: FSDP gathers the shards
         if self.dist.is_master:
-            self.raw_model.save_pretrained(self.output_dir, state_dict=adapter, initial_state_dict=self.pissa_initial)
+            self.raw_model.save_pretrained(self.output_dir, state_dict=adapter,
+                                           initial_state_dict=self.pissa_initial)
             self.metrics.plot()
         if self.dist.ddp:
             torch_dist.barrier()
