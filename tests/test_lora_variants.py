@@ -490,3 +490,59 @@ def test_debug_run_with_a_variant_learns_and_its_adapter_loads_in_peft(tmp_path,
     pissa = "INIT_LORA_WEIGHTS" in setting
     assert (config["use_dora"], config["r"], config["init_lora_weights"]) == (not pissa, 16 if pissa else 8, True)
     check_variant_run(out, pissa)
+
+
+# --- train.py's settings -------------------------------------------------------------------------------------
+
+def test_settings_are_validated_and_passed_on_and_part_of_the_run_identity():
+    from checkpoint import resume_conflicts, run_identity
+    from config import ConfigError, load_config
+
+    cfg = load_config([], {"USE_DORA": "yes", "INIT_LORA_WEIGHTS": "PiSSA_niter_4"})
+    assert (cfg.use_dora, cfg.init_lora_weights, cfg.lora_init) == (True, "pissa_niter_4", "pissa_niter_4")
+    assert load_config([], {}).lora_init is True  # the default LoRA init, as before
+    assert load_config(["--init-lora-weights", "gaussian"], {}).lora_init == "gaussian"
+    for bad in ("olora", "pissa_niter_", "pissa_niter_x", "false"):
+        with pytest.raises(ConfigError, match=f"^INIT_LORA_WEIGHTS must be true, gaussian, pissa or "
+                                              f"pissa_niter_<N> .*got '{bad}'"):
+            load_config([], {"INIT_LORA_WEIGHTS": bad})
+    with pytest.raises(ConfigError, match="^USE_DORA must be one of"):
+        load_config([], {"USE_DORA": "maybe"})
+    for setting, named in (({"USE_DORA": "true"}, "USE_DORA=true"),
+                           ({"INIT_LORA_WEIGHTS": "pissa"}, "INIT_LORA_WEIGHTS=pissa")):
+        with pytest.raises(ConfigError, match=f"^QUANTIZE=4bit and {named}: DoRA and PiSSA need"):
+            load_config([], {"QUANTIZE": "4bit", **setting})
+
+    plain = run_identity(load_config([], {}), 1, "data")
+    dora = run_identity(cfg, 1, "data")
+    assert resume_conflicts(plain, dora) == ["USE_DORA is True here but False in the checkpoint",
+                                             "INIT_LORA_WEIGHTS is 'pissa_niter_4' here but 'true' in the "
+                                             "checkpoint"]
+    older = {k: v for k, v in plain.items() if k not in ("use_dora", "init_lora_weights")}
+    assert resume_conflicts(older, plain) == []  # a checkpoint from before these settings had the defaults
+
+
+def test_resume_of_a_dora_pissa_run_continues_exactly(tmp_path):
+    """A run with USE_DORA=true and INIT_LORA_WEIGHTS=pissa_niter_2 (a randomized SVD: the resumed run must draw
+    the same start from SEED) stopped after step 2 and resumed from checkpoint-2 ends where the straight run ends:
+    the same checkpoint (PiSSA's own A, B and the magnitude) and the same converted final adapter (rank 2r)."""
+    import train
+    from conftest import SAMPLE, adapter_tensors
+    from test_train import tiny_config
+
+    data = tmp_path / "small.json"
+    data.write_text(json.dumps(json.loads(SAMPLE.read_text(encoding="utf-8"))[:40]), encoding="utf-8")
+    settings = dict(max_steps=4, save_steps=2, lora_dropout=0.05, use_dora=True,
+                    init_lora_weights="pissa_niter_2")
+    straight = tiny_config(tmp_path / "straight", data, **settings)
+    train.run(straight, train.DistEnv())
+    checkpoint = Path(straight.output_dir) / "checkpoint-2"
+    resumed = tiny_config(tmp_path / "resumed", data, resume_from=str(checkpoint), **settings)
+    train.run(resumed, train.DistEnv())
+    for folder in ("checkpoint-4", "."):
+        a = adapter_tensors(Path(straight.output_dir) / folder)
+        b = adapter_tensors(Path(resumed.output_dir) / folder)
+        assert a.keys() == b.keys() and any("magnitude" in k for k in a)
+        assert max(max_diff(a[k], b[k]) for k in a) <= 1e-6, folder
+    final = json.loads((Path(resumed.output_dir) / "adapter_config.json").read_text())
+    assert (final["r"], final["init_lora_weights"], final["use_dora"]) == (16, True, True)
