@@ -13,6 +13,20 @@ the wrapper works for `nn.Linear`, GPT-2's `Conv1D` and bitsandbytes' 8-bit / 4-
 (`base_layer`, `lora_A`, `lora_B`, `lora_embedding_A`, `lora_embedding_B`) match PEFT's, which is what makes saved
 adapters interchangeable with PEFT's.
 
+Two variants on `Linear`, as PEFT 0.21 computes them (tests/test_lora_variants.py checks both):
+
+- DoRA (Liu et al., 2024, `use_dora=True`) splits the adapted weight into a learned magnitude per
+  output feature and a direction,
+
+      W' = m * (W0 + s B A) / ||W0 + s B A||        s = scaling, the norm of each output row
+
+  the norm treated as a constant in the backward pass (the paper's section 4.3); m starts as
+  ||W0 + s B A||, so the layer starts as the base layer.
+- PiSSA (Meng et al., 2024, `init_lora_weights="pissa"` or `"pissa_niter_N"`) starts A and B from
+  W0's top r singular vectors, s B A = U_r S_r V_r^T, and leaves the residual W0 - s B A in the
+  frozen weight: the layer starts as the base layer, and training moves W0's principal part.
+  `pissa_niter_N`: a randomized SVD with N iterations.
+
 Dtype rules (shared by Linear and Embedding): the adapter weights are float32 whatever the base dtype, because
 GradScaler refuses to unscale fp16 gradients and fp16 Adam updates underflow. The adapter path runs in float32 (or
 in the autocast dtype when autocast is on) and its result is cast back to the base layer's output dtype.
@@ -21,6 +35,7 @@ in the autocast dtype when autocast is on) and its result is cast back to the ba
 from __future__ import annotations
 
 import math
+import re
 import warnings
 
 import torch
@@ -29,7 +44,15 @@ import torch.nn.functional as F
 
 QUANTIZED_LINEAR_NAMES = ("Linear8bitLt", "Linear4bit")
 
-INIT_CHOICES = (True, False, "gaussian")
+INIT_CHOICES = (True, False, "gaussian", "pissa")  # and "pissa_niter_<N>"
+PISSA_NITER = re.compile(r"pissa_niter_(\d+)")
+
+
+def is_pissa(init_lora_weights) -> bool:
+    """Whether `init_lora_weights` asks for PiSSA: "pissa" (full SVD) or "pissa_niter_N" (a
+    randomized SVD with N iterations)."""
+    return init_lora_weights == "pissa" or (
+        isinstance(init_lora_weights, str) and PISSA_NITER.fullmatch(init_lora_weights) is not None)
 
 
 def is_quantized_linear(layer: nn.Module) -> bool:
@@ -62,6 +85,7 @@ class LoraLayer(nn.Module):
         self.scaling = 1.0
         self.merged = False
         self.disabled = False
+        self.use_dora = False
 
     @staticmethod
     def _check_options(r: int, lora_alpha: float, lora_dropout: float, init_lora_weights) -> None:
@@ -71,8 +95,9 @@ class LoraLayer(nn.Module):
             raise ValueError(f"lora_alpha must be a positive number, got {lora_alpha!r}")
         if not isinstance(lora_dropout, (int, float)) or not 0.0 <= lora_dropout < 1.0:
             raise ValueError(f"lora_dropout must be in [0, 1), got {lora_dropout!r}")
-        if init_lora_weights not in INIT_CHOICES:
-            raise ValueError(f"init_lora_weights must be one of {INIT_CHOICES}, got {init_lora_weights!r}")
+        if init_lora_weights not in INIT_CHOICES and not is_pissa(init_lora_weights):
+            raise ValueError(f"init_lora_weights must be one of {INIT_CHOICES} or "
+                             f"'pissa_niter_<N>', got {init_lora_weights!r}")
 
     def _start_update(
         self, r: int, lora_alpha: float, lora_dropout: float, init_lora_weights: bool | str, use_rslora: bool
@@ -102,7 +127,8 @@ class LoraLayer(nn.Module):
             )
 
     def merge(self) -> None:
-        """Fold the update into the base weight: W = W0 + scaling * B A (computed in float32).
+        """Fold the update into the base weight: W = W0 + scaling * B A (computed in float32);
+        with DoRA, W = m * (W0 + scaling * B A) / ||W0 + scaling * B A||.
 
         Idempotent: merging a merged layer warns and does nothing. Raises ValueError if the update is not finite,
         leaving W0 untouched.
@@ -114,15 +140,22 @@ class LoraLayer(nn.Module):
         delta = self._delta_weight()
         if not torch.isfinite(delta).all():
             raise ValueError("LoRA update contains NaN or inf; refusing to merge it into the base weight")
-        self._add_to_base_weight(delta)
+        if self.use_dora:
+            self._merge_dora(delta)
+        else:
+            self._add_to_base_weight(delta)
         self.merged = True
 
     def unmerge(self) -> None:
-        """Undo `merge()`: W0 = W - scaling * B A. Unmerging an unmerged layer warns and does nothing."""
+        """Undo `merge()`: W0 = W - scaling * B A (DoRA: W / (m / norm) - scaling * B A, with
+        merge's norm). Unmerging an unmerged layer warns and does nothing."""
         if not self.merged:
             warnings.warn("LoRA layer is not merged; unmerge() does nothing", stacklevel=2)
             return
-        self._add_to_base_weight(-self._delta_weight())
+        if self.use_dora:
+            self._unmerge_dora(self._delta_weight())
+        else:
+            self._add_to_base_weight(-self._delta_weight())
         self.merged = False
 
     @torch.no_grad()
@@ -147,8 +180,12 @@ class Linear(LoraLayer):
         lora_dropout: dropout on the adapter's input only; the base path is unchanged.
         fan_in_fan_out: True when the base weight is stored (in, out), as in GPT-2's Conv1D.
         init_lora_weights: True = PEFT's default (A kaiming-uniform, B zeros); "gaussian" = A ~ N(0, 1/r), B zeros,
-            as the course assignment describes; False = A random and B random too, for tests only.
+            as the course assignment describes; "pissa" / "pissa_niter_N" = PiSSA (module
+            docstring; the base weight becomes the residual); False = A random and B random too,
+            for tests only.
         use_rslora: scale by alpha / sqrt(r) (rsLoRA) instead of alpha / r.
+        use_dora: DoRA, a trainable magnitude per output feature, `lora_magnitude_vector` (module
+            docstring).
     """
 
     def __init__(
@@ -160,11 +197,12 @@ class Linear(LoraLayer):
         fan_in_fan_out: bool = False,
         init_lora_weights: bool | str = True,
         use_rslora: bool = False,
+        use_dora: bool = False,
     ) -> None:
         super().__init__(base_layer)
         self.fan_in_fan_out = self._resolve_fan_in_fan_out(base_layer, fan_in_fan_out)
         self.in_features, self.out_features = self._base_shape(base_layer)
-        self.update_layer(r, lora_alpha, lora_dropout, init_lora_weights, use_rslora)
+        self.update_layer(r, lora_alpha, lora_dropout, init_lora_weights, use_rslora, use_dora)
 
     @staticmethod
     def _resolve_fan_in_fan_out(base_layer: nn.Module, fan_in_fan_out: bool) -> bool:
@@ -193,17 +231,31 @@ class Linear(LoraLayer):
         lora_dropout: float = 0.0,
         init_lora_weights: bool | str = True,
         use_rslora: bool = False,
+        use_dora: bool = False,
     ) -> None:
-        """Create (or re-create) the adapter: A (r x in), B (out x r), dropout and scaling.
+        """Create (or re-create) the adapter: A (r x in), B (out x r), dropout and scaling; with
+        DoRA also the magnitude m (out), initialised after A and B, as PEFT does.
 
         Raises:
-            ValueError: r <= 0, lora_alpha <= 0, dropout outside [0, 1), or an unknown init.
+            ValueError: r <= 0, lora_alpha <= 0, dropout outside [0, 1), an unknown init, or DoRA /
+                PiSSA on a quantized base.
         """
         factory = self._start_update(r, lora_alpha, lora_dropout, init_lora_weights, use_rslora)
+        if (use_dora or is_pissa(init_lora_weights)) and is_quantized_linear(self.base_layer):
+            what = "use_dora=True" if use_dora else f"init_lora_weights={init_lora_weights!r}"
+            raise ValueError(f"{what} needs the base weight unquantized, but the base layer is a "
+                             f"quantized {type(self.base_layer).__name__}; load it unquantized")
         self.lora_dropout = nn.Dropout(lora_dropout) if lora_dropout > 0 else nn.Identity()
         self.lora_A = nn.Linear(self.in_features, r, bias=False, **factory)
         self.lora_B = nn.Linear(r, self.out_features, bias=False, **factory)
-        self.reset_lora_parameters(init_lora_weights)
+        if is_pissa(init_lora_weights):
+            self.pissa_init(init_lora_weights)
+        else:
+            self.reset_lora_parameters(init_lora_weights)
+        self.use_dora = use_dora
+        if use_dora:
+            norm = self._dora_norm(self._delta_weight())  # m = ||W0 + s B A||: W' = W0 at the start
+            self.lora_magnitude_vector = nn.Parameter(norm.to(self.lora_A.weight.dtype))
 
     @torch.no_grad()
     def reset_lora_parameters(self, init_lora_weights: bool | str) -> None:
@@ -218,16 +270,97 @@ class Linear(LoraLayer):
             nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
         nn.init.zeros_(self.lora_B.weight)
 
+    @torch.no_grad()
+    def pissa_init(self, init_lora_weights: str) -> None:
+        """PiSSA: W0 = U S V^T (its top r by a full SVD, or a randomized one with N iterations);
+        A = sqrt(S_r / s) V_r^T and B = U_r sqrt(S_r / s), so s B A is W0's principal part, and the
+        base weight keeps the rest. PEFT's `pissa_init` step for step: a float32 SVD, the residual
+        written back in the weight's dtype."""
+        weight = self.base_layer.weight
+        if weight.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+            raise ValueError(f"PiSSA needs a float32/float16/bfloat16 base weight, got "
+                             f"{weight.dtype}")
+        w0 = self._out_in(weight.to(torch.float32))
+        if init_lora_weights == "pissa":
+            u, s, vh = torch.linalg.svd(w0, full_matrices=False)
+            u_r, s_r, vh_r = u[:, : self.r], s[: self.r] / self.scaling, vh[: self.r]
+        else:
+            niter = int(PISSA_NITER.fullmatch(init_lora_weights).group(1))
+            u_r, s_r, v_r = torch.svd_lowrank(w0, self.r, niter=niter)
+            s_r, vh_r = s_r / self.scaling, v_r.t()
+        self.lora_A.weight.data = torch.diag(torch.sqrt(s_r)) @ vh_r
+        self.lora_B.weight.data = u_r @ torch.diag(torch.sqrt(s_r))
+        residual = w0 - self.scaling * self.lora_B.weight @ self.lora_A.weight
+        weight.data = self._out_in(residual).to(weight.dtype)  # _out_in is its own inverse
+
+    def _out_in(self, weight: torch.Tensor) -> torch.Tensor:
+        """A weight in the base layer's layout, as (out x in); GPT-2's Conv1D stores (in x out)."""
+        return weight.T if self.fan_in_fan_out else weight
+
     def _delta_weight(self) -> torch.Tensor:
         dtype = self._merge_dtype()
         delta = (self.lora_B.weight.to(dtype) @ self.lora_A.weight.to(dtype)) * self.scaling
         return delta.T if self.fan_in_fan_out else delta
 
+    # --- DoRA ----------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def _dora_norm(self, delta: torch.Tensor) -> torch.Tensor:
+        """||W0 + delta|| per output feature (a row of the out x in weight), in float32 at least,
+        outside the graph. `delta`: scaling * B A in the base weight's layout."""
+        weight = self.base_layer.weight
+        return torch.linalg.norm(self._out_in(weight.to(delta.dtype) + delta), dim=1)
+
+    def _dora_factor(self, norm: torch.Tensor) -> torch.Tensor:
+        """m / norm, shaped to scale the rows of an (out x in) weight, or the columns of Conv1D's
+        (in x out)."""
+        factor = (self.lora_magnitude_vector.to(norm.dtype) / norm).view(-1, 1)
+        return factor.T if self.fan_in_fan_out else factor
+
+    @torch.no_grad()
+    def _merge_dora(self, delta: torch.Tensor) -> None:
+        # Kept: unmerging needs the norm of W0 + delta, which the merged weight no longer tells.
+        self._dora_merged_norm = self._dora_norm(delta)
+        weight = self.base_layer.weight
+        factor = self._dora_factor(self._dora_merged_norm)
+        weight.copy_((factor * (weight.to(delta.dtype) + delta)).to(weight.dtype))
+
+    @torch.no_grad()
+    def _unmerge_dora(self, delta: torch.Tensor) -> None:
+        weight = self.base_layer.weight
+        factor = self._dora_factor(self._dora_merged_norm)
+        weight.copy_((weight.to(delta.dtype) / factor - delta).to(weight.dtype))
+        del self._dora_merged_norm
+
+    def _dora_update(self, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
+        """What DoRA adds to the base output (the bias left out):
+
+            m / ||W0 + s B A|| * (W0 x + s B A x) - W0 x
+
+        As PEFT computes it: without dropout, W0 x is the base output less its bias; with dropout
+        (training) both terms see the same dropped-out input, so W0 dropout(x) is computed anew."""
+        lora_input = _cast_for_adapter(x, self.lora_A.weight.dtype)
+        weight = self._out_in(self.base_layer.weight).to(self.lora_A.weight.dtype)  # norm in fp32
+        scaled_ba = self.scaling * (self.lora_B.weight @ self.lora_A.weight).detach()
+        norm = torch.linalg.norm(weight + scaled_ba, dim=1).detach()  # a constant (section 4.3)
+        factor = (self.lora_magnitude_vector / norm).view(1, -1)
+        if self.training and isinstance(self.lora_dropout, nn.Dropout):
+            lora_input = self.lora_dropout(lora_input)
+            base_part = F.linear(lora_input, weight)
+        else:
+            bias = getattr(self.base_layer, "bias", None)
+            base_part = result if bias is None else result - bias
+        lora_part = self.lora_B(self.lora_A(lora_input))
+        return (factor - 1) * base_part + factor * lora_part * self.scaling
+
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        """h = base(x) + scaling * B A dropout(x); just base(x) while merged or disabled."""
+        """h = base(x) + scaling * B A dropout(x) (DoRA: `_dora_update`); just base(x) while merged
+        or disabled."""
         result = self.base_layer(x, *args, **kwargs)
         if self.disabled or self.merged:
             return result
+        if self.use_dora:
+            return (result + self._dora_update(x, result)).to(result.dtype)
         lora_input = self.lora_dropout(_cast_for_adapter(x, self.lora_A.weight.dtype))
         after_a = self.lora_A(lora_input)
         scaled_b = self.lora_B.weight * self.scaling  # scale the small (out x r) B, not the (tokens x out) update
@@ -275,6 +408,9 @@ class Embedding(LoraLayer):
             ValueError: r <= 0, lora_alpha <= 0, dropout outside [0, 1), or an unknown init.
         """
         factory = self._start_update(r, lora_alpha, lora_dropout, init_lora_weights, use_rslora)
+        if is_pissa(init_lora_weights):
+            raise ValueError(f"init_lora_weights={init_lora_weights!r} (PiSSA) is for Linear "
+                             "layers only, not for Embedding")
         vocab, dim = self.base_layer.num_embeddings, self.base_layer.embedding_dim
         self.lora_embedding_A = nn.Parameter(torch.empty(r, vocab, **factory))
         self.lora_embedding_B = nn.Parameter(torch.empty(dim, r, **factory))

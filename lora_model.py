@@ -34,7 +34,6 @@ from support.token_loss import causal_lm_token_loss
 # Fields of peft.LoraConfig that change the math in ways this repo does not implement; a config that sets one
 # is refused rather than silently trained as plain LoRA.
 UNSUPPORTED_PEFT_FIELDS = {
-    "use_dora": False,
     "modules_to_save": None,
     "layers_to_transform": None,
     "rank_pattern": {},
@@ -62,7 +61,10 @@ class LoraConfig:
         bias: "none", "all" (every bias trains) or "lora_only" (biases of LoRA-wrapped layers train).
         fan_in_fan_out: the base weights are stored (in, out), as GPT-2's Conv1D.
         use_rslora: rsLoRA scaling alpha / sqrt(r).
-        init_lora_weights: True (PEFT default), "gaussian", or False (random B: tests only).
+        init_lora_weights: True (PEFT default), "gaussian", "pissa", "pissa_niter_<N>" (PiSSA: the
+            targeted base weights become residuals; see `save_pretrained`), or False (random B:
+            tests only).
+        use_dora: DoRA, a trainable magnitude per output feature (Linear layers only).
         base_model_name_or_path: recorded in adapter_config.json so inference can find the base model.
 
     Raises:
@@ -77,10 +79,13 @@ class LoraConfig:
     fan_in_fan_out: bool = False
     use_rslora: bool = False
     init_lora_weights: bool | str = True
+    use_dora: bool = False
     base_model_name_or_path: str | None = None
 
     def __post_init__(self) -> None:
         LoraLayer._check_options(self.r, self.lora_alpha, self.lora_dropout, self.init_lora_weights)
+        if not isinstance(self.use_dora, bool):
+            raise ValueError(f"use_dora must be True or False, got {self.use_dora!r}")
         if self.bias not in BIAS_CHOICES:
             raise ValueError(f"bias must be one of {BIAS_CHOICES}, got {self.bias!r}")
         if isinstance(self.target_modules, (set, tuple)):
@@ -189,8 +194,11 @@ def _make_lora_layer(base: nn.Module, config: LoraConfig) -> Linear | Embedding:
     common = dict(r=config.r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
                   init_lora_weights=config.init_lora_weights, use_rslora=config.use_rslora)
     if isinstance(base, nn.Embedding):
+        if config.use_dora:
+            raise ValueError("use_dora=True is implemented for Linear layers only; target no "
+                             "Embedding with DoRA")
         return Embedding(base, **common)
-    return Linear(base, fan_in_fan_out=config.fan_in_fan_out, **common)
+    return Linear(base, fan_in_fan_out=config.fan_in_fan_out, use_dora=config.use_dora, **common)
 
 
 def _replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
@@ -363,20 +371,37 @@ class LoraModelForCasualLM(nn.Module):
         return {PEFT_KEY_PREFIX + name: param.detach()
                 for name, param in self.model.named_parameters() if is_adapter_tensor(name)}
 
-    def save_pretrained(self, save_directory: str | os.PathLike, state_dict: dict | None = None) -> None:
+    def save_pretrained(self, save_directory: str | os.PathLike, state_dict: dict | None = None,
+                        path_initial_model_for_weight_conversion: str | os.PathLike | None = None,
+                        initial_state_dict: dict | None = None) -> None:
         """Write `adapter_model.safetensors` (the float32 LoRA tensors), then `adapter_config.json`, into
         `save_directory` (created if missing; other files in it are left alone, as PEFT does). Each file is complete
-        or not at all (atomic.atomic_write), so a crash never leaves a half-written adapter. `state_dict`: the
-        adapter tensors to write instead of the model's own, as PEFT takes it (train.py's, gathered whole under
-        FSDP)."""
+        or not at all (atomic.atomic_write), so a crash never leaves a half-written adapter.
+
+        Args:
+            save_directory: the adapter folder.
+            state_dict: the adapter tensors to write instead of the model's own, as PEFT takes it
+                (train.py's, gathered whole under FSDP).
+            path_initial_model_for_weight_conversion: PEFT's option for a PiSSA adapter: the folder
+                this model's adapter was saved to right after initialisation. The adapter is then
+                written as a plain LoRA adapter of rank 2r for the original base (`pissa_to_lora`).
+            initial_state_dict: the same, the initial adapter tensors in memory (train.py's).
+
+        Raises:
+            ValueError: the initial adapter's keys or shapes do not fit this adapter.
+        """
         folder = Path(save_directory)
         state_dict = self.adapter_state_dict() if state_dict is None else state_dict
+        config = self.lora_config
+        if path_initial_model_for_weight_conversion is not None:
+            initial_state_dict = read_adapter_dir(Path(path_initial_model_for_weight_conversion))[1]
+        if initial_state_dict is not None:
+            state_dict, config = pissa_to_lora(state_dict, initial_state_dict, config)
         tensors = {key: (t.float() if "lora_" in key else t).contiguous().cpu() for key, t in state_dict.items()}
         with atomic_write(folder / ADAPTER_WEIGHTS_NAME) as staging:
             # Serialized in memory, written by Python: a full disk is an OSError naming the file.
             write_bytes(staging, safetensors_bytes(tensors, metadata={"format": "pt"}))
-        write_text_atomically(folder / ADAPTER_CONFIG_NAME, json.dumps(self.lora_config.to_peft_dict(), indent=2)
-                              + "\n")
+        write_text_atomically(folder / ADAPTER_CONFIG_NAME, json.dumps(config.to_peft_dict(), indent=2) + "\n")
 
     def load_adapter_weights(self, tensors: dict[str, torch.Tensor], source: str = "adapter") -> None:
         """Copy adapter tensors (PEFT keys) into the model, strictly.
@@ -423,6 +448,37 @@ class LoraModelForCasualLM(nn.Module):
 
 
 LoraModelForCausalLM = LoraModelForCasualLM
+
+
+def pissa_to_lora(state_dict: dict[str, torch.Tensor], initial_state_dict: dict[str, torch.Tensor],
+                  config: LoraConfig) -> tuple[dict[str, torch.Tensor], LoraConfig]:
+    """A trained PiSSA adapter as a plain LoRA adapter for the original base model (PEFT's
+    `subtract_mutated_init`). PiSSA trains W = W_res + s B A from W_res + s B0 A0 = W0, so
+
+        W = W0 + s (B A - B0 A0) = W0 + s [B, -B0] [A; A0]
+
+    a LoRA adapter of rank 2r (alpha doubled too, so s stays; times sqrt(2) under rsLoRA) with the
+    default init. Other tensors (DoRA's magnitude, trained biases) are kept as they are: the weight
+    they act on is the same W.
+
+    Raises:
+        ValueError: the initial adapter's A and B keys or shapes differ from this adapter's.
+    """
+    factors = sorted(key for key in state_dict if ".lora_A." in key or ".lora_B." in key)
+    initial = {_strip_adapter_name(key): value for key, value in initial_state_dict.items()}
+    bad = [key for key in factors
+           if key not in initial or initial[key].shape != state_dict[key].shape]
+    if bad:
+        raise ValueError(f"initial adapter for the PiSSA conversion does not fit this adapter: "
+                         f"{', '.join(bad)} missing or of another shape")
+    tensors = dict(state_dict)
+    for key in factors:
+        trained, start = state_dict[key].float().cpu(), initial[key].float().cpu()
+        is_a = ".lora_A." in key
+        tensors[key] = torch.cat([trained, start], 0) if is_a else torch.cat([trained, -start], 1)
+    alpha = config.lora_alpha * (2**0.5 if config.use_rslora else 2)
+    return tensors, dataclasses.replace(config, r=2 * config.r, lora_alpha=alpha,
+                                        init_lora_weights=True)
 
 
 def _strip_adapter_name(key: str) -> str:

@@ -142,6 +142,7 @@ def build_lora_model(model, cfg: TrainConfig, model_path: str) -> LoraModelForCa
     try:
         config = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
                             target_modules=targets, fan_in_fan_out=targets_conv1d(model, targets),
+                            use_dora=cfg.use_dora, init_lora_weights=cfg.lora_init,
                             base_model_name_or_path=base)
         lora_model = LoraModelForCasualLM(model, config)
     except ValueError as err:
@@ -258,6 +259,12 @@ class Trainer:
         self._saved_step = -1  # step of the last checkpoint on disk for this run
         self._stop_signum = 0  # a stop signal the ranks agreed on
         self.stop_signal: Callable[[], int] = lambda: 0  # see train()
+        # PiSSA's initial A and B, before a resume loads trained ones (a resumed run recomputes them
+        # from the same seed): the final adapter is the difference, a LoRA adapter for the base.
+        self.pissa_initial = None
+        if cfg.pissa:
+            self.pissa_initial = {key: value.detach().cpu().clone()
+                                  for key, value in full_adapter_state(model).items()}
         if resume is not None:
             self.resume(*resume)
         self.first_step = self.progress.step  # where this session started: 0, or the checkpoint's step
@@ -563,10 +570,13 @@ class Trainer:
 
     def save_final_adapter(self) -> None:
         """The finished adapter, directly in OUTPUT_DIR (PeftModel.from_pretrained(base, OUTPUT_DIR) loads it), and
-        the loss curve; the other ranks wait until both are on disk."""
+        the loss curve; the other ranks wait until both are on disk. A PiSSA adapter is written as
+        a plain LoRA one of rank 2 x LORA_R for the original base (lora_model.pissa_to_lora); its
+        checkpoints stay PiSSA's own, to resume from."""
         adapter = full_adapter_state(self.raw_model)  # every rank: FSDP gathers the shards
         if self.dist.is_master:
-            self.raw_model.save_pretrained(self.output_dir, state_dict=adapter)
+            self.raw_model.save_pretrained(self.output_dir, state_dict=adapter,
+                                           initial_state_dict=self.pissa_initial)
             self.metrics.plot()
             self.metrics.close()
         if self.dist.distributed:

@@ -24,6 +24,9 @@ FALSE_WORDS = ("0", "false", "no")
 REPORT_TO_CHOICES = ("tensorboard",)  # metrics.TRACKER_CLASSES
 DEFAULT_MODEL = "bigscience/bloom-1b7"
 MAX_INT = 2**31 - 1
+# INIT_LORA_WEIGHTS in PEFT's names: true (its default: A kaiming-uniform, B zeros), gaussian,
+# pissa, pissa_niter_<N>.
+INIT_LORA_WEIGHTS_RE = re.compile(r"true|gaussian|pissa|pissa_niter_\d+")
 AUTO = -1  # WARMUP_STEPS and SIZE_VALID_SET: chosen from the run's length and the data's size (see resolve_*)
 # What AUTO chooses: 10 % of the run's steps / of the examples, at most the full-Alpaca defaults of the assignment.
 AUTO_FRACTION, MAX_AUTO_WARMUP, MAX_AUTO_VALID = 0.1, 100, 2000
@@ -68,6 +71,12 @@ class TrainConfig:
     lora_r: int = field(default=8, metadata={"help": "LoRA rank"})
     lora_alpha: float = field(default=16, metadata={"help": "LoRA alpha (scaling = alpha / r)"})
     lora_dropout: float = field(default=0.05, metadata={"help": "dropout on the LoRA input"})
+    use_dora: bool = field(default=False, metadata={
+        "help": "DoRA: a trainable magnitude per output feature times the LoRA-updated weight's "
+                "direction (docs/lora_variants.md)"})
+    init_lora_weights: str = field(default="true", metadata={
+        "help": "true (A random, B zeros), gaussian, or pissa / pissa_niter_N: A, B from the base "
+                "weight's top singular vectors, the base keeping the rest (docs/lora_variants.md)"})
     target_modules: str = field(default="", metadata={"help": "comma-separated module names, or all-linear "
                                                                "(default: the architecture's usual ones: "
                                                                "query_key_value for BLOOM, q_proj,v_proj for "
@@ -163,6 +172,15 @@ class TrainConfig:
         if self.quantize not in ("", *QUANTIZED):
             raise ConfigError(f"QUANTIZE must be one of {', '.join(QUANTIZED)}, or empty for none, got "
                               f"{self.quantize!r}")
+        self.init_lora_weights = self.init_lora_weights.strip().lower()
+        if not INIT_LORA_WEIGHTS_RE.fullmatch(self.init_lora_weights):
+            raise ConfigError(f"INIT_LORA_WEIGHTS must be true, gaussian, pissa or pissa_niter_<N> "
+                              f"(N iterations of a randomized SVD), got {self.init_lora_weights!r}")
+        if self.quantize and (self.use_dora or self.pissa):
+            variant = ("USE_DORA=true" if self.use_dora
+                       else f"INIT_LORA_WEIGHTS={self.init_lora_weights}")
+            raise ConfigError(f"QUANTIZE={self.quantize} and {variant}: DoRA and PiSSA need the "
+                              "unquantized base weight, which this repo does not dequantize")
         if self.fsdp and self.quantize:
             raise ConfigError(f"QUANTIZE={self.quantize} and FSDP=true: this repo does not shard bitsandbytes' "
                               "quantized weights; use DDP=true (each process holds the quantized base) or FSDP "
@@ -189,6 +207,15 @@ class TrainConfig:
         if not (0 < self.size_valid_set < 1 or self.size_valid_set == int(self.size_valid_set)):
             raise ConfigError(f"SIZE_VALID_SET must be a whole count or a fraction in (0, 1), got "
                               f"{self.size_valid_set}")
+
+    @property
+    def pissa(self) -> bool:
+        return self.init_lora_weights.startswith("pissa")
+
+    @property
+    def lora_init(self) -> bool | str:
+        """INIT_LORA_WEIGHTS as LoraConfig's init_lora_weights: True, or PEFT's name of the init."""
+        return True if self.init_lora_weights == "true" else self.init_lora_weights
 
     @property
     def target_module_list(self) -> list[str] | str:
@@ -251,6 +278,7 @@ def _field_type(f: dataclasses.Field) -> type:
 RESUME_MUST_MATCH = (
     "model_path", "quantize",                                                 # the frozen base
     "target_modules", "lora_r", "lora_alpha", "lora_dropout",                 # the adapter and its shapes
+    "use_dora", "init_lora_weights",                                          # DoRA; PiSSA's W0
     "max_length", "train_on_inputs", "size_valid_set", "seed",                # the examples and the split
     "batch_size", "grad_accum_steps", "group_by_length", "packing",           # the data order and batches
     "learning_rate", "weight_decay", "warmup_steps", "max_grad_norm",         # the optimizer and schedule

@@ -26,7 +26,10 @@ def print_banner(cfg: TrainConfig, dist: DistEnv, stats: dict, trainer, precisio
         f"examples     {example_count(train_set):,} train / {example_count(valid_set):,} validation "
         f"({stats['valid_reason']})",
         f"LoRA         r={cfg.lora_r}, alpha={cfg.lora_alpha:g}, dropout={cfg.lora_dropout:g}, "
-        f"targets={cfg.target_modules}; trainable {trainable:,} of {total:,} ({100 * trainable / total:.4f}%)",
+        + ("DoRA, " if cfg.use_dora else "")
+        + (f"init {cfg.init_lora_weights}, " if cfg.init_lora_weights != "true" else "")
+        + f"targets={cfg.target_modules}; trainable {trainable:,} of {total:,} "
+        f"({100 * trainable / total:.4f}%)",
         f"precision    {precision_line}",
         f"base         {base_memory_line(trainer.raw_model, total - trainable)}"
         + (" in each process (FSDP shards it)" if dist.fsdp else ""),

@@ -181,7 +181,8 @@ def test_default_init_is_kaiming_uniform_like_nn_linear():
     ({"r": 0}, "r"), ({"r": -2}, "r"), ({"r": 2.5}, "r"), ({"r": True}, "r"),
     ({"lora_alpha": 0}, "lora_alpha"), ({"lora_alpha": -1.0}, "lora_alpha"), ({"lora_alpha": "8"}, "lora_alpha"),
     ({"lora_dropout": 1.0}, "lora_dropout"), ({"lora_dropout": -0.1}, "lora_dropout"),
-    ({"init_lora_weights": "pissa"}, "init_lora_weights"),
+    ({"init_lora_weights": "olora"}, "init_lora_weights"),
+    ({"init_lora_weights": "pissa_niter_"}, "init_lora_weights"),
 ])
 def test_bad_options_raise_value_error_naming_the_field(kwargs, field):
     value = next(iter(kwargs.values()))

@@ -142,8 +142,8 @@ def test_peft_lora_config_is_accepted():
 
 
 def test_peft_features_we_do_not_implement_are_refused():
-    with pytest.raises(ValueError, match="use_dora"):
-        LoraModelForCasualLM(tiny_bloom(), peft.LoraConfig(r=4, target_modules=["query_key_value"], use_dora=True))
+    with pytest.raises(ValueError, match="lora_bias"):
+        LoraModelForCasualLM(tiny_bloom(), peft.LoraConfig(r=4, target_modules=["query_key_value"], lora_bias=True))
 
 
 # --- targets, trainable sets, disabling ------------------------------------------------------------------------
