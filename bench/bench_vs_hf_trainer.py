@@ -312,7 +312,7 @@ def proc_status_bytes(pid: int, field: str) -> int | None:
 
 def step_ends(side: str, run_dir: Path) -> tuple[list[float], list[int]]:
     """Each optimizer step's end (time.time() seconds) and the real tokens trained up to it, as the run wrote them."""
-    if side == "recipe":
+    if side.startswith("recipe"):
         timings = json.loads((run_dir / "timings.json").read_text())
         return timings["step_end_times"], timings["real_tokens_seen"]
     rows = [json.loads(line) for line in (run_dir / "out" / "metrics.jsonl").read_text().splitlines()]

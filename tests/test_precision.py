@@ -250,7 +250,7 @@ def test_nan_loss_without_a_scaler_stops_with_one_line_and_keeps_the_last_checkp
 
     err_lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
     out = Path(settings["output_dir"])
-    assert err_lines == [f"error: loss is nan at step 3 with bf16; stopping before the update. The last good "
+    assert err_lines == [f"error: loss is nan at step 3 with bf16; stopping before the update; the last complete "
                          f"checkpoint is {out / 'checkpoint-2'}; try a lower LEARNING_RATE or PRECISION=fp32"]
     assert sorted(p.name for p in out.iterdir()) == ["checkpoint-2", "metrics.jsonl", "run.lock"]  # no final adapter
     kept = adapter_tensors(out / "checkpoint-2")
