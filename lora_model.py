@@ -1,9 +1,11 @@
-"""Inject the hand-written LoRA layers of `lora_layer.py` into a Hugging Face causal LM, and save/load adapters.
+"""Inject the hand-written LoRA layers of `lora_layer.py` into a Hugging Face causal LM, and
+save/load adapters.
 
-`LoraModelForCasualLM(model, config)` freezes the model, swaps every targeted layer for a LoRA wrapper around it,
-and leaves only the adapter (plus biases, if asked) trainable. Adapters are saved in PEFT's on-disk layout
-(`adapter_config.json` + `adapter_model.safetensors`, keys `base_model.model.<module>.lora_A.weight`), so PEFT
-can load ours and we can load PEFT's. PEFT itself is only used by the tests, as the reference.
+`LoraModelForCasualLM(model, config)` freezes the model, swaps every targeted layer for a LoRA
+wrapper around it, and leaves only the adapter (plus biases, if asked) trainable. Adapters are saved
+in PEFT's on-disk layout (`adapter_config.json` + `adapter_model.safetensors`, keys
+`base_model.model.<module>.lora_A.weight`), so PEFT can load ours and we can load PEFT's. PEFT
+itself is only used by the tests, as the reference.
 """
 
 from __future__ import annotations
@@ -31,8 +33,8 @@ from support.peft_format import (
 )
 from support.token_loss import causal_lm_token_loss
 
-# Fields of peft.LoraConfig that change the math in ways this repo does not implement; a config that sets one
-# is refused rather than silently trained as plain LoRA.
+# Fields of peft.LoraConfig that change the math in ways this repo does not implement; a config that
+# sets one is refused rather than silently trained as plain LoRA.
 UNSUPPORTED_PEFT_FIELDS = {
     "modules_to_save": None,
     "layers_to_transform": None,
@@ -54,18 +56,21 @@ class LoraConfig:
 
     Args:
         r: rank of each update.
-        lora_alpha: scaling numerator: updates are scaled by lora_alpha / r (or / sqrt(r) with use_rslora).
+        lora_alpha: scaling numerator: updates are scaled by lora_alpha / r (or / sqrt(r) with
+            use_rslora).
         lora_dropout: dropout on the adapter input during training.
-        target_modules: module names (a name matches itself or any `...<name>` suffix), one regex string matched
-            against full names, "all-linear", or None for the architecture's default.
-        bias: "none", "all" (every bias trains) or "lora_only" (biases of LoRA-wrapped layers train).
+        target_modules: module names (a name matches itself or any `...<name>` suffix), one regex
+            string matched against full names, "all-linear", or None for the architecture's default.
+        bias: "none", "all" (every bias trains) or "lora_only" (biases of LoRA-wrapped layers
+            train).
         fan_in_fan_out: the base weights are stored (in, out), as GPT-2's Conv1D.
         use_rslora: rsLoRA scaling alpha / sqrt(r).
         init_lora_weights: True (PEFT default), "gaussian", "pissa", "pissa_niter_<N>" (PiSSA: the
             targeted base weights become residuals; see `save_pretrained`), or False (random B:
             tests only).
         use_dora: DoRA, a trainable magnitude per output feature (Linear layers only).
-        base_model_name_or_path: recorded in adapter_config.json so inference can find the base model.
+        base_model_name_or_path: recorded in adapter_config.json so inference can find the base
+            model.
 
     Raises:
         ValueError: a field out of range, naming it.
@@ -91,16 +96,19 @@ class LoraConfig:
         if isinstance(self.target_modules, (set, tuple)):
             self.target_modules = sorted(self.target_modules)
         if isinstance(self.target_modules, list):
-            if not self.target_modules or not all(isinstance(t, str) and t for t in self.target_modules):
-                raise ValueError(f"target_modules must be non-empty module names, got {self.target_modules!r}")
+            if not self.target_modules or not all(isinstance(t, str) and t
+                                                  for t in self.target_modules):
+                raise ValueError("target_modules must be non-empty module names, got "
+                                 f"{self.target_modules!r}")
         elif self.target_modules is not None and not isinstance(self.target_modules, str):
             raise ValueError(f"target_modules must be a list of names, a regex string or None, "
                              f"got {self.target_modules!r}")
 
     @classmethod
     def from_any(cls, config) -> "LoraConfig":
-        """Accept this class, a `peft.LoraConfig` (as the assignment's train.py passes) or any object or dict
-        with the same field names. Raises ValueError for PEFT features this repo does not implement."""
+        """Accept this class, a `peft.LoraConfig` (as the assignment's train.py passes) or any
+        object or dict with the same field names. Raises ValueError for PEFT features this repo does
+        not implement."""
         if isinstance(config, cls):
             return dataclasses.replace(config)
         values = dict(config) if isinstance(config, dict) else vars(config)
@@ -109,7 +117,8 @@ class LoraConfig:
             raise ValueError(f"adapter config peft_type must be LORA, got {peft_type!r}")
         for name, inert in UNSUPPORTED_PEFT_FIELDS.items():
             if values.get(name, inert) not in (inert, None, {}, [], False):
-                raise ValueError(f"LoRA config field {name}={values[name]!r} is not supported by this repo")
+                raise ValueError(f"LoRA config field {name}={values[name]!r} is not supported by "
+                                 "this repo")
         known = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in values.items() if k in known})
 
@@ -126,14 +135,15 @@ class LoraConfig:
         }
 
 
-# --- finding and wrapping the target layers ---------------------------------------------------------------------
+# --- finding and wrapping the target layers -------------------------------------------------------
 
 def _is_linear_like(module: nn.Module) -> bool:
     return isinstance(module, nn.Linear) or is_conv1d(module) or is_quantized_linear(module)
 
 
 def adaptable_module_names(model: nn.Module) -> list[str]:
-    """Short names (last path component) of the layers LoRA can wrap: what an error message should suggest."""
+    """Short names (last path component) of the layers LoRA can wrap: what an error message should
+    suggest."""
     names = {name.rsplit(".", 1)[-1] for name, module in model.named_modules()
              if name and (_is_linear_like(module) or isinstance(module, nn.Embedding))}
     return sorted(names)
@@ -144,13 +154,15 @@ def _resolve_targets(model: nn.Module, target_modules) -> list[str] | str:
         return target_modules
     model_type = getattr(getattr(model, "config", None), "model_type", None)
     if model_type not in DEFAULT_TARGET_MODULES:
-        raise ValueError(f"no default target_modules for model type {model_type!r}; set target_modules "
-                         f"(layers here: {', '.join(adaptable_module_names(model))})")
+        raise ValueError(f"no default target_modules for model type {model_type!r}; set "
+                         "target_modules (layers here: "
+                         f"{', '.join(adaptable_module_names(model))})")
     return DEFAULT_TARGET_MODULES[model_type]
 
 
 def _name_matches(name: str, targets: list[str] | str) -> bool:
-    # PEFT's rule: a string is a regex over the full name; a list matches a name exactly or as its suffix.
+    # PEFT's rule: a string is a regex over the full name; a list matches a name exactly or as its
+    # suffix.
     if isinstance(targets, str):
         return re.fullmatch(targets, name) is not None
     return any(name == t or name.endswith("." + t) for t in targets)
@@ -160,34 +172,38 @@ def find_target_names(model: nn.Module, target_modules) -> list[str]:
     """Full names of the modules to wrap.
 
     Raises:
-        ValueError: nothing matches (the message lists the model's adaptable layers), or a match is a layer
-            type LoRA cannot wrap.
+        ValueError: nothing matches (the message lists the model's adaptable layers), or a match is
+            a layer type LoRA cannot wrap.
     """
     targets = _resolve_targets(model, target_modules)
     if targets == "all-linear":
-        output_layer = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-        names = [n for n, m in model.named_modules() if _is_linear_like(m) and m is not output_layer]
+        output_layer = (model.get_output_embeddings() if hasattr(model, "get_output_embeddings")
+                        else None)
+        names = [n for n, m in model.named_modules() if _is_linear_like(m)
+                 and m is not output_layer]
     else:
         names = [n for n, _ in model.named_modules() if n and _name_matches(n, targets)]
     if not names:
-        raise ValueError(f"target modules {targets!r} not found in the base model; its Linear/Embedding "
-                         f"layers are: {', '.join(adaptable_module_names(model))}")
+        raise ValueError(f"target modules {targets!r} not found in the base model; its "
+                         f"Linear/Embedding layers are: {', '.join(adaptable_module_names(model))}")
     for name in names:
         module = model.get_submodule(name)
         if not (_is_linear_like(module) or isinstance(module, nn.Embedding)):
-            raise ValueError(f"target module {name!r} is a {type(module).__name__}; LoRA wraps only "
-                             "Linear, Conv1D, bitsandbytes linear and Embedding layers")
+            raise ValueError(f"target module {name!r} is a {type(module).__name__}; LoRA wraps "
+                             "only Linear, Conv1D, bitsandbytes linear and Embedding layers")
     return names
 
 
 def targets_conv1d(model: nn.Module, target_modules) -> bool:
-    """Whether the layers `target_modules` selects are GPT-2 Conv1D layers, which store their weight (in, out): a
-    LoraConfig for them wants fan_in_fan_out=True (each layer would otherwise correct it, with a warning).
+    """Whether the layers `target_modules` selects are GPT-2 Conv1D layers, which store their weight
+    (in, out): a LoraConfig for them wants fan_in_fan_out=True (each layer would otherwise correct
+    it, with a warning).
 
     Raises:
         ValueError: as `find_target_names`.
     """
-    return any(is_conv1d(model.get_submodule(name)) for name in find_target_names(model, target_modules))
+    return any(is_conv1d(model.get_submodule(name))
+               for name in find_target_names(model, target_modules))
 
 
 def _make_lora_layer(base: nn.Module, config: LoraConfig) -> Linear | Embedding:
@@ -214,11 +230,11 @@ def _count_parameter(param: torch.Tensor) -> int:
     return param.numel()
 
 
-# --- the model ---------------------------------------------------------------------------------------------------
+# --- the model ------------------------------------------------------------------------------------
 
 class LoraModelForCasualLM(nn.Module):
-    """A causal LM with hand-written LoRA adapters (the course assignment's spelling; `LoraModelForCausalLM` is the
-    same class).
+    """A causal LM with hand-written LoRA adapters (the course assignment's spelling;
+    `LoraModelForCausalLM` is the same class).
 
     Args:
         model: a loaded transformers causal LM; it is modified in place (frozen, layers wrapped).
@@ -235,7 +251,8 @@ class LoraModelForCasualLM(nn.Module):
         if self.lora_config.base_model_name_or_path is None:
             self.lora_config.base_model_name_or_path = getattr(model, "name_or_path", None) or None
         for name in find_target_names(model, self.lora_config.target_modules):
-            _replace_module(model, name, _make_lora_layer(model.get_submodule(name), self.lora_config))
+            _replace_module(model, name,
+                            _make_lora_layer(model.get_submodule(name), self.lora_config))
         self._mark_only_adapter_trainable()
 
     def _mark_only_adapter_trainable(self) -> None:
@@ -251,7 +268,8 @@ class LoraModelForCasualLM(nn.Module):
                     layer.base_layer.bias.requires_grad = True
 
     def __getattr__(self, name: str):
-        # Pass attribute look-ups (config, device, activation_checkpointing_enable, ...) to the wrapped model.
+        # Pass attribute look-ups (config, device, activation_checkpointing_enable, ...) to the
+        # wrapped model.
         try:
             return super().__getattr__(name)
         except AttributeError:
@@ -260,8 +278,9 @@ class LoraModelForCasualLM(nn.Module):
             return getattr(self.model, name)
 
     def forward(self, *args, targets: torch.Tensor | None = None, **kwargs):
-        """The wrapped model's forward; given `targets` (token_loss.next_token_labels), the summed token loss instead
-        of the logits, computed without ever holding them whole where the model allows it (train.py's steps)."""
+        """The wrapped model's forward; given `targets` (token_loss.next_token_labels), the summed
+        token loss instead of the logits, computed without ever holding them whole where the model
+        allows it (train.py's steps)."""
         if targets is None:
             return self.model(*args, **kwargs)
         return causal_lm_token_loss(self.model, targets, *args, **kwargs)
@@ -295,29 +314,34 @@ class LoraModelForCasualLM(nn.Module):
     # --- merging ---
 
     def _check_no_tied_embedding_targets(self) -> None:
-        # A tied table is also the output layer: merging into it would change lm_head, not just the input lookup.
-        output = self.model.get_output_embeddings() if hasattr(self.model, "get_output_embeddings") else None
+        # A tied table is also the output layer: merging into it would change lm_head, not just the
+        # input lookup.
+        output = (self.model.get_output_embeddings() if hasattr(self.model, "get_output_embeddings")
+                  else None)
         for name, layer in self.lora_layers():
-            if isinstance(layer, Embedding) and output is not None and output.weight is layer.base_layer.weight:
-                raise ValueError(f"cannot merge LoRA into {name!r}: its weight is tied to the output layer, which "
-                                 "would change too; keep the adapter unmerged")
+            if (isinstance(layer, Embedding) and output is not None
+                    and output.weight is layer.base_layer.weight):
+                raise ValueError(f"cannot merge LoRA into {name!r}: its weight is tied to the "
+                                 "output layer, which would change too; keep the adapter unmerged")
 
     def _check_all_mergeable(self) -> None:
-        """Raise before any weight is written if some layer cannot merge, so a refused merge leaves every W0
-        untouched rather than half the model merged."""
+        """Raise before any weight is written if some layer cannot merge, so a refused merge leaves
+        every W0 untouched rather than half the model merged."""
         self._check_no_tied_embedding_targets()
         for name, layer in self.lora_layers():
             if layer.merged:
                 continue
             layer._check_mergeable()
             if not torch.isfinite(layer._delta_weight()).all():
-                raise ValueError(f"LoRA update of {name!r} contains NaN or inf; refusing to merge any adapter")
+                raise ValueError(f"LoRA update of {name!r} contains NaN or inf; refusing to merge "
+                                 "any adapter")
 
     def merge_adapter(self) -> None:
         """Merge every adapter into its base weight (see `LoraLayer.merge`).
 
         Raises:
-            ValueError: a tied embedding target, a quantized base, or a non-finite update; nothing is merged then.
+            ValueError: a tied embedding target, a quantized base, or a non-finite update; nothing
+                is merged then.
         """
         self._check_all_mergeable()
         for _, layer in self.lora_layers():
@@ -329,8 +353,8 @@ class LoraModelForCasualLM(nn.Module):
             layer.unmerge()
 
     def merge_and_unload(self) -> nn.Module:
-        """Merge the adapters and return the plain transformers model, with no LoRA modules left in it
-        (savable with `save_pretrained`, loadable with `AutoModelForCausalLM`).
+        """Merge the adapters and return the plain transformers model, with no LoRA modules left in
+        it (savable with `save_pretrained`, loadable with `AutoModelForCausalLM`).
 
         Raises:
             ValueError: as `merge_adapter`, before anything is merged or unwrapped.
@@ -360,7 +384,8 @@ class LoraModelForCasualLM(nn.Module):
     # --- saving and loading ---
 
     def adapter_state_dict(self) -> dict[str, torch.Tensor]:
-        """The adapter tensors under PEFT's keys, plus the biases that `bias` makes trainable; never the base."""
+        """The adapter tensors under PEFT's keys, plus the biases that `bias` makes trainable; never
+        the base."""
         lora_only_biases = {f"{name}.base_layer.bias" for name, _ in self.lora_layers()}
         bias_mode = self.lora_config.bias
 
@@ -374,9 +399,10 @@ class LoraModelForCasualLM(nn.Module):
     def save_pretrained(self, save_directory: str | os.PathLike, state_dict: dict | None = None,
                         path_initial_model_for_weight_conversion: str | os.PathLike | None = None,
                         initial_state_dict: dict | None = None) -> None:
-        """Write `adapter_model.safetensors` (the float32 LoRA tensors), then `adapter_config.json`, into
-        `save_directory` (created if missing; other files in it are left alone, as PEFT does). Each file is complete
-        or not at all (atomic.atomic_write), so a crash never leaves a half-written adapter.
+        """Write `adapter_model.safetensors` (the float32 LoRA tensors), then `adapter_config.json`,
+        into `save_directory` (created if missing; other files in it are left alone, as PEFT does).
+        Each file is complete or not at all (atomic.atomic_write), so a crash never leaves a
+        half-written adapter.
 
         Args:
             save_directory: the adapter folder.
@@ -397,28 +423,34 @@ class LoraModelForCasualLM(nn.Module):
             initial_state_dict = read_adapter_dir(Path(path_initial_model_for_weight_conversion))[1]
         if initial_state_dict is not None:
             state_dict, config = pissa_to_lora(state_dict, initial_state_dict, config)
-        tensors = {key: (t.float() if "lora_" in key else t).contiguous().cpu() for key, t in state_dict.items()}
+        tensors = {key: (t.float() if "lora_" in key else t).contiguous().cpu()
+                   for key, t in state_dict.items()}
         with atomic_write(folder / ADAPTER_WEIGHTS_NAME) as staging:
             # Serialized in memory, written by Python: a full disk is an OSError naming the file.
             write_bytes(staging, safetensors_bytes(tensors, metadata={"format": "pt"}))
-        write_text_atomically(folder / ADAPTER_CONFIG_NAME, json.dumps(config.to_peft_dict(), indent=2) + "\n")
+        write_text_atomically(folder / ADAPTER_CONFIG_NAME,
+                              json.dumps(config.to_peft_dict(), indent=2) + "\n")
 
-    def load_adapter_weights(self, tensors: dict[str, torch.Tensor], source: str = "adapter") -> None:
+    def load_adapter_weights(self, tensors: dict[str, torch.Tensor],
+                             source: str = "adapter") -> None:
         """Copy adapter tensors (PEFT keys) into the model, strictly.
 
         Raises:
-            ValueError: keys missing or unexpected (all listed), or a tensor whose shape does not fit.
+            ValueError: keys missing or unexpected (all listed), or a tensor whose shape does not
+                fit.
         """
         own = self.adapter_state_dict()
         tensors = {_strip_adapter_name(key): value for key, value in tensors.items()}
-        missing, unexpected = sorted(own.keys() - tensors.keys()), sorted(tensors.keys() - own.keys())
+        missing, unexpected = (sorted(own.keys() - tensors.keys()),
+                               sorted(tensors.keys() - own.keys()))
         if missing or unexpected:
-            raise ValueError(f"{source}: adapter keys do not match the model: missing {missing or 'none'}; "
-                             f"unexpected {unexpected or 'none'}")
+            raise ValueError(f"{source}: adapter keys do not match the model: missing "
+                             f"{missing or 'none'}; unexpected {unexpected or 'none'}")
         for key, target in own.items():
             if tensors[key].shape != target.shape:
-                raise ValueError(f"{source}: {key} has shape {tuple(tensors[key].shape)} but the base model needs "
-                                 f"{tuple(target.shape)}: the adapter was trained for another model or rank")
+                raise ValueError(f"{source}: {key} has shape {tuple(tensors[key].shape)} but the "
+                                 f"base model needs {tuple(target.shape)}: the adapter was trained "
+                                 "for another model or rank")
         with torch.no_grad():
             for key, target in own.items():
                 target.copy_(tensors[key])
@@ -430,8 +462,10 @@ class LoraModelForCasualLM(nn.Module):
 
         Args:
             model: the base model the adapter was trained on.
-            adapter_dir: folder with adapter_config.json and adapter_model.safetensors (or PEFT's older .bin).
-            is_trainable: keep the adapter trainable (to continue training); otherwise frozen, in eval mode.
+            adapter_dir: folder with adapter_config.json and adapter_model.safetensors (or PEFT's
+                older .bin).
+            is_trainable: keep the adapter trainable (to continue training); otherwise frozen, in
+                eval mode.
 
         Raises:
             FileNotFoundError: the folder or one of its files is missing.
@@ -493,12 +527,14 @@ def read_adapter_dir(directory: Path) -> tuple[LoraConfig, dict[str, torch.Tenso
         FileNotFoundError: missing folder or files. ValueError: unreadable config.
     """
     if not directory.is_dir():
-        raise FileNotFoundError(f"adapter folder {directory} does not exist; pass the folder that save_pretrained "
-                                "wrote (adapter_config.json + adapter_model.safetensors)")
+        raise FileNotFoundError(f"adapter folder {directory} does not exist; pass the folder that "
+                                "save_pretrained wrote (adapter_config.json + "
+                                "adapter_model.safetensors)")
     config_path = directory / ADAPTER_CONFIG_NAME
     if not config_path.is_file():
-        raise FileNotFoundError(f"{config_path}: no adapter config here; expected a folder written by "
-                                "save_pretrained (adapter_config.json + adapter_model.safetensors)")
+        raise FileNotFoundError(f"{config_path}: no adapter config here; expected a folder written "
+                                "by save_pretrained (adapter_config.json + "
+                                "adapter_model.safetensors)")
     try:
         config = LoraConfig.from_any(json.loads(config_path.read_text()))
     except (json.JSONDecodeError, TypeError, ValueError) as err:
