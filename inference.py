@@ -1,4 +1,5 @@
-"""Try a fine-tuned LoRA adapter: generate Alpaca-style responses, or export base + adapter as one merged model.
+"""Try a fine-tuned LoRA adapter: generate Alpaca-style responses, or export base + adapter as one
+merged model.
 
 From Python (a notebook), as the course assignment ends::
 
@@ -9,20 +10,22 @@ From Python (a notebook), as the course assignment ends::
 From the shell::
 
     python inference.py --lora-weights outputs/lora-alpaca --instruction "Name three primary colors."
-    python inference.py --lora-weights outputs/lora-alpaca              # interactive: one prompt after another
+    python inference.py --lora-weights outputs/lora-alpaca  # interactive: one prompt after another
     python inference.py export --lora-weights outputs/lora-alpaca --out outputs/bloom-alpaca-merged
-    python inference.py serve --lora-weights outputs/lora-alpaca    # a page: base and base + adapter side by side
-    python inference.py evaluate --lora-weights outputs/lora-alpaca # base vs adapter, scored
+    python inference.py serve --lora-weights outputs/lora-alpaca
+        # a page: base and base + adapter side by side
+    python inference.py evaluate --lora-weights outputs/lora-alpaca  # base vs adapter, scored
 
-The model is loaded once per process and kept (one at a time: loading another evicts it), so a loop of calls pays
-for loading once. It goes to the GPU when there is one, in bf16 (fp16 on GPUs without bf16); on the CPU in fp32.
-The adapter is merged into the base weights, W = W0 + (alpha / r) B A, so generation costs exactly what the base
-model costs; 8-bit / 4-bit bases, and adapters on a tied embedding, stay unmerged (the layers add the update on the
-fly instead). Decoding is greedy unless sampling is asked for, so the same prompt gives the same answer.
+The model is loaded once per process and kept (one at a time: loading another evicts it), so a loop
+of calls pays for loading once. It goes to the GPU when there is one, in bf16 (fp16 on GPUs without
+bf16); on the CPU in fp32. The adapter is merged into the base weights, W = W0 + (alpha / r) B A, so
+generation costs exactly what the base model costs; 8-bit / 4-bit bases, and adapters on a tied
+embedding, stay unmerged (the layers add the update on the fly instead). Decoding is greedy unless
+sampling is asked for, so the same prompt gives the same answer.
 
-Read in order: `generate_inference`, then loading (`load_model`), export, the command line. The decoding options
-and the batch generation it shares with the playground (playground.py, the page `serve` opens) are in
-support/generation.py.
+Read in order: `generate_inference`, then loading (`load_model`), export, the command line. The
+decoding options and the batch generation it shares with the playground (playground.py, the page
+`serve` opens) are in support/generation.py.
 """
 
 from __future__ import annotations
@@ -51,41 +54,49 @@ from support.precision import DTYPES, QUANTIZED, half_precision_dtype, resolve_p
 PROMPTER = Prompter()  # the Alpaca template the adapter was trained with (train.py uses the same)
 
 
-# --- the assignment's entry point -----------------------------------------------------------------------------------
+# --- the assignment's entry point -----------------------------------------------------------------
 
 def generate_inference(instruction: str | list[str], user_inp: str | list[str | None] | None = None,
-                       model_path: str | None = None, lora_weights_path: str | os.PathLike | None = None, *,
-                       precision: str = "auto", merge: bool = True, device: str | torch.device | None = None,
-                       stream: bool = False, **generation_options) -> str | list[str]:
+                       model_path: str | None = None,
+                       lora_weights_path: str | os.PathLike | None = None, *,
+                       precision: str = "auto", merge: bool = True,
+                       device: str | torch.device | None = None, stream: bool = False,
+                       **generation_options) -> str | list[str]:
     """Answer an instruction with the fine-tuned model: the text after "### Response:", stripped.
 
-    Decoding is greedy by default, so the same prompt always gives the same answer; pass do_sample=True (with
-    temperature / top_p / top_k) for varied answers, seeded with `torch.manual_seed` for reproducibility.
-    The model is loaded on the first call and reused by later calls with the same model arguments.
+    Decoding is greedy by default, so the same prompt always gives the same answer; pass
+    do_sample=True (with temperature / top_p / top_k) for varied answers, seeded with
+    `torch.manual_seed` for reproducibility. The model is loaded on the first call and reused by
+    later calls with the same model arguments.
 
     Args:
         instruction: the task, or a list of tasks: a list is generated as one left-padded batch.
-        user_inp: optional context; None, "" or "n/a" means none. For a list of instructions: None or a list of
-            the same length.
-        model_path: base model hub id or folder; None = the base recorded in the adapter's adapter_config.json.
-        lora_weights_path: the adapter folder (train.py's OUTPUT_DIR, or a PEFT adapter); None = base model only.
-        precision: "auto" (bf16 on an A100/H100, fp16 on a T4/V100, fp32 on the CPU), "fp32", "fp16", "bf16",
-            "8bit" or "4bit".
-        merge: merge the adapter into the weights (default; same output, no added latency). False keeps it
-            as separate matrices. Quantized bases and adapters on a tied embedding always stay unmerged.
+        user_inp: optional context; None, "" or "n/a" means none. For a list of instructions: None
+            or a list of the same length.
+        model_path: base model hub id or folder; None = the base recorded in the adapter's
+            adapter_config.json.
+        lora_weights_path: the adapter folder (train.py's OUTPUT_DIR, or a PEFT adapter); None =
+            base model only.
+        precision: "auto" (bf16 on an A100/H100, fp16 on a T4/V100, fp32 on the CPU), "fp32",
+            "fp16", "bf16", "8bit" or "4bit".
+        merge: merge the adapter into the weights (default; same output, no added latency). False
+            keeps it as separate matrices. Quantized bases and adapters on a tied embedding always
+            stay unmerged.
         device: "cpu", "cuda", ...; None = CUDA when available.
         stream: print tokens as they are generated (one instruction, no beam search).
-        **generation_options: max_new_tokens (256), do_sample (False), temperature, top_p, top_k, num_beams (1),
-            repetition_penalty (1.0); see `GenerationOptions`.
+        **generation_options: max_new_tokens (256), do_sample (False), temperature, top_p, top_k,
+            num_beams (1), repetition_penalty (1.0); see `GenerationOptions`.
 
     Returns:
         The response, or a list of responses in the order of the instructions.
 
     Raises:
         ValueError: a bad option (named), an adapter that does not fit the base model.
-        FileNotFoundError: a missing adapter folder, or a base model that cannot be found (locally or on the hub).
+        FileNotFoundError: a missing adapter folder, or a base model that cannot be found (locally
+            or on the hub).
     """
-    unknown = sorted(set(generation_options) - {f.name for f in dataclasses.fields(GenerationOptions)})
+    unknown = sorted(set(generation_options) - {f.name
+                                                for f in dataclasses.fields(GenerationOptions)})
     if unknown:
         raise ValueError(f"unknown generation option(s) {', '.join(unknown)}; valid ones: "
                          f"{', '.join(f.name for f in dataclasses.fields(GenerationOptions))}")
@@ -93,7 +104,8 @@ def generate_inference(instruction: str | list[str], user_inp: str | list[str | 
     prompts = _build_prompts(instruction, user_inp)
     if stream and (isinstance(instruction, list) or options.num_beams > 1):
         raise ValueError("stream=True needs a single instruction and num_beams=1")
-    loaded = load_model(model_path, lora_weights_path, precision=precision, merge=merge, device=device)
+    loaded = load_model(model_path, lora_weights_path, precision=precision, merge=merge,
+                        device=device)
     streamer = None
     if stream:
         from transformers import TextStreamer
@@ -111,19 +123,20 @@ def _build_prompts(instruction, user_inp) -> list[str]:
     if user_inp is None:
         user_inp = [None] * len(instruction)
     if not isinstance(user_inp, list) or len(user_inp) != len(instruction):
-        raise ValueError(f"with {len(instruction)} instructions, user_inp must be None or a list of "
-                         f"{len(instruction)} inputs, got {user_inp!r}")
+        raise ValueError(f"with {len(instruction)} instructions, user_inp must be None or a list "
+                         f"of {len(instruction)} inputs, got {user_inp!r}")
     return [build_prompt(PROMPTER, i, u) for i, u in zip(instruction, user_inp)]
 
 
-# --- loading --------------------------------------------------------------------------------------------------------
+# --- loading --------------------------------------------------------------------------------------
 
 # One model at a time: a second cached 3.4 GB model could fill a notebook GPU. Key -> LoadedModel.
 _cache: dict[tuple, LoadedModel] = {}
 
 
 def clear_cache() -> None:
-    """Drop the cached model and free its memory (also what loading a different model does first)."""
+    """Drop the cached model and free its memory (also what loading a different model does
+    first)."""
     _cache.clear()
     gc.collect()
     if torch.cuda.is_available():
@@ -137,14 +150,17 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
     try:
         return torch.device(device)
     except (RuntimeError, TypeError) as err:
-        raise ValueError(f"device must be like 'cpu', 'cuda' or 'cuda:1', got {device!r} ({err})") from None
+        raise ValueError(f"device must be like 'cpu', 'cuda' or 'cuda:1', got {device!r} "
+                         f"({err})") from None
 
 
 def resolve_adapter(lora_weights_path, model_path: str | None) -> tuple[Path | None, str]:
-    """Check the adapter folder and find the base model: `model_path`, or the one named in adapter_config.json.
+    """Check the adapter folder and find the base model: `model_path`, or the one named in
+    adapter_config.json.
 
     Returns:
-        (adapter folder as an absolute path, or None for the base model alone; base model id or folder).
+        (adapter folder as an absolute path, or None for the base model alone; base model id or
+        folder).
 
     Raises:
         FileNotFoundError: the adapter folder or its files are missing.
@@ -152,29 +168,33 @@ def resolve_adapter(lora_weights_path, model_path: str | None) -> tuple[Path | N
     """
     if lora_weights_path is None:
         if model_path is None:
-            raise ValueError("give lora_weights_path (the adapter folder train.py wrote), model_path, or both")
+            raise ValueError("give lora_weights_path (the adapter folder train.py wrote), "
+                             "model_path, or both")
         return None, model_path
     adapter_dir = Path(lora_weights_path).expanduser().resolve()
     config, _ = read_adapter_dir(adapter_dir)
     if model_path is None:
         model_path = config.base_model_name_or_path
         if not model_path:
-            raise ValueError(f"{adapter_dir}/adapter_config.json names no base model; pass model_path "
-                             "(e.g. 'bigscience/bloom-1b7')")
+            raise ValueError(f"{adapter_dir}/adapter_config.json names no base model; pass "
+                             "model_path (e.g. 'bigscience/bloom-1b7')")
     return adapter_dir, model_path
 
 
 def load_tokenizer(model_path: str):
-    """The base model's tokenizer, padding on the left: a batch of prompts must end where generation starts."""
+    """The base model's tokenizer, padding on the left: a batch of prompts must end where generation
+    starts."""
     tokenizer = model_loading.load_tokenizer(model_path)
     tokenizer.padding_side = "left"
     return tokenizer
 
 
 def load_base_model(model_path: str, device: torch.device, precision: str):
-    """The frozen base model on `device`, in eval mode: in fp32/fp16/bf16, or quantized to 8 or 4 bits."""
+    """The frozen base model on `device`, in eval mode: in fp32/fp16/bf16, or quantized to 8 or 4
+    bits."""
     if precision in QUANTIZED:
-        # LLM.int8 computes in fp16 (it would cast bf16 inputs anyway); 4-bit in the hardware's half precision.
+        # LLM.int8 computes in fp16 (it would cast bf16 inputs anyway); 4-bit in the hardware's half
+        # precision.
         dtype = torch.float16 if precision == "8bit" else half_precision_dtype(device)
         return model_loading.load_base_model(model_path, device, dtype, quantize=precision).eval()
     return model_loading.load_base_model(model_path, device, DTYPES[precision]).eval()
@@ -187,44 +207,51 @@ def attach_adapter(model, adapter_dir: Path, model_path: str, merge: bool):
         (model, merged, note): note explains a merge that was asked for but not done.
 
     Raises:
-        ValueError: the adapter does not fit the base model (other architecture, size or layer count).
+        ValueError: the adapter does not fit the base model (other architecture, size or layer
+            count).
     """
     try:
         lora_model = LoraModelForCasualLM.from_pretrained(model, adapter_dir)
     except ValueError as err:
-        raise ValueError(f"adapter {adapter_dir} does not fit base model {model_path!r}: {err}; pass the "
-                         "model_path it was trained on") from None
+        raise ValueError(f"adapter {adapter_dir} does not fit base model {model_path!r}: {err}; "
+                         "pass the model_path it was trained on") from None
     if not merge:
         return lora_model, False, None
     try:
-        # merge_and_unload checks every layer before writing any weight, so a refusal leaves the model intact.
+        # merge_and_unload checks every layer before writing any weight, so a refusal leaves the
+        # model intact.
         return lora_model.merge_and_unload(), True, None
     except ValueError as err:
         return lora_model, False, f"adapter kept unmerged: {err}"
 
 
-def load_model(model_path: str | None = None, lora_weights_path=None, precision: str = "auto", merge: bool = True,
-               device: str | torch.device | None = None) -> LoadedModel:
+def load_model(model_path: str | None = None, lora_weights_path=None, precision: str = "auto",
+               merge: bool = True, device: str | torch.device | None = None) -> LoadedModel:
     """Load base model, tokenizer and adapter, or return them from the cache.
 
-    The cache holds one model, keyed by (base model, adapter folder and its weights' modification time, device,
-    precision, merge): the same arguments reuse it; an adapter re-trained into the same folder is reloaded.
+    The cache holds one model, keyed by (base model, adapter folder and its weights' modification
+    time, device, precision, merge): the same arguments reuse it; an adapter re-trained into the
+    same folder is reloaded.
 
     Args:
-        model_path: hub id or local folder of the base model; None = the adapter's base_model_name_or_path.
-        lora_weights_path: adapter folder (this repo's or PEFT's layout); None = the base model alone.
+        model_path: hub id or local folder of the base model; None = the adapter's
+            base_model_name_or_path.
+        lora_weights_path: adapter folder (this repo's or PEFT's layout); None = the base model
+            alone.
         precision: "auto", "fp32", "fp16", "bf16", "8bit" or "4bit" (bitsandbytes).
-        merge: merge the adapter into the weights (no extra cost per token). Quantized bases and adapters on a
-            tied embedding cannot merge; they stay unmerged, with a warning.
+        merge: merge the adapter into the weights (no extra cost per token). Quantized bases and
+            adapters on a tied embedding cannot merge; they stay unmerged, with a warning.
         device: "cpu", "cuda", ...; None = CUDA when available.
 
     Raises:
-        FileNotFoundError: missing adapter folder or files, or a base model that is neither a local folder nor
-            reachable on the hub. ValueError: bad arguments, or an adapter that does not fit the base model.
+        FileNotFoundError: missing adapter folder or files, or a base model that is neither a local
+            folder nor reachable on the hub. ValueError: bad arguments, or an adapter that does not
+            fit the base model.
     """
     adapter_dir, model_path = resolve_adapter(lora_weights_path, model_path)
     device = resolve_device(device)
-    precision = resolve_precision(precision, device, mixed=device.type == "cuda")  # auto: half precision on a GPU
+    # auto: half precision on a GPU
+    precision = resolve_precision(precision, device, mixed=device.type == "cuda")
     if not isinstance(merge, bool):
         raise ValueError(f"merge must be True or False, got {merge!r}")
     key = (model_path, str(adapter_dir), _weights_mtime(adapter_dir), str(device), precision, merge)
@@ -236,14 +263,15 @@ def load_model(model_path: str | None = None, lora_weights_path=None, precision:
     merged, note = False, None
     if adapter_dir is not None:
         quantized = precision in QUANTIZED
-        model, merged, note = attach_adapter(model, adapter_dir, model_path, merge and not quantized)
+        model, merged, note = attach_adapter(model, adapter_dir, model_path,
+                                             merge and not quantized)
         if merge and quantized:
-            note = (f"adapter kept unmerged: bitsandbytes' {precision} weights cannot absorb the update; the LoRA "
-                    "layers add it on the fly")
+            note = (f"adapter kept unmerged: bitsandbytes' {precision} weights cannot absorb the "
+                    "update; the LoRA layers add it on the fly")
         if note:
             warnings.warn(note, stacklevel=2)
-    loaded = LoadedModel(model=model, tokenizer=tokenizer, device=device, precision=precision, merged=merged,
-                         note=note, base=model_path, adapter=adapter_dir)
+    loaded = LoadedModel(model=model, tokenizer=tokenizer, device=device, precision=precision,
+                         merged=merged, note=note, base=model_path, adapter=adapter_dir)
     _cache[key] = loaded
     return loaded
 
@@ -257,26 +285,29 @@ def _weights_mtime(adapter_dir: Path | None) -> int | None:
     return None
 
 
-# --- export ---------------------------------------------------------------------------------------------------------
+# --- export ---------------------------------------------------------------------------------------
 
-def export_merged_model(lora_weights_path, out_dir, model_path: str | None = None, dtype: str = "auto",
-                        overwrite: bool = False) -> Path:
-    """Write base + adapter, merged, as a standalone transformers model folder (safetensors, config, tokenizer):
-    `AutoModelForCausalLM.from_pretrained(out_dir)` loads it with no LoRA code. Works on the CPU; the folder is
-    built beside `out_dir` and renamed into place, so a failed export leaves nothing half-written.
+def export_merged_model(lora_weights_path, out_dir, model_path: str | None = None,
+                        dtype: str = "auto", overwrite: bool = False) -> Path:
+    """Write base + adapter, merged, as a standalone transformers model folder (safetensors, config,
+    tokenizer): `AutoModelForCausalLM.from_pretrained(out_dir)` loads it with no LoRA code. Works on
+    the CPU; the folder is built beside `out_dir` and renamed into place, so a failed export leaves
+    nothing half-written.
 
     Args:
         lora_weights_path: the adapter folder.
         out_dir: where the merged model goes.
         model_path: base model; None = the one named in adapter_config.json.
-        dtype: "auto" (the base checkpoint's own dtype: fp16 for bloom-1b7), "fp32", "fp16" or "bf16".
+        dtype: "auto" (the base checkpoint's own dtype: fp16 for bloom-1b7), "fp32", "fp16" or
+            "bf16".
         overwrite: replace an existing `out_dir`.
 
     Returns:
         The output folder.
 
     Raises:
-        FileExistsError: `out_dir` exists and overwrite is False. ValueError: a bad dtype, an adapter that does
+        FileExistsError: `out_dir` exists and overwrite is False. ValueError: a bad dtype, an
+            adapter that does
         not fit, or one that cannot merge (on a tied embedding). FileNotFoundError: as `load_model`.
     """
     if dtype not in ("auto", *DTYPES):
@@ -285,11 +316,12 @@ def export_merged_model(lora_weights_path, out_dir, model_path: str | None = Non
         raise ValueError("lora_weights_path is required: it is the adapter to merge")
     out_dir = Path(out_dir).expanduser().resolve()
     if out_dir.exists() and not overwrite:
-        raise FileExistsError(f"{out_dir} already exists; choose another output folder or pass overwrite=True "
-                              "(--overwrite)")
+        raise FileExistsError(f"{out_dir} already exists; choose another output folder or pass "
+                              "overwrite=True (--overwrite)")
     adapter_dir, model_path = resolve_adapter(lora_weights_path, model_path)
     tokenizer = load_tokenizer(model_path)
-    model = model_loading.load_base_model(model_path, torch.device("cpu"), DTYPES.get(dtype, "auto"))
+    model = model_loading.load_base_model(model_path, torch.device("cpu"),
+                                          DTYPES.get(dtype, "auto"))
     model, merged, note = attach_adapter(model, adapter_dir, model_path, merge=True)
     if not merged:
         raise ValueError(f"cannot export a merged model: {note}")
@@ -353,7 +385,7 @@ def evaluate_adapter(lora_weights_path, data: str | None = None, data_fields: st
     return summary, answer_eval.write_results(folder, rows, summary, report)
 
 
-# --- command line ---------------------------------------------------------------------------------------------------
+# --- command line ---------------------------------------------------------------------------------
 
 def build_evaluate_parser() -> argparse.ArgumentParser:
     parser = CliParser(prog="inference.py evaluate",
@@ -395,33 +427,40 @@ def _evaluate(argv: list[str]) -> int:
 def build_parsers() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
     """(generation parser, export parser)."""
     generate = CliParser(prog="inference.py", description=__doc__.split("\n\n")[0],
-                       epilog="Export a merged model: python inference.py export --help. Base and adapter side by "
-                              "side in the browser: python inference.py serve --help. Scored on "
-                              "held-out examples: python inference.py evaluate --help")
+                       epilog="Export a merged model: python inference.py export --help. Base and "
+                              "adapter side by side in the browser: python inference.py serve "
+                              "--help. Scored on held-out examples: python inference.py evaluate "
+                              "--help")
     add_model_arguments(generate)
     generate.add_argument("--instruction", help="the task; without it, an interactive prompt loop")
     generate.add_argument("--input", default="", help="optional context for the instruction")
     add_placement_arguments(generate)
-    generate.add_argument("--no-merge", action="store_true", help="keep the adapter unmerged (same output)")
-    generate.add_argument("--no-stream", action="store_true", help="print the answer at the end, not as generated")
+    generate.add_argument("--no-merge", action="store_true",
+                          help="keep the adapter unmerged (same output)")
+    generate.add_argument("--no-stream", action="store_true",
+                          help="print the answer at the end, not as generated")
     defaults = GenerationOptions()
     generate.add_argument("--max-new-tokens", type=int, default=defaults.max_new_tokens,
                           help=f"default: {defaults.max_new_tokens}")
     generate.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
     for name, kind in (("temperature", float), ("top-p", float), ("top-k", int)):
         default = SAMPLING_DEFAULTS[name.replace("-", "_")]
-        generate.add_argument(f"--{name}", type=kind, help=f"with --sample (default then: {default})")
-    generate.add_argument("--num-beams", type=int, default=defaults.num_beams, help="beam search width (default: 1)")
+        generate.add_argument(f"--{name}", type=kind,
+                              help=f"with --sample (default then: {default})")
+    generate.add_argument("--num-beams", type=int, default=defaults.num_beams,
+                          help="beam search width (default: 1)")
     generate.add_argument("--repetition-penalty", type=float, default=defaults.repetition_penalty,
                           help="> 1 discourages repeats (default: 1.0, off)")
 
     export = CliParser(prog="inference.py export",
-                     description="Write base model + adapter, merged, as a standalone transformers model folder.")
+                     description="Write base model + adapter, merged, as a standalone transformers "
+                                 "model folder.")
     add_model_arguments(export)
     export.add_argument("--out", required=True, help="output folder for the merged model")
     export.add_argument("--dtype", choices=("auto", *DTYPES), default="auto",
                         help="weights' dtype (default: auto = the base checkpoint's)")
-    export.add_argument("--overwrite", action="store_true", help="replace the output folder if it exists")
+    export.add_argument("--overwrite", action="store_true",
+                        help="replace the output folder if it exists")
     return generate, export
 
 
@@ -441,17 +480,22 @@ def _interactive(generate) -> None:
 
 
 def _serve(argv: list[str]) -> int:
-    """`inference.py serve`: load the model with its adapter unmerged, then hand it to the playground's page."""
+    """`inference.py serve`: load the model with its adapter unmerged, then hand it to the
+    playground's page."""
     try:
-        import playground  # Gradio: requirements-playground.txt, which training and generating do not need
+        # Gradio: requirements-playground.txt, which training and generating do not need
+        import playground
     except ModuleNotFoundError as err:
         if err.name != "gradio":
             raise
-        raise ValueError("the playground needs Gradio: pip install -r requirements-playground.txt") from None
+        raise ValueError("the playground needs Gradio: "
+                         "pip install -r requirements-playground.txt") from None
     args = playground.build_parser().parse_args(argv)
     if args.lora_weights is None:
-        raise ValueError("--lora-weights is required: the page compares the base model with the adapter")
-    # Unmerged: the base pane switches the adapter off (disable_adapter), so one model in memory answers both.
+        raise ValueError("--lora-weights is required: the page compares the base model with the "
+                         "adapter")
+    # Unmerged: the base pane switches the adapter off (disable_adapter), so one model in memory
+    # answers both.
     loaded = load_model(args.model_path, args.lora_weights, precision=args.precision, merge=False,
                         device=args.device)
     print(loaded.describe(), file=sys.stderr, flush=True)
@@ -459,7 +503,8 @@ def _serve(argv: list[str]) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Command-line entry point; returns the exit code (1 with one `error:` line for a user error)."""
+    """Command-line entry point; returns the exit code (1 with one `error:` line for a user
+    error)."""
     argv = sys.argv[1:] if argv is None else argv
     generate_parser, export_parser = build_parsers()
     try:
@@ -469,34 +514,38 @@ def main(argv: list[str] | None = None) -> int:
             return _evaluate(argv[1:])
         if argv[:1] == ["export"]:
             args = export_parser.parse_args(argv[1:])
-            out = export_merged_model(args.lora_weights, args.out, model_path=args.model_path, dtype=args.dtype,
-                                      overwrite=args.overwrite)
-            # Which base the adapter went into: an adapter trained with QUANTIZE still merges into the original weights.
+            out = export_merged_model(args.lora_weights, args.out, model_path=args.model_path,
+                                      dtype=args.dtype, overwrite=args.overwrite)
+            # Which base the adapter went into: an adapter trained with QUANTIZE still merges into
+            # the original weights.
             weights = "its own dtype" if args.dtype == "auto" else args.dtype
-            print(f"merged model written to {out}: the adapter merged into the unquantized base, loaded in {weights} "
-                  "(never dequantized 8/4-bit weights)")
+            print(f"merged model written to {out}: the adapter merged into the unquantized base, "
+                  f"loaded in {weights} (never dequantized 8/4-bit weights)")
             return 0
         args = generate_parser.parse_args(argv)
         sampling = {"temperature": args.temperature, "top_p": args.top_p, "top_k": args.top_k}
-        options = dict(max_new_tokens=args.max_new_tokens, do_sample=args.sample, num_beams=args.num_beams,
-                       repetition_penalty=args.repetition_penalty,
+        options = dict(max_new_tokens=args.max_new_tokens, do_sample=args.sample,
+                       num_beams=args.num_beams, repetition_penalty=args.repetition_penalty,
                        **{name: value for name, value in sampling.items() if value is not None})
         GenerationOptions(**options)  # bad options fail before the model loads
-        stream = not args.no_stream and args.num_beams == 1  # transformers' streamers cannot follow beams
+        # transformers' streamers cannot follow beams
+        stream = not args.no_stream and args.num_beams == 1
 
         def generate(instruction: str, user_inp: str) -> None:
             response = generate_inference(instruction, user_inp, args.model_path, args.lora_weights,
-                                          precision=args.precision, merge=not args.no_merge, device=args.device,
-                                          stream=stream, **options)
+                                          precision=args.precision, merge=not args.no_merge,
+                                          device=args.device, stream=stream, **options)
             if not stream:
                 print(response, flush=True)
 
         # Load first: load errors show before the first prompt, and the user sees what answers.
-        with warnings.catch_warnings():  # a merge that did not happen is the note below, not a Python warning
+        # a merge that did not happen is the note below, not a Python warning
+        with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="adapter kept unmerged", category=UserWarning)
             loaded = load_model(args.model_path, args.lora_weights, precision=args.precision,
                                 merge=not args.no_merge, device=args.device)
-        print(loaded.describe() + (f"\nnote: {loaded.note}" if loaded.note else ""), file=sys.stderr, flush=True)
+        print(loaded.describe() + (f"\nnote: {loaded.note}" if loaded.note else ""),
+              file=sys.stderr, flush=True)
         if args.instruction is None:
             _interactive(generate)
         else:
