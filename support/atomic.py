@@ -1,12 +1,14 @@
 """The one way this repo writes a file or a folder: complete or not at all.
 
-Content goes to a hidden temporary name beside its final place, is flushed to disk (fsync), then renamed into place
-(a rename within a folder is atomic), and the folder is flushed so that the rename itself survives a power cut. A
-crash at any moment leaves the old version or the new one, never half of one; the temporary name is removed on an
-error, and a kill's leftover is a hidden `.<name>.<pid>-<hex>.tmp` that the next write of a checkpoint clears.
-What is written gets the permissions the user's umask gives a new file (0644 under the usual 022), whatever the
-library that wrote it chose (safetensors writes 0600, which another user of a shared machine cannot read). A write
-that fails names the file by its final name, and `describe_write_error` turns a full disk into one line.
+Content goes to a hidden temporary name beside its final place, is flushed to disk (fsync), then
+renamed into place (a rename within a folder is atomic), and the folder is flushed so that the
+rename itself survives a power cut. A crash at any moment leaves the old version or the new one,
+never half of one; the temporary name is removed on an error, and a kill's leftover is a hidden
+`.<name>.<pid>-<hex>.tmp` that the next write of a checkpoint clears. What is written gets the
+permissions the user's umask gives a new file (0644 under the usual 022), whatever the library that
+wrote it chose (safetensors writes 0600, which another user of a shared machine cannot read). A
+write that fails names the file by its final name, and `describe_write_error` turns a full disk into
+one line.
 """
 
 from __future__ import annotations
@@ -22,8 +24,8 @@ from pathlib import Path
 
 
 def fsync_path(path: Path) -> None:
-    """Force a file's data, or a folder's list of names, onto the disk (without it, a rename may reach the disk
-    before the data it points at)."""
+    """Force a file's data, or a folder's list of names, onto the disk (without it, a rename may
+    reach the disk before the data it points at)."""
     if path.is_dir() and os.name != "posix":
         return  # Windows cannot open a folder to flush it
     fd = os.open(path, os.O_RDONLY)
@@ -36,18 +38,20 @@ def fsync_path(path: Path) -> None:
 # A staging name (see `staging_path`): ".<name>.<pid>-<hex>.tmp".
 STAGING_RE = re.compile(r"\.(.+)\.\d+-[0-9a-f]{8}\.tmp")
 DISK_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
-NEARLY_FULL_BYTES = 1 << 20  # free space below this, after a write failed, means the write hit a full disk
+# free space below this, after a write failed, means the write hit a full disk
+NEARLY_FULL_BYTES = 1 << 20
 
 
 def staging_path(final: Path) -> Path:
-    """A hidden name beside `final`, unique per process and call. (Not tempfile's: its files and folders are
-    private, 0600/0700, and what they become should get the usual permissions.)"""
+    """A hidden name beside `final`, unique per process and call. (Not tempfile's: its files and
+    folders are private, 0600/0700, and what they become should get the usual permissions.)"""
     return final.with_name(f".{final.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp")
 
 
 def replace_path(staging: Path, final: Path) -> None:
-    """Rename `staging` onto `final`. A folder cannot be renamed onto a non-empty one, so an old folder is first
-    renamed aside and deleted after: there is always one complete copy under one of the two names."""
+    """Rename `staging` onto `final`. A folder cannot be renamed onto a non-empty one, so an old
+    folder is first renamed aside and deleted after: there is always one complete copy under one of
+    the two names."""
     old = None
     if staging.is_dir() and final.exists():
         old = final.with_name(f".{final.name}.old-{os.getpid()}")
@@ -58,7 +62,8 @@ def replace_path(staging: Path, final: Path) -> None:
 
 
 def file_mode() -> int:
-    """The permission bits a new file gets from the user's umask (0o644 under the usual umask 022)."""
+    """The permission bits a new file gets from the user's umask (0o644 under the usual umask
+    022)."""
     try:  # Linux reports the umask without changing it; os.umask can only read it by setting it
         with open("/proc/self/status", encoding="ascii") as status:
             umask = next(int(line.split()[1], 8) for line in status if line.startswith("Umask:"))
@@ -82,8 +87,8 @@ def public_name(path: str | os.PathLike) -> Path:
 
 
 def write_bytes(path: str | os.PathLike, data: bytes) -> None:
-    """Write `data` to `path` (an atomic_write staging path), raising an OSError that names the file (Python's write
-    errors name none)."""
+    """Write `data` to `path` (an atomic_write staging path), raising an OSError that names the file
+    (Python's write errors name none)."""
     try:
         with open(path, "wb") as f:
             f.write(data)
@@ -94,9 +99,10 @@ def write_bytes(path: str | os.PathLike, data: bytes) -> None:
 
 
 def disk_is_full(err: Exception, folder: Path) -> bool:
-    """Whether a library's error (not an OSError) means the disk is full: safetensors says "No space left on device
-    (os error 28)"; torch's zip writer says only "[enforce fail at inline_container.cc] unexpected pos", so for it the
-    disk is asked, while the partly written file still holds what space there was."""
+    """Whether a library's error (not an OSError) means the disk is full: safetensors says "No space
+    left on device (os error 28)"; torch's zip writer says only "[enforce fail at
+    inline_container.cc] unexpected pos", so for it the disk is asked, while the partly written file
+    still holds what space there was."""
     text = str(err)
     if "No space left on device" in text or "os error 28" in text:
         return True
@@ -104,7 +110,8 @@ def disk_is_full(err: Exception, folder: Path) -> bool:
 
 
 def describe_write_error(err: OSError) -> str:
-    """One line for a failed write: which file (by its final name) and why; a full disk says how much is free."""
+    """One line for a failed write: which file (by its final name) and why; a full disk says how
+    much is free."""
     path = public_name(err.filename) if err.filename else None
     reason = f"[Errno {err.errno}] {err.strerror}" if err.strerror else str(err)
     if err.errno not in DISK_FULL_ERRNOS:
@@ -124,8 +131,8 @@ def human_bytes(count: float) -> str:
 
 
 def _publish_unless_present(staging: Path, final: Path) -> None:
-    # A plain rename refuses to replace a non-empty folder: the first process to publish wins, and a reader of
-    # its folder never sees it deleted under it.
+    # A plain rename refuses to replace a non-empty folder: the first process to publish wins, and a
+    # reader of its folder never sees it deleted under it.
     try:
         os.replace(staging, final)
     except OSError:
@@ -134,18 +141,19 @@ def _publish_unless_present(staging: Path, final: Path) -> None:
 
 
 @contextlib.contextmanager
-def atomic_write(final: str | os.PathLike, folder: bool = False, keep_existing: bool = False) -> Iterator[Path]:
+def atomic_write(final: str | os.PathLike, folder: bool = False,
+                 keep_existing: bool = False) -> Iterator[Path]:
     """Write `final` through a staging path: `with atomic_write(path) as tmp: write tmp`.
 
     Args:
         final: the file or folder to write; its parent folder is created.
         folder: the staging path is a new, empty folder (else a file path, not yet created).
-        keep_existing: a folder that another process published at `final` first (the same content) is kept and
-            what was written is dropped.
+        keep_existing: a folder that another process published at `final` first (the same content)
+            is kept and what was written is dropped.
 
     Raises:
-        Whatever the block raises (an OSError naming a staged file names it by its final name, see `public_name`);
-        the staging path is removed and `final` is left as it was.
+        Whatever the block raises (an OSError naming a staged file names it by its final name, see
+        `public_name`); the staging path is removed and `final` is left as it was.
     """
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
