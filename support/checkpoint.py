@@ -1,16 +1,20 @@
-"""Checkpoints that are complete or absent, and the checks that decide whether a run may resume from one.
+"""Checkpoints that are complete or absent, and the checks that decide whether a run may resume from
+one.
 
 A checkpoint is OUTPUT_DIR/checkpoint-<step>/ holding:
-    adapter_config.json, adapter_model.safetensors   the adapter, in PEFT's layout (loadable on its own)
-    trainer_state.pt                                 optimizer, schedule, GradScaler, every rank's RNG, data position
-    manifest.json                                    step, run identity, and each file's size and SHA-256
+    adapter_config.json, adapter_model.safetensors
+        the adapter, in PEFT's layout (loadable on its own)
+    trainer_state.pt
+        optimizer, schedule, GradScaler, every rank's RNG, data position
+    manifest.json
+        step, run identity, and each file's size and SHA-256
 
-It is written into a hidden staging folder, flushed to disk and renamed into place (atomic.py); the manifest goes
-in last, so a folder without one is an interrupted save. A resume is resolved once (`resolve_resume`: RESUME_FROM
-or the newest complete checkpoint, each file hashed once), then checked against this run's identity
-(config.RESUME_MUST_MATCH, the number of processes, the data). The trainer's position is one `Progress`, saved and
-restored as a unit. train.py decides when to save; this module decides what a checkpoint holds, how it reaches the
-disk and when it is trusted.
+It is written into a hidden staging folder, flushed to disk and renamed into place (atomic.py); the
+manifest goes in last, so a folder without one is an interrupted save. A resume is resolved once
+(`resolve_resume`: RESUME_FROM or the newest complete checkpoint, each file hashed once), then
+checked against this run's identity (config.RESUME_MUST_MATCH, the number of processes, the data).
+The trainer's position is one `Progress`, saved and restored as a unit. train.py decides when to
+save; this module decides what a checkpoint holds, how it reaches the disk and when it is trusted.
 """
 
 from __future__ import annotations
@@ -30,18 +34,21 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from support.atomic import DISK_FULL_ERRNOS, atomic_write, describe_write_error, human_bytes, write_bytes
+from support.atomic import (DISK_FULL_ERRNOS, atomic_write, describe_write_error, human_bytes,
+                            write_bytes)
 from support.config import RESUME_MUST_MATCH, ConfigError, TrainConfig
 from support.distributed import DistEnv, broadcast_from_master, note
 from support.peft_format import ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME
 
 TRAINER_STATE_NAME = "trainer_state.pt"
 MANIFEST_NAME = "manifest.json"
-CHECKPOINT_FORMAT = 1  # bumped if the checkpoint layout changes; older ones are then refused, not misread
+# bumped if the checkpoint layout changes; older ones are then refused, not misread
+CHECKPOINT_FORMAT = 1
 CHECKPOINT_PREFIX = "checkpoint-"
 CHECKPOINT_RE = re.compile(rf"{CHECKPOINT_PREFIX}(\d+)")
-# What interrupted saves and deletions leave behind: hidden staging folders (".checkpoint-20.<pid>-<hex>.tmp") and
-# checkpoints renamed for deletion (".checkpoint-20.old-<pid>").
+# What interrupted saves and deletions leave behind: hidden staging folders
+# (".checkpoint-20.<pid>-<hex>.tmp") and checkpoints renamed for deletion
+# (".checkpoint-20.old-<pid>").
 LEFTOVER_RE = re.compile(rf"\.+{CHECKPOINT_PREFIX}\d+\.")
 
 
@@ -49,12 +56,13 @@ class CheckpointError(ValueError):
     """A checkpoint folder that is incomplete or damaged; the message names the file."""
 
 
-# --- what a checkpoint holds besides the adapter ----------------------------------------------------------------
+# --- what a checkpoint holds besides the adapter --------------------------------------------------
 
 @dataclass
 class Progress:
-    """Where a run is: everything about its position that a resumed run must continue from, saved and restored as a
-    unit (in trainer_state.pt, beside the optimizer, schedule, GradScaler and random generators)."""
+    """Where a run is: everything about its position that a resumed run must continue from, saved
+    and restored as a unit (in trainer_state.pt, beside the optimizer, schedule, GradScaler and
+    random generators)."""
 
     step: int = 0            # optimizer steps done
     epoch: int = 0           # the current epoch, counted from 0
@@ -67,18 +75,21 @@ class Progress:
         return cls(**{f.name: state[f.name] for f in dataclasses.fields(cls) if f.name in state})
 
 
-def trainer_state(progress: Progress, optimizer_state: dict, scheduler, scaler, rng_states: list) -> dict:
-    """Everything besides the adapter that an exact resume needs (`optimizer_state`: the optimizer's state_dict(),
-    whole also under FSDP; `rng_states`: every rank's `rng_state()`)."""
-    return {**dataclasses.asdict(progress), "optimizer": optimizer_state, "scheduler": scheduler.state_dict(),
-            "scaler": scaler.state_dict(), "rng": rng_states}
+def trainer_state(progress: Progress, optimizer_state: dict, scheduler, scaler,
+                  rng_states: list) -> dict:
+    """Everything besides the adapter that an exact resume needs (`optimizer_state`: the optimizer's
+    state_dict(), whole also under FSDP; `rng_states`: every rank's `rng_state()`)."""
+    return {**dataclasses.asdict(progress), "optimizer": optimizer_state,
+            "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "rng": rng_states}
 
 
-def checkpoint_manifest(progress: Progress, total_steps: int, precision: str, identity: dict, cfg: TrainConfig) -> dict:
+def checkpoint_manifest(progress: Progress, total_steps: int, precision: str, identity: dict,
+                        cfg: TrainConfig) -> dict:
     """What manifest.json records besides the files (added by `write_manifest`)."""
     return {"format": CHECKPOINT_FORMAT, "step": progress.step, "epoch": progress.epoch,
-            "batches_done": progress.batches_done, "total_steps": total_steps, "precision": precision,
-            "config_hash": identity_hash(identity), "identity": identity, "config": dataclasses.asdict(cfg)}
+            "batches_done": progress.batches_done, "total_steps": total_steps,
+            "precision": precision, "config_hash": identity_hash(identity), "identity": identity,
+            "config": dataclasses.asdict(cfg)}
 
 
 def read_trainer_state(checkpoint: Path) -> dict:
@@ -86,7 +97,8 @@ def read_trainer_state(checkpoint: Path) -> dict:
 
 
 def rng_state() -> dict:
-    """Every random generator this process uses, in types `torch.load(weights_only=True)` accepts."""
+    """Every random generator this process uses, in types `torch.load(weights_only=True)`
+    accepts."""
     name, key, pos, has_gauss, cached = np.random.get_state()
     return {
         "python": random.getstate(),
@@ -105,7 +117,7 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state(state["cuda"])
 
 
-# --- files and folders ------------------------------------------------------------------------------------------
+# --- files and folders ----------------------------------------------------------------------------
 
 def file_digest(path: Path) -> dict:
     """Size and SHA-256 of a file, as the manifest records them."""
@@ -122,24 +134,27 @@ def checkpoint_step(path: Path) -> int:
 
 
 def checkpoint_dirs(output_dir: Path) -> list[Path]:
-    """Every checkpoint-<step> folder in `output_dir`, complete or not, newest (highest step) first."""
+    """Every checkpoint-<step> folder in `output_dir`, complete or not, newest (highest step)
+    first."""
     if not output_dir.is_dir():
         return []
     found = [p for p in output_dir.iterdir() if CHECKPOINT_RE.fullmatch(p.name) and p.is_dir()]
     return sorted(found, key=checkpoint_step, reverse=True)
 
 
-# --- what makes a checkpoint trustworthy: the run's identity, the manifest --------------------------------------
+# --- what makes a checkpoint trustworthy: the run's identity, the manifest ------------------------
 
 def run_identity(cfg: TrainConfig, world_size: int, data_fingerprint: str) -> dict:
-    """What a checkpoint's run and a resumed run must share for the second to continue the first: the settings in
-    config.RESUME_MUST_MATCH, the number of processes (it decides which examples each rank trains on, and each
-    rank has its own dropout stream) and the training data's fingerprint."""
+    """What a checkpoint's run and a resumed run must share for the second to continue the first:
+    the settings in config.RESUME_MUST_MATCH, the number of processes (it decides which examples
+    each rank trains on, and each rank has its own dropout stream) and the training data's
+    fingerprint."""
     hints = typing.get_type_hints(TrainConfig)
     identity = {}
     for name in RESUME_MUST_MATCH:
         value = getattr(cfg, name)
-        identity[name] = float(value) if hints[name] is float else value  # 16 and 16.0 are the same alpha
+        # 16 and 16.0 are the same alpha
+        identity[name] = float(value) if hints[name] is float else value
     identity["target_modules"] = cfg.target_module_list  # "q, k" and "q,k" are the same targets
     identity["world_size"] = world_size
     identity["data"] = data_fingerprint
@@ -151,22 +166,26 @@ def identity_hash(identity: dict) -> str:
 
 
 def _manifest_is_well_formed(manifest) -> bool:
-    """The manifest has every field this version writes, and its settings hash matches its settings (an edit to the
-    recorded settings, made to force a resume past the check, is caught here)."""
+    """The manifest has every field this version writes, and its settings hash matches its settings
+    (an edit to the recorded settings, made to force a resume past the check, is caught here)."""
     if not (isinstance(manifest, dict) and manifest.get("format") == CHECKPOINT_FORMAT
-            and isinstance(manifest.get("files"), dict) and isinstance(manifest.get("identity"), dict)
-            and type(manifest.get("total_steps")) is int and isinstance(manifest.get("precision"), str)):
+            and isinstance(manifest.get("files"), dict)
+            and isinstance(manifest.get("identity"), dict)
+            and type(manifest.get("total_steps")) is int
+            and isinstance(manifest.get("precision"), str)):
         return False
     files = manifest["files"]
     required = (ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME, TRAINER_STATE_NAME)
     return (all(name in files for name in required)
-            and all(Path(name).name == name and isinstance(entry, dict) and type(entry.get("size")) is int
+            and all(Path(name).name == name and isinstance(entry, dict)
+                    and type(entry.get("size")) is int
                     and isinstance(entry.get("sha256"), str) for name, entry in files.items())
             and manifest.get("config_hash") == identity_hash(manifest["identity"]))
 
 
 def verify_checkpoint(checkpoint: Path) -> dict:
-    """Check a checkpoint folder against its manifest: every file present, of the recorded size and SHA-256.
+    """Check a checkpoint folder against its manifest: every file present, of the recorded size and
+    SHA-256.
 
     Returns:
         The manifest.
@@ -179,33 +198,37 @@ def verify_checkpoint(checkpoint: Path) -> dict:
     try:
         manifest = json.loads((checkpoint / MANIFEST_NAME).read_text(encoding="utf-8"))
     except FileNotFoundError:
-        raise CheckpointError(f"{MANIFEST_NAME} is missing: the checkpoint is incomplete (its writing was "
-                              "interrupted) or was not written by this train.py") from None
+        raise CheckpointError(f"{MANIFEST_NAME} is missing: the checkpoint is incomplete (its "
+                              "writing was interrupted) or was not written by this "
+                              "train.py") from None
     except (OSError, ValueError) as err:
         raise CheckpointError(f"{MANIFEST_NAME} is unreadable ({err})") from None
     if not _manifest_is_well_formed(manifest):
-        raise CheckpointError(f"{MANIFEST_NAME} was changed after the checkpoint was written, or comes from "
-                              "another version of train.py")
+        raise CheckpointError(f"{MANIFEST_NAME} was changed after the checkpoint was written, or "
+                              "comes from another version of train.py")
     for name, expected in manifest["files"].items():
         path = checkpoint / name
         if not path.is_file():
             raise CheckpointError(f"{name} is missing")
         size = path.stat().st_size
         if size != expected["size"]:
-            raise CheckpointError(f"{name} is {size:,} bytes but {MANIFEST_NAME} says {expected['size']:,}: the "
-                                  "file was truncated or changed after the checkpoint was written")
+            raise CheckpointError(f"{name} is {size:,} bytes but {MANIFEST_NAME} says "
+                                  f"{expected['size']:,}: the file was truncated or changed after "
+                                  "the checkpoint was written")
         if file_digest(path)["sha256"] != expected["sha256"]:
-            raise CheckpointError(f"{name} does not match its SHA-256 in {MANIFEST_NAME}: the file was changed "
-                                  "after the checkpoint was written")
+            raise CheckpointError(f"{name} does not match its SHA-256 in {MANIFEST_NAME}: the file "
+                                  "was changed after the checkpoint was written")
     return manifest
 
 
-def newest_complete_checkpoint(output_dir: Path, skipped: list[str] | None = None) -> tuple[Path, dict] | None:
-    """The newest complete checkpoint in `output_dir` and its manifest, or None; each file is hashed once.
+def newest_complete_checkpoint(output_dir: Path, skipped: list[str] | None = None
+                               ) -> tuple[Path, dict] | None:
+    """The newest complete checkpoint in `output_dir` and its manifest, or None; each file is hashed
+    once.
 
-    Incomplete or damaged folders are passed over (each with its reason appended to `skipped`): a run killed while
-    writing, or a disk that lost a file, must not leave a checkpoint that RESUME_FROM=latest picks and then cannot
-    load.
+    Incomplete or damaged folders are passed over (each with its reason appended to `skipped`): a
+    run killed while writing, or a disk that lost a file, must not leave a checkpoint that
+    RESUME_FROM=latest picks and then cannot load.
     """
     for checkpoint in checkpoint_dirs(output_dir):
         try:
@@ -222,30 +245,34 @@ def find_latest_checkpoint(output_dir: Path, skipped: list[str] | None = None) -
     return found[0] if found else None
 
 
-# --- writing and pruning: complete or absent --------------------------------------------------------------------
+# --- writing and pruning: complete or absent ------------------------------------------------------
 
 def resume_advice(output_dir: Path, disk_full: bool = False, how_to_resume: str = "") -> str:
-    """For a line that ends a run: the last complete checkpoint in `output_dir` (or that there is none yet) followed by
-    `how_to_resume`, or, after a full disk, how much to free and how to go on."""
+    """For a line that ends a run: the last complete checkpoint in `output_dir` (or that there is
+    none yet) followed by `how_to_resume`, or, after a full disk, how much to free and how to go
+    on."""
     found = find_latest_checkpoint(output_dir)
     if found is None:
-        return "there is no complete checkpoint yet" + ("; free some space and start the run again" if disk_full
+        return "there is no complete checkpoint yet" + ("; free some space and start the run again"
+                                                        if disk_full
                                                         else "")
     if not disk_full:
         return f"the last complete checkpoint is {found}{how_to_resume}"
     size = sum(p.stat().st_size for p in found.iterdir() if p.is_file())
-    return (f"the last complete checkpoint is {found}; free at least {human_bytes(size)} (one checkpoint), then run "
-            "the same command again with RESUME_FROM=latest")
+    return (f"the last complete checkpoint is {found}; free at least {human_bytes(size)} (one "
+            "checkpoint), then run the same command again with RESUME_FROM=latest")
 
 
 def write_manifest(folder: Path, manifest: dict) -> None:
-    """The manifest goes in last: a folder without one is, by definition, an incomplete checkpoint."""
+    """The manifest goes in last: a folder without one is, by definition, an incomplete
+    checkpoint."""
     manifest = {**manifest, "files": {p.name: file_digest(p) for p in sorted(folder.iterdir())}}
     write_bytes(folder / MANIFEST_NAME, (json.dumps(manifest, indent=2) + "\n").encode("utf-8"))
 
 
 def remove_leftovers(output_dir: Path) -> None:
-    """Delete what interrupted saves and deletions left (hidden staging and to-be-deleted folders)."""
+    """Delete what interrupted saves and deletions left (hidden staging and to-be-deleted
+    folders)."""
     for path in output_dir.iterdir():
         if LEFTOVER_RE.match(path.name):
             shutil.rmtree(path, ignore_errors=True)
@@ -253,29 +280,30 @@ def remove_leftovers(output_dir: Path) -> None:
 
 def write_checkpoint(final: Path, model: torch.nn.Module, state: dict, manifest: dict,
                      adapter: dict | None = None) -> None:
-    """Write a checkpoint folder so that it is complete or absent (atomic.atomic_write): the adapter (`adapter`, the
-    whole tensors under FSDP, or the model's own), trainer_state.pt, then the manifest with every file's size and
-    SHA-256, in a hidden staging folder renamed to `final` once everything is on disk. A crash's staging folder is
-    removed by the next save."""
+    """Write a checkpoint folder so that it is complete or absent (atomic.atomic_write): the adapter
+    (`adapter`, the whole tensors under FSDP, or the model's own), trainer_state.pt, then the
+    manifest with every file's size and SHA-256, in a hidden staging folder renamed to `final` once
+    everything is on disk. A crash's staging folder is removed by the next save."""
     final.parent.mkdir(parents=True, exist_ok=True)
     remove_leftovers(final.parent)
     with atomic_write(final, folder=True) as staging:
         model.save_pretrained(staging, state_dict=adapter)
-        # Serialized in memory, written by Python: a full disk is then an OSError naming the file, where torch's own
-        # writer says "[enforce fail at inline_container.cc] unexpected pos".
+        # Serialized in memory, written by Python: a full disk is then an OSError naming the file,
+        # where torch's own writer says "[enforce fail at inline_container.cc] unexpected pos".
         buffer = io.BytesIO()
         torch.save(state, buffer)
         write_bytes(staging / TRAINER_STATE_NAME, buffer.getbuffer())
         write_manifest(staging, manifest)
 
 
-def save_checkpoint_folder(final: Path, model: torch.nn.Module, state: dict, manifest: dict, keep: int,
-                           adapter: dict | None = None) -> str:
-    """Write a checkpoint (`write_checkpoint`), then keep only the newest `keep` (SAVE_TOTAL_LIMIT; 0 keeps all).
+def save_checkpoint_folder(final: Path, model: torch.nn.Module, state: dict, manifest: dict,
+                           keep: int, adapter: dict | None = None) -> str:
+    """Write a checkpoint (`write_checkpoint`), then keep only the newest `keep` (SAVE_TOTAL_LIMIT;
+    0 keeps all).
 
     Returns:
-        "" when the checkpoint is on disk, else one line saying why it is not (disk full, read-only folder), the last
-        complete checkpoint and how to go on.
+        "" when the checkpoint is on disk, else one line saying why it is not (disk full, read-only
+        folder), the last complete checkpoint and how to go on.
     """
     try:
         write_checkpoint(final, model, state, manifest, adapter)
@@ -287,23 +315,27 @@ def save_checkpoint_folder(final: Path, model: torch.nn.Module, state: dict, man
     if keep > 0:
         try:
             prune_checkpoints(final.parent, keep, final)
-        except OSError as err:  # the new checkpoint is safe; failing to delete an old one must not end the run
-            print(f"note: SAVE_TOTAL_LIMIT: could not delete an old checkpoint: {err}", flush=True)  # rank 0
+        # the new checkpoint is safe; failing to delete an old one must not end the run
+        except OSError as err:
+            # rank 0
+            print(f"note: SAVE_TOTAL_LIMIT: could not delete an old checkpoint: {err}", flush=True)
     return ""
 
 
 def prune_checkpoints(output_dir: Path, keep: int, written: Path) -> list[Path]:
-    """SAVE_TOTAL_LIMIT: delete the complete checkpoints older than `written` beyond the newest `keep` (`written`
-    counts as one of them), oldest first.
+    """SAVE_TOTAL_LIMIT: delete the complete checkpoints older than `written` beyond the newest
+    `keep` (`written` counts as one of them), oldest first.
 
-    Incomplete folders are left for a person to look at, and newer ones (an earlier run that got further before
-    this one resumed from an older checkpoint) are left too. Each is renamed to a hidden name before it is deleted,
-    so a kill halfway through a deletion never leaves a damaged checkpoint-<step> that looks like one.
+    Incomplete folders are left for a person to look at, and newer ones (an earlier run that got
+    further before this one resumed from an older checkpoint) are left too. Each is renamed to a
+    hidden name before it is deleted, so a kill halfway through a deletion never leaves a damaged
+    checkpoint-<step> that looks like one.
 
     Returns:
         The checkpoints deleted, in that order.
     """
-    older = [p for p in checkpoint_dirs(output_dir) if checkpoint_step(p) < checkpoint_step(written)]
+    older = [p for p in checkpoint_dirs(output_dir)
+             if checkpoint_step(p) < checkpoint_step(written)]
     complete = []
     for path in older:
         try:
@@ -319,7 +351,7 @@ def prune_checkpoints(output_dir: Path, keep: int, written: Path) -> list[Path]:
     return doomed
 
 
-# --- resuming ---------------------------------------------------------------------------------------------------
+# --- resuming -------------------------------------------------------------------------------------
 
 def resume_conflicts(saved: dict, current: dict) -> list[str]:
     """What differs between the checkpoint's run identity and this run's, one phrase each."""
@@ -331,24 +363,28 @@ def resume_conflicts(saved: dict, current: dict) -> list[str]:
         if old == value:
             continue
         if key == "world_size":
-            conflicts.append(f"{value} process(es) here but {old} in the checkpoint (each rank's share of the "
-                             "data and its dropout stream would differ)")
+            conflicts.append(f"{value} process(es) here but {old} in the checkpoint (each rank's "
+                             "share of the data and its dropout stream would differ)")
         elif key == "data":
             if saved.get("max_length") == current["max_length"] and (
                     saved.get("train_on_inputs") == current["train_on_inputs"]):
-                conflicts.append("the training data differ (other records, tokenizer or prompt template)")
+                conflicts.append("the training data differ (other records, tokenizer or prompt "
+                                 "template)")
         else:
             show = (lambda v: ",".join(v)) if key == "target_modules" else repr
-            conflicts.append(f"{key.upper()} is {show(value)} here but {show(old)} in the checkpoint")
+            conflicts.append(f"{key.upper()} is {show(value)} here but {show(old)} in the "
+                             "checkpoint")
     return conflicts
 
 
 def resolve_resume(cfg: TrainConfig, dist: DistEnv) -> tuple[Path, dict] | None:
-    """RESUME_FROM as a checkpoint folder and its manifest, every file checked (hashed) once; None for a new run.
+    """RESUME_FROM as a checkpoint folder and its manifest, every file checked (hashed) once; None
+    for a new run.
 
-    "latest" is the newest complete checkpoint in OUTPUT_DIR; with none yet the run starts at step 0 with a note
-    (naming the folder, so a mistyped OUTPUT_DIR shows), so that a job that is simply started again until it
-    finishes can always set it. Under DDP rank 0 picks it and tells the others, which check their own copy.
+    "latest" is the newest complete checkpoint in OUTPUT_DIR; with none yet the run starts at step 0
+    with a note (naming the folder, so a mistyped OUTPUT_DIR shows), so that a job that is simply
+    started again until it finishes can always set it. Under DDP rank 0 picks it and tells the
+    others, which check their own copy.
 
     Raises:
         ConfigError: the named checkpoint is damaged (naming the file).
@@ -359,31 +395,35 @@ def resolve_resume(cfg: TrainConfig, dist: DistEnv) -> tuple[Path, dict] | None:
     if cfg.resume_from != "latest":
         return Path(cfg.resume_from), verify_resume_checkpoint(Path(cfg.resume_from))
     skipped: list[str] = []
-    found = broadcast_from_master(newest_complete_checkpoint(output_dir, skipped) if dist.is_master else None, dist)
+    found = broadcast_from_master(newest_complete_checkpoint(output_dir, skipped) if dist.is_master
+                                  else None, dist)
     for reason in skipped:
         note(f"RESUME_FROM=latest: skipping {reason}", dist)
     if found is None:
-        note(f"RESUME_FROM=latest: no complete checkpoint in {output_dir} yet; starting at step 0", dist)
+        note(f"RESUME_FROM=latest: no complete checkpoint in {output_dir} yet; starting at step 0",
+             dist)
         return None
     folder, manifest = found
     return Path(folder), manifest if dist.is_master else verify_resume_checkpoint(Path(folder))
 
 
 def resume_notes(manifest: dict, total_steps: int, precision: str) -> list[str]:
-    """What a resumed run that may go on (config.RESUME_MAY_CHANGE_WITH_NOTE) should say about what changed."""
+    """What a resumed run that may go on (config.RESUME_MAY_CHANGE_WITH_NOTE) should say about what
+    changed."""
     notes = []
     if manifest["total_steps"] != total_steps:
-        notes.append(f"the run now ends at step {total_steps} instead of {manifest['total_steps']} (NUM_EPOCHS or "
-                     "MAX_STEPS changed): the learning-rate schedule is recomputed for the new length, so the rest "
-                     "of the run differs from an uninterrupted one")
+        notes.append(f"the run now ends at step {total_steps} instead of {manifest['total_steps']} "
+                     "(NUM_EPOCHS or MAX_STEPS changed): the learning-rate schedule is recomputed "
+                     "for the new length, so the rest of the run differs from an uninterrupted one")
     if manifest["precision"] != precision:
-        notes.append(f"precision is {precision} here but was {manifest['precision']}: the rest of the run differs "
-                     "slightly from an uninterrupted one")
+        notes.append(f"precision is {precision} here but was {manifest['precision']}: the rest of "
+                     "the run differs slightly from an uninterrupted one")
     return notes
 
 
 def verify_resume_checkpoint(checkpoint: Path) -> dict:
-    """RESUME_FROM=<folder>: the checkpoint's manifest, once every file is checked against it (hashed once).
+    """RESUME_FROM=<folder>: the checkpoint's manifest, once every file is checked against it
+    (hashed once).
 
     Raises:
         ConfigError: one line naming the damaged file.
@@ -403,5 +443,6 @@ def check_resumable(checkpoint: Path, manifest: dict, identity: dict) -> None:
     """
     conflicts = resume_conflicts(manifest["identity"], identity)
     if conflicts:
-        raise ConfigError(f"RESUME_FROM={checkpoint}: this run would not continue the checkpoint's run: "
-                          f"{'; '.join(conflicts)}. Set them back, or start a new run in another OUTPUT_DIR")
+        raise ConfigError(f"RESUME_FROM={checkpoint}: this run would not continue the checkpoint's "
+                          f"run: {'; '.join(conflicts)}. Set them back, or start a new run in "
+                          "another OUTPUT_DIR")
