@@ -1,20 +1,23 @@
-"""BLOOM's attention and GELU on PyTorch's fused kernels, swapped in for transformers' eager modules.
+"""BLOOM's attention and GELU on PyTorch's fused kernels, swapped in for transformers' eager
+modules.
 
-transformers' BLOOM has only an eager attention: `baddbmm` of the scores with ALiBi, the padding mask added, a
-float32 softmax over a materialised batch x heads x seq x seq tensor, a cast back, then `bmm`; and its GELU is nine
-elementwise operations forward and backward, each a pass over the MLP's widest activation. On a CPU those
-memory-bound passes, not the matrix multiplications, took most of a training step (bench/bench_vs_hf_trainer.py).
-Here the attention is one `F.scaled_dot_product_attention` call with ALiBi and the padding mask as its additive
-mask, and the GELU is `F.gelu(approximate="tanh")`, the same formula in one kernel each way.
+transformers' BLOOM has only an eager attention: `baddbmm` of the scores with ALiBi, the padding
+mask added, a float32 softmax over a materialised batch x heads x seq x seq tensor, a cast back,
+then `bmm`; and its GELU is nine elementwise operations forward and backward, each a pass over the
+MLP's widest activation. On a CPU those memory-bound passes, not the matrix multiplications, took
+most of a training step (bench/bench_vs_hf_trainer.py). Here the attention is one
+`F.scaled_dot_product_attention` call with ALiBi and the padding mask as its additive mask, and the
+GELU is `F.gelu(approximate="tanh")`, the same formula in one kernel each way.
 
-The swap works like lora_model's injection of LoRA layers: each block's module is replaced by one of ours holding
-the same weights under the same names (state dicts, adapters and checkpoints are unchanged). The numbers are the
-eager modules' up to rounding: tests/test_fused_bloom.py holds logits and LoRA gradients to 1e-5 in float32,
-padding and dropout-free training included.
+The swap works like lora_model's injection of LoRA layers: each block's module is replaced by one of
+ours holding the same weights under the same names (state dicts, adapters and checkpoints are
+unchanged). The numbers are the eager modules' up to rounding: tests/test_fused_bloom.py holds
+logits and LoRA gradients to 1e-5 in float32, padding and dropout-free training included.
 
-Packed rows (PACKING=true, packing.py) reach the attention as position ids that restart at 0 for each example, with
-no attention mask: BloomModel itself ignores position ids, so a hook on it hands them to the attention, which then
-builds ALiBi from each token's position inside its example and a block-diagonal causal mask (`packed_alibi_and_mask`).
+Packed rows (PACKING=true, packing.py) reach the attention as position ids that restart at 0 for
+each example, with no attention mask: BloomModel itself ignores position ids, so a hook on it hands
+them to the attention, which then builds ALiBi from each token's position inside its example and a
+block-diagonal causal mask (`packed_alibi_and_mask`).
 """
 
 from __future__ import annotations
@@ -24,26 +27,28 @@ import torch.nn.functional as F
 from torch import nn
 
 
-# Below this many keys a CPU computes the attention as eager BLOOM does: PyTorch's CPU flash kernel takes a mask,
-# but its backward pass is slower there (fwd + bwd, bf16, 4 x 8 heads x 64: 7.0 vs 4.1 ms at 128 tokens, 11.4 vs
-# 7.3 at 176; 9.2 vs 10.5 at 208, 32 vs 68 at 512).
+# Below this many keys a CPU computes the attention as eager BLOOM does: PyTorch's CPU flash kernel
+# takes a mask, but for short sequences its backward pass is slower there.
 CPU_SDPA_MIN_LENGTH = 200
 
 
 class TanhGelu(nn.Module):
-    """BLOOM's GELU, 0.5 x (1 + tanh(sqrt(2 / pi) (x + 0.044715 x^3))), as one fused kernel forward and backward."""
+    """BLOOM's GELU, 0.5 x (1 + tanh(sqrt(2 / pi) (x + 0.044715 x^3))), as one fused kernel forward
+    and backward."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.gelu(x, approximate="tanh")
 
 
 class SdpaBloomAttention(nn.Module):
-    """transformers' BloomAttention computed by `F.scaled_dot_product_attention`, on the loaded module's layers.
+    """transformers' BloomAttention computed by `F.scaled_dot_product_attention`, on the loaded
+    module's layers.
 
-    Eager BLOOM computes softmax(beta * alibi + q k^T / sqrt(d) + mask) v with beta = 1; SDPA computes
-    softmax(q k^T * scale + bias) v, so the bias is alibi + mask, built once per forward pass and shared by every
-    layer (all layers receive the same alibi and mask tensors). Attention weights are not returned (SDPA never forms
-    them): with `output_attentions=True` the caller gets None, as from transformers' own SDPA attentions.
+    Eager BLOOM computes softmax(beta * alibi + q k^T / sqrt(d) + mask) v with beta = 1; SDPA
+    computes softmax(q k^T * scale + bias) v, so the bias is alibi + mask, built once per forward
+    pass and shared by every layer (all layers receive the same alibi and mask tensors). Attention
+    weights are not returned (SDPA never forms them): with `output_attentions=True` the caller gets
+    None, as from transformers' own SDPA attentions.
     """
 
     def __init__(self, eager: nn.Module, bias_cache: dict):
@@ -52,7 +57,8 @@ class SdpaBloomAttention(nn.Module):
         self.hidden_dropout, self.layer_idx = eager.hidden_dropout, eager.layer_idx
         self.scale = eager.inv_norm_factor
         # The same child names as BloomAttention, so parameter names (and LoRA keys) do not change.
-        self.query_key_value, self.dense, self.attention_dropout = (eager.query_key_value, eager.dense,
+        self.query_key_value, self.dense, self.attention_dropout = (eager.query_key_value,
+                                                                    eager.dense,
                                                                     eager.attention_dropout)
         self._bias_cache = bias_cache
 
@@ -60,9 +66,11 @@ class SdpaBloomAttention(nn.Module):
                 attention_mask: torch.Tensor | None, layer_past=None, use_cache: bool = False,
                 output_attentions: bool = False, **kwargs):
         batch, q_length, _ = hidden_states.shape
-        fused_qkv = self.query_key_value(hidden_states).view(batch, q_length, self.num_heads, 3, self.head_dim)
-        # unbind, not three slices: its backward is one stack instead of three zero-filled copies added together
-        query, key, value = (t.transpose(1, 2) for t in fused_qkv.unbind(3))  # batch x heads x seq x dim
+        fused_qkv = self.query_key_value(hidden_states).view(batch, q_length, self.num_heads, 3,
+                                                             self.head_dim)
+        # unbind, not three slices: its backward is one stack instead of three zero-filled copies
+        # added together batch x heads x seq x dim
+        query, key, value = (t.transpose(1, 2) for t in fused_qkv.unbind(3))
         if layer_past is not None:
             key, value = layer_past.update(key, value, self.layer_idx)
         alibi, attention_mask = self._packed_alibi_and_mask(alibi, attention_mask, batch, q_length)
@@ -70,37 +78,47 @@ class SdpaBloomAttention(nn.Module):
         if query.device.type == "cpu" and key.shape[2] < CPU_SDPA_MIN_LENGTH:
             context = self._eager_attention(query, key, value, alibi, attention_mask, dropout)
         else:
-            bias = self._attention_bias(alibi, attention_mask, batch, q_length, key.shape[2], query.dtype)
-            context = F.scaled_dot_product_attention(query, key, value, attn_mask=bias, dropout_p=dropout,
-                                                     scale=self.scale)
-        output = self.dense(context.transpose(1, 2).reshape(batch, q_length, self.num_heads * self.head_dim))
+            bias = self._attention_bias(alibi, attention_mask, batch, q_length, key.shape[2],
+                                        query.dtype)
+            context = F.scaled_dot_product_attention(query, key, value, attn_mask=bias,
+                                                     dropout_p=dropout, scale=self.scale)
+        output = self.dense(context.transpose(1, 2).reshape(batch, q_length,
+                                                            self.num_heads * self.head_dim))
         output = residual + F.dropout(output, p=self.hidden_dropout, training=self.training)
         return output, None
 
     def _eager_attention(self, query, key, value, alibi, mask, dropout: float) -> torch.Tensor:
-        """Eager BLOOM's arithmetic (alibi.baddbmm, the mask added in its own dtype, a float32 softmax, bmm) on the
-        unbound q, k, v: for short sequences on a CPU, where PyTorch's flash kernel with a mask has a slow backward
-        pass. The mask is added after the matmul, as eager does: added in bf16, its large negative values would
-        overflow to -inf, and a padding row with every key masked would turn NaN."""
+        """Eager BLOOM's arithmetic (alibi.baddbmm, the mask added in its own dtype, a float32
+        softmax, bmm) on the unbound q, k, v: for short sequences on a CPU, where PyTorch's flash
+        kernel with a mask has a slow backward pass. The mask is added after the matmul, as eager
+        does: added in bf16, its large negative values would overflow to -inf, and a padding row
+            with every key masked would turn NaN."""
         batch, heads, q_length, dim = query.shape
         kv_length = key.shape[2]
-        scores = alibi.baddbmm(query.reshape(-1, q_length, dim), key.reshape(-1, kv_length, dim).transpose(1, 2),
+        scores = alibi.baddbmm(query.reshape(-1, q_length, dim),
+                               key.reshape(-1, kv_length, dim).transpose(1, 2),
                                alpha=self.scale).view(batch, heads, q_length, kv_length)
         if mask is None:
-            mask = torch.ones(q_length, kv_length, dtype=torch.bool, device=query.device).tril(kv_length - q_length)
+            mask = torch.ones(q_length, kv_length, dtype=torch.bool,
+                              device=query.device).tril(kv_length - q_length)
         wide = torch.promote_types(scores.dtype, torch.float32)
         if mask.dtype == torch.bool:
             scores = scores.to(wide).masked_fill(~mask, torch.finfo(wide).min)
-        else:  # in `wide` (FSDP's half-precision policy hands the mask over in fp16, where its minimum became -inf)
+        # in `wide` (FSDP's half-precision policy hands the mask over in fp16, where its minimum
+        # became -inf)
+        else:
             scores = scores + mask.to(wide).clamp_min(torch.finfo(wide).min)
-        probs = F.dropout(F.softmax(scores, dim=-1, dtype=wide).to(value.dtype), dropout, self.training)
-        return torch.bmm(probs.view(-1, q_length, kv_length), value.reshape(-1, kv_length, dim)).view(
+        probs = F.dropout(F.softmax(scores, dim=-1, dtype=wide).to(value.dtype), dropout,
+                          self.training)
+        return torch.bmm(probs.view(-1, q_length, kv_length),
+                         value.reshape(-1, kv_length, dim)).view(
             batch, heads, q_length, dim)
 
     def _packed_alibi_and_mask(self, alibi, mask, batch: int, q_length: int):
-        """For a packed forward pass (position ids recorded by `record_packed_positions`), ALiBi and the mask of
-        `packed_alibi_and_mask` in place of BloomModel's, built for the first layer and reused by the others (and
-        by activation checkpointing's recomputation, which hands back the same alibi)."""
+        """For a packed forward pass (position ids recorded by `record_packed_positions`), ALiBi and
+        the mask of `packed_alibi_and_mask` in place of BloomModel's, built for the first layer and
+        reused by the others (and by activation checkpointing's recomputation, which hands back the
+        same alibi)."""
         positions = self._bias_cache.get("position_ids")
         if positions is None or positions.shape != (batch, q_length):
             return alibi, mask
@@ -111,34 +129,39 @@ class SdpaBloomAttention(nn.Module):
         self._bias_cache["packed"] = (positions, alibi, *packed)
         return packed
 
-    def _attention_bias(self, alibi: torch.Tensor, mask: torch.Tensor | None, batch: int, q_length: int,
-                        kv_length: int, dtype: torch.dtype) -> torch.Tensor:
-        """alibi (batch * heads, 1, kv) plus the 4-D mask (additive or boolean; None: causal), in `dtype` as eager's
-        autocast baddbmm rounds alibi; computed for the first layer and reused by the others."""
+    def _attention_bias(self, alibi: torch.Tensor, mask: torch.Tensor | None, batch: int,
+                        q_length: int, kv_length: int, dtype: torch.dtype) -> torch.Tensor:
+        """alibi (batch * heads, 1, kv) plus the 4-D mask (additive or boolean; None: causal), in
+        `dtype` as eager's autocast baddbmm rounds alibi; computed for the first layer and reused by
+        the others."""
         cached = self._bias_cache.get("key")
         if cached is not None and cached[0] is alibi and cached[1] is mask and cached[2] == dtype:
             return self._bias_cache["bias"]
-        bias = alibi.view(batch, self.num_heads, 1, kv_length).to(dtype).to(torch.promote_types(dtype, torch.float32))
+        bias = alibi.view(batch, self.num_heads, 1,
+                          kv_length).to(dtype).to(torch.promote_types(dtype, torch.float32))
         if mask is None:
-            mask = torch.ones(q_length, kv_length, dtype=torch.bool, device=alibi.device).tril(kv_length - q_length)
+            mask = torch.ones(q_length, kv_length, dtype=torch.bool,
+                              device=alibi.device).tril(kv_length - q_length)
         if mask.dtype == torch.bool:
             bias = bias.masked_fill(~mask, torch.finfo(bias.dtype).min)
         else:
             bias = bias + mask
-        # Clamped before the cast: fp32's minimum is -inf in fp16, and a row with every key masked (a left pad)
-        # would turn NaN in SDPA; eager's path clamps in float32 (above) for the same reason.
+        # Clamped before the cast: fp32's minimum is -inf in fp16, and a row with every key masked
+        # (a left pad) would turn NaN in SDPA; eager's path clamps in float32 (above) for the same
+        # reason.
         bias = bias.clamp_min(torch.finfo(dtype).min).to(dtype)
         self._bias_cache.update(key=(alibi, mask, dtype), bias=bias)
         return bias
 
 
 def packed_alibi_and_mask(position_ids: torch.Tensor, num_heads: int, dtype: torch.dtype):
-    """ALiBi and the causal mask of packed rows: `position_ids` (batch x T) restart at 0 for each example.
+    """ALiBi and the causal mask of packed rows: `position_ids` (batch x T) restart at 0 for each
+    example.
 
-    transformers' BLOOM computes ALiBi as slope x (the key's position among the row's real tokens), in float32, then
-    casts it to the hidden states' dtype; here the position is the key's inside its example, so each example gets
-    exactly its unpacked values. The mask (batch x 1 x T x T, boolean) lets a query see the keys of its own example
-    up to itself.
+    transformers' BLOOM computes ALiBi as slope x (the key's position among the row's real tokens),
+    in float32, then casts it to the hidden states' dtype; here the position is the key's inside its
+    example, so each example gets exactly its unpacked values. The mask (batch x 1 x T x T, boolean)
+    lets a query see the keys of its own example up to itself.
 
     Returns:
         (alibi of shape (batch * heads, 1, T) in `dtype`, mask).
@@ -147,7 +170,8 @@ def packed_alibi_and_mask(position_ids: torch.Tensor, num_heads: int, dtype: tor
 
     batch, length = position_ids.shape
     slopes = _get_alibi_slopes(num_heads, position_ids.device)
-    alibi = (slopes[None, :, None] * position_ids[:, None, :]).reshape(batch * num_heads, 1, length).to(dtype)
+    alibi = (slopes[None, :, None] * position_ids[:, None, :]).reshape(batch * num_heads, 1,
+                                                                       length).to(dtype)
     sequence = (position_ids == 0).cumsum(-1)
     causal = torch.ones(length, length, dtype=torch.bool, device=position_ids.device).tril()
     mask = (sequence[:, :, None] == sequence[:, None, :]) & causal
@@ -155,10 +179,11 @@ def packed_alibi_and_mask(position_ids: torch.Tensor, num_heads: int, dtype: tor
 
 
 def record_packed_positions(module: nn.Module, args, kwargs) -> None:
-    """A forward pre-hook for BloomModel (and BloomForCausalLM, which does not pass position ids on to it): packed
-    rows' position ids (passed with no attention mask and no cache, the rule transformers' masking_utils uses for
-    other models) go to the attention modules through the model's bias cache; otherwise None. The cache is an
-    attribute of the module, not captured by the hook, so that a deep copy of the model gets its own."""
+    """A forward pre-hook for BloomModel (and BloomForCausalLM, which does not pass position ids on
+    to it): packed rows' position ids (passed with no attention mask and no cache, the rule
+    transformers' masking_utils uses for other models) go to the attention modules through the
+    model's bias cache; otherwise None. The cache is an attribute of the module, not captured by the
+    hook, so that a deep copy of the model gets its own."""
     cache = module.fused_bias_cache
     positions = kwargs.get("position_ids")
     if not (positions is not None and kwargs.get("attention_mask") is None
@@ -172,18 +197,24 @@ def record_packed_positions(module: nn.Module, args, kwargs) -> None:
 
 
 def use_fused_modules(model: nn.Module) -> int:
-    """Swap every BLOOM block's attention and GELU in `model` (a base model or one wrapped by LoRA) for the fused
-    ones above; returns how many blocks were swapped (0 for other architectures, which keep their own)."""
-    from transformers.models.bloom.modeling_bloom import BloomAttention, BloomForCausalLM, BloomGelu, BloomModel
+    """Swap every BLOOM block's attention and GELU in `model` (a base model or one wrapped by LoRA)
+    for the fused ones above; returns how many blocks were swapped (0 for other architectures, which
+    keep their own)."""
+    from transformers.models.bloom.modeling_bloom import (BloomAttention, BloomForCausalLM,
+                                                          BloomGelu, BloomModel)
 
-    bias_cache: dict = {}  # one per model: its blocks all see the same alibi and mask in a forward pass
+    # one per model: its blocks all see the same alibi and mask in a forward pass
+    bias_cache: dict = {}
     swapped = 0
     for module in list(model.modules()):
-        if isinstance(module, (BloomModel, BloomForCausalLM)) and not hasattr(module, "fused_bias_cache"):
+        if isinstance(module, (BloomModel, BloomForCausalLM)) and not hasattr(module,
+                                                                              "fused_bias_cache"):
             module.fused_bias_cache = bias_cache
             module.register_forward_pre_hook(record_packed_positions, with_kwargs=True)
         attention = getattr(module, "self_attention", None)
-        if isinstance(attention, BloomAttention) and not (attention.pretraining_tp > 1 and attention.slow_but_exact):
+        if isinstance(attention,
+                      BloomAttention) and not (attention.pretraining_tp > 1
+                                               and attention.slow_but_exact):
             module.self_attention = SdpaBloomAttention(attention, bias_cache)
             swapped += 1
         mlp = getattr(module, "mlp", None)
