@@ -1,9 +1,10 @@
-"""Generating with a loaded model, shared by inference.py (`generate_inference`, the command line) and the
+"""Generating with a loaded model, shared by inference.py (`generate_inference`, the command line)
+and the
 playground: the decoding options, the loaded model, the Alpaca prompt and a batch of responses.
 
-Loading the model and its adapter stays in inference.py, beside `generate_inference`. The prompt template is
-passed in (`prompter`: any object with `generate_prompt` and `get_response`, e.g. prompter.Prompter), so that this
-package never imports the files above it.
+Loading the model and its adapter stays in inference.py, beside `generate_inference`. The prompt
+template is passed in (`prompter`: any object with `generate_prompt` and `get_response`, e.g.
+prompter.Prompter), so that this package never imports the files above it.
 """
 
 from __future__ import annotations
@@ -17,8 +18,10 @@ import torch
 
 from support.precision import INFERENCE_PRECISIONS
 
-NO_INPUT = ("", "n/a")  # user_inp values (after strip, lower-cased) that select the template without an input
-# Used only when sampling is on and the caller leaves them unset: a common choice for instruction-tuned models.
+# user_inp values (after strip, lower-cased) that select the template without an input
+NO_INPUT = ("", "n/a")
+# Used only when sampling is on and the caller leaves them unset: a common choice for
+# instruction-tuned models.
 SAMPLING_DEFAULTS = {"temperature": 0.7, "top_p": 0.9, "top_k": 50}
 
 
@@ -30,24 +33,28 @@ class Template(Protocol):
     def get_response(self, output: str) -> str: ...
 
 
-# --- generation options -------------------------------------------------------------------------------------------
+# --- generation options ---------------------------------------------------------------------------
 
 @dataclass(frozen=True)
 class GenerationOptions:
     """Decoding settings, validated on creation.
 
     Args:
-        max_new_tokens: most tokens to generate per response (generation also stops at the EOS token).
-        do_sample: False (default) = greedy (or beam search with num_beams > 1): deterministic. True = sample.
+        max_new_tokens: most tokens to generate per response (generation also stops at the EOS
+            token).
+        do_sample: False (default) = greedy (or beam search with num_beams > 1): deterministic. True
+            = sample.
         temperature: sampling temperature (> 0); only with do_sample=True (default then 0.7).
         top_p: nucleus sampling mass, in (0, 1]; only with do_sample=True (default then 0.9).
-        top_k: sample among the k most likely tokens (0 = no limit); only with do_sample=True (default then 50).
+        top_k: sample among the k most likely tokens (0 = no limit); only with do_sample=True
+            (default then 50).
         num_beams: beam search width (1 = no beam search).
-        repetition_penalty: > 1 discourages repeating tokens (1.0 = off); 1.1-1.3 curbs the loops small models
-            fall into under greedy decoding.
+        repetition_penalty: > 1 discourages repeating tokens (1.0 = off); 1.1-1.3 curbs the loops
+            small models fall into under greedy decoding.
 
     Raises:
-        ValueError: a value out of range or of the wrong type, naming it, e.g. "top_p must be in (0, 1], got 128".
+        ValueError: a value out of range or of the wrong type, naming it, e.g. "top_p must be in (0,
+            1], got 128".
     """
 
     max_new_tokens: int = 256
@@ -73,19 +80,22 @@ class GenerationOptions:
         if not self.do_sample:
             for name in SAMPLING_DEFAULTS:
                 if getattr(self, name) is not None:
-                    # Greedy decoding ignores it; silently ignoring a setting the caller chose would mislead.
-                    raise ValueError(f"{name}={getattr(self, name)!r} only applies when sampling: pass "
-                                     "do_sample=True (--sample on the command line); decoding is greedy by default")
+                    # Greedy decoding ignores it; silently ignoring a setting the caller chose would
+                    # mislead.
+                    raise ValueError(f"{name}={getattr(self, name)!r} only applies when sampling: "
+                                     "pass do_sample=True (--sample on the command line); decoding "
+                                     "is greedy by default")
 
     def generate_kwargs(self) -> dict:
         """Keyword arguments for `model.generate` (sampling settings only when sampling)."""
-        kwargs = {"max_new_tokens": self.max_new_tokens, "do_sample": self.do_sample, "num_beams": self.num_beams,
-                  "repetition_penalty": float(self.repetition_penalty)}
+        kwargs = {"max_new_tokens": self.max_new_tokens, "do_sample": self.do_sample,
+                  "num_beams": self.num_beams, "repetition_penalty": float(self.repetition_penalty)}
         if self.do_sample:
             kwargs.update({name: default if getattr(self, name) is None else getattr(self, name)
                            for name, default in SAMPLING_DEFAULTS.items()})
             # transformers refuses an int temperature (temperature=2 passes our check, as 2.0 would)
-            kwargs["temperature"], kwargs["top_p"] = float(kwargs["temperature"]), float(kwargs["top_p"])
+            kwargs["temperature"], kwargs["top_p"] = (float(kwargs["temperature"]),
+                                                      float(kwargs["top_p"]))
         return kwargs
 
 
@@ -99,13 +109,13 @@ def _check_number(name: str, value, rule: str, ok) -> None:
         raise ValueError(f"{name} must be {rule}, got {value!r}")
 
 
-# --- the loaded model -----------------------------------------------------------------------------------------------
+# --- the loaded model -----------------------------------------------------------------------------
 
 @dataclass
 class LoadedModel:
-    """A model ready to generate (inference.load_model builds it): `model` is a plain transformers model (base only,
-    or adapter merged) or a `LoraModelForCasualLM` (adapter unmerged); `note` says why an asked-for merge did not
-    happen."""
+    """A model ready to generate (inference.load_model builds it): `model` is a plain transformers
+    model (base only, or adapter merged) or a `LoraModelForCasualLM` (adapter unmerged); `note` says
+    why an asked-for merge did not happen."""
 
     model: torch.nn.Module
     tokenizer: object
@@ -118,14 +128,16 @@ class LoadedModel:
 
     def describe(self) -> str:
         """One line: which base and adapter are loaded, and how."""
-        adapter = f" + adapter {self.adapter} ({'merged' if self.merged else 'unmerged'})" if self.adapter else ""
+        adapter = (f" + adapter {self.adapter} ({'merged' if self.merged else 'unmerged'})"
+                   if self.adapter else "")
         return f"loaded {self.base} ({self.precision} on {self.device}){adapter}"
 
 
-# --- prompts and responses ------------------------------------------------------------------------------------------
+# --- prompts and responses ------------------------------------------------------------------------
 
 def build_prompt(prompter: Template, instruction: str, user_inp: str | None) -> str:
-    """The Alpaca prompt; an input of None, "" or "n/a" (any case) selects the template without an input.
+    """The Alpaca prompt; an input of None, "" or "n/a" (any case) selects the template without an
+    input.
 
     Raises:
         ValueError: an empty instruction or a non-string argument.
@@ -140,27 +152,32 @@ def build_prompt(prompter: Template, instruction: str, user_inp: str | None) -> 
 
 
 @torch.inference_mode()
-def generate_responses(loaded: LoadedModel, prompts: list[str], options: GenerationOptions, prompter: Template,
-                       streamer=None, stopping_criteria=None) -> list[str]:
+def generate_responses(loaded: LoadedModel, prompts: list[str], options: GenerationOptions,
+                       prompter: Template, streamer=None, stopping_criteria=None) -> list[str]:
     """Generate for a batch of prompts (left-padded) and return each response, in order.
 
     Only the new tokens are decoded; `prompter.get_response` strips them (and drops anything up to a
-    "### Response:" the model might write itself). `streamer` and `stopping_criteria` go to `model.generate`.
+    "### Response:" the model might write itself). `streamer` and `stopping_criteria` go to
+    `model.generate`.
     """
     tokenizer = loaded.tokenizer
-    batch = tokenizer(prompts, return_tensors="pt", padding=True, return_token_type_ids=False).to(loaded.device)
+    batch = tokenizer(prompts, return_tensors="pt", padding=True,
+                      return_token_type_ids=False).to(loaded.device)
     output = loaded.model.generate(**batch, **options.generate_kwargs(), streamer=streamer,
-                                   stopping_criteria=stopping_criteria, pad_token_id=tokenizer.pad_token_id,
+                                   stopping_criteria=stopping_criteria,
+                                   pad_token_id=tokenizer.pad_token_id,
                                    eos_token_id=tokenizer.eos_token_id)
     new_tokens = output[:, batch["input_ids"].shape[1]:]
-    return [prompter.get_response(text) for text in tokenizer.batch_decode(new_tokens, skip_special_tokens=True)]
+    return [prompter.get_response(text)
+            for text in tokenizer.batch_decode(new_tokens, skip_special_tokens=True)]
 
 
-# --- command line ---------------------------------------------------------------------------------------------------
+# --- command line ---------------------------------------------------------------------------------
 
 class CliParser(argparse.ArgumentParser):
-    """argparse, but a usage error becomes a ValueError, which inference.py's `main` prints as one `error: ...` line
-    with exit code 1, like every other user error (argparse's own is a usage block and exit code 2)."""
+    """argparse, but a usage error becomes a ValueError, which inference.py's `main` prints as one
+    `error: ...` line with exit code 1, like every other user error (argparse's own is a usage block
+    and exit code 2)."""
 
     def error(self, message: str):
         raise ValueError(f"{message} (see --help)")
@@ -168,12 +185,15 @@ class CliParser(argparse.ArgumentParser):
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     """--lora-weights and --model-path: which adapter, on which base."""
-    parser.add_argument("--lora-weights", help="adapter folder (train.py's OUTPUT_DIR, or a PEFT adapter)")
-    parser.add_argument("--model-path", help="base model hub id or folder (default: the one the adapter names)")
+    parser.add_argument("--lora-weights",
+                        help="adapter folder (train.py's OUTPUT_DIR, or a PEFT adapter)")
+    parser.add_argument("--model-path",
+                        help="base model hub id or folder (default: the one the adapter names)")
 
 
 def add_placement_arguments(parser: argparse.ArgumentParser) -> None:
     """--precision and --device: how and where the model is loaded."""
     parser.add_argument("--precision", choices=INFERENCE_PRECISIONS, default="auto",
-                        help="auto = bf16 on an A100/H100, fp16 on a T4/V100, fp32 on the CPU (default: auto)")
+                        help="auto = bf16 on an A100/H100, fp16 on a T4/V100, fp32 on the CPU "
+                             "(default: auto)")
     parser.add_argument("--device", help="cpu, cuda, cuda:1 (default: cuda when available)")
