@@ -1,11 +1,12 @@
-"""OUTPUT_DIR/metrics.jsonl, one JSON line per optimizer step and per evaluation (epochs counted from 1, each line
-stamped with its local time to the millisecond, which bench/bench_vs_hf_trainer.py times steps by), and the loss
-curve drawn from it. With REPORT_TO=tensorboard, every row is also streamed to TensorBoard
-(OUTPUT_DIR/tensorboard/), as scalars at the row's step: train/loss, train/lr, train/grad_norm,
-train/tokens_per_s, eval/loss, eval/ppl, eval/rouge_l, ... (a key "eval_x" becomes "eval/x", any
-other "train/<key>").
+"""OUTPUT_DIR/metrics.jsonl, one JSON line per optimizer step and per evaluation (epochs counted
+from 1, each line stamped with its local time to the millisecond, which bench/bench_vs_hf_trainer.py
+times steps by), and the loss curve drawn from it. With REPORT_TO=tensorboard, every row is also
+streamed to TensorBoard (OUTPUT_DIR/tensorboard/), as scalars at the row's step: train/loss,
+train/lr, train/grad_norm, train/tokens_per_s, eval/loss, eval/ppl, eval/rouge_l, ... (a key
+"eval_x" becomes "eval/x", any other "train/<key>").
 
-Only rank 0 writes; a log made by another rank is a no-op, so the trainer can log without asking who it is.
+Only rank 0 writes; a log made by another rank is a no-op, so the trainer can log without asking who
+it is.
 """
 
 from __future__ import annotations
@@ -88,7 +89,8 @@ class MetricsLog:
                 with open(self.path, "a", encoding="utf-8") as f:
                     f.write(json.dumps(row) + "\n")
             except OSError as err:  # Python's write errors name no file; the run's last line should
-                raise OSError(err.errno, err.strerror, str(self.path)) if err.filename is None else err from None
+                raise OSError(err.errno, err.strerror,
+                              str(self.path)) if err.filename is None else err from None
             if self.trackers is None:
                 self.trackers = [TRACKER_CLASSES[name](self.path.parent, self._purge_step)
                                  for name in self.report_to]
@@ -110,8 +112,8 @@ class MetricsLog:
         return [row for row in rows if isinstance(row, dict) and isinstance(row.get("step"), int)]
 
     def trim(self, step: int) -> None:
-        """Drop the rows past `step`, and any line a kill cut short: a resumed run logs those steps again, and the
-        file (and the loss curve drawn from it) should read as one run."""
+        """Drop the rows past `step`, and any line a kill cut short: a resumed run logs those steps
+        again, and the file (and the loss curve drawn from it) should read as one run."""
         self._purge_step = step + 1 if step else None
         if self.enabled and self.path.is_file():
             kept = [json.dumps(row) + "\n" for row in self.rows() if row["step"] <= step]
