@@ -1,18 +1,21 @@
-"""PACKING=true: several tokenized examples in one row of up to MAX_LENGTH tokens, each attending only to itself.
+"""PACKING=true: several tokenized examples in one row of up to MAX_LENGTH tokens, each attending
+only to itself.
 
-Unpacked, a batch is padded to its longest example: on Alpaca about half of every step is padding. Packed, the
-examples are laid end to end in rows (`pack_rows`, best-fit decreasing) and a row restarts its position ids at 0
-for each example. What keeps the examples apart:
+Unpacked, a batch is padded to its longest example: on Alpaca about half of every step is padding.
+Packed, the examples are laid end to end in rows (`pack_rows`, best-fit decreasing) and a row
+restarts its position ids at 0 for each example. What keeps the examples apart:
 
-- the attention: a block-diagonal causal mask, each token sees only the earlier tokens of its own example. Llama,
-  Qwen2, Mistral and GPT-2 get it from transformers itself (masking_utils.find_packed_sequence_indices builds it from
-  position ids that restart, when no attention mask is passed); their positions (rotary or learned) come from the
-  same position ids. BLOOM has no position ids: fused_bloom's attention reads them and builds the mask and ALiBi
-  from the positions inside each example, so each example's scores are its unpacked ones;
-- the loss: the first token of each example gets no label, so the last token of the example before it is not
-  trained to predict it (position t predicts token t + 1, token_loss.next_token_labels).
+- the attention: a block-diagonal causal mask, each token sees only the earlier tokens of its own
+  example. Llama, Qwen2, Mistral and GPT-2 get it from transformers itself
+  (masking_utils.find_packed_sequence_indices builds it from position ids that restart, when no
+  attention mask is passed); their positions (rotary or learned) come from the same position ids.
+  BLOOM has no position ids: fused_bloom's attention reads them and builds the mask and ALiBi from
+  the positions inside each example, so each example's scores are its unpacked ones;
+- the loss: the first token of each example gets no label, so the last token of the example before
+  it is not trained to predict it (position t predicts token t + 1, token_loss.next_token_labels).
 
-A packed example's loss and gradients are its unpacked ones up to float32 rounding (tests/test_packing.py).
+A packed example's loss and gradients are its unpacked ones up to float32 rounding
+(tests/test_packing.py).
 """
 
 from __future__ import annotations
@@ -26,7 +29,8 @@ import torch
 from support.config import ConfigError
 from support.token_loss import IGNORE_INDEX
 
-# Model types whose packed rows this repo keeps apart exactly (see the module docstring); others are refused.
+# Model types whose packed rows this repo keeps apart exactly (see the module docstring); others are
+# refused.
 PACKABLE_MODEL_TYPES = ("bloom", "gpt2", "llama", "mistral", "qwen2")
 
 
@@ -37,20 +41,21 @@ def check_packable(model_type: str, fused_modules: bool) -> None:
         ConfigError: one line naming PACKING.
     """
     if model_type not in PACKABLE_MODEL_TYPES:
-        raise ConfigError(f"PACKING=true is not supported for model type {model_type!r} (supported: "
-                          f"{', '.join(PACKABLE_MODEL_TYPES)}): its packed examples would attend to each other; "
-                          "set PACKING=false")
+        raise ConfigError(f"PACKING=true is not supported for model type {model_type!r} "
+                          f"(supported: {', '.join(PACKABLE_MODEL_TYPES)}): its packed examples "
+                          "would attend to each other; set PACKING=false")
     if model_type == "bloom" and not fused_modules:
-        raise ConfigError("PACKING=true on BLOOM needs FUSED_MODULES=true: transformers' eager BLOOM attention "
-                          "has no position ids to keep packed examples apart")
+        raise ConfigError("PACKING=true on BLOOM needs FUSED_MODULES=true: transformers' eager "
+                          "BLOOM attention has no position ids to keep packed examples apart")
 
 
 def pack_rows(lengths: Sequence[int], max_length: int, seed: int) -> list[list[int]]:
-    """Best-fit decreasing: the examples, longest first (ties in a seeded random order), each into the row that it
-    fills the most, or a new row. The same lengths and seed give the same rows.
+    """Best-fit decreasing: the examples, longest first (ties in a seeded random order), each into
+    the row that it fills the most, or a new row. The same lengths and seed give the same rows.
 
     Args:
-        lengths: tokens of each example, each at most `max_length` (tokenize_records cuts longer ones).
+        lengths: tokens of each example, each at most `max_length` (tokenize_records cuts longer
+            ones).
         max_length: tokens per row.
         seed: orders examples of equal length.
 
@@ -58,11 +63,14 @@ def pack_rows(lengths: Sequence[int], max_length: int, seed: int) -> list[list[i
         The rows, each a list of example indices, in the order they were opened; every index once.
     """
     if any(n > max_length for n in lengths):
-        raise ValueError(f"an example is longer than max_length={max_length}; tokenize_records cuts them")
+        raise ValueError(f"an example is longer than max_length={max_length}; tokenize_records "
+                         "cuts them")
     shuffled = torch.randperm(len(lengths), generator=torch.Generator().manual_seed(seed)).tolist()
-    order = sorted(shuffled, key=lambda i: -lengths[i])  # stable: equal lengths keep the seeded order
+    # stable: equal lengths keep the seeded order
+    order = sorted(shuffled, key=lambda i: -lengths[i])
     rows: list[list[int]] = []
-    room: list[tuple[int, int]] = []  # (tokens left, row), sorted: the tightest row that fits is a bisection away
+    # (tokens left, row), sorted: the tightest row that fits is a bisection away
+    room: list[tuple[int, int]] = []
     for i in order:
         slot = bisect.bisect_left(room, (lengths[i], -1))
         if slot == len(room):
@@ -77,13 +85,16 @@ def pack_rows(lengths: Sequence[int], max_length: int, seed: int) -> list[list[i
 
 
 def pack_dataset(dataset: datasets.Dataset, max_length: int, seed: int) -> datasets.Dataset:
-    """The tokenized examples of `dataset` (input_ids, labels, length) packed into rows (`pack_rows`).
+    """The tokenized examples of `dataset` (input_ids, labels, length) packed into rows
+    (`pack_rows`).
 
     Returns:
-        A dataset of rows with `input_ids`, `labels` (each example's first label IGNORE_INDEX), `position_ids`
-        (from 0 in each example), `length` (tokens in the row) and `examples` (examples in the row).
+        A dataset of rows with `input_ids`, `labels` (each example's first label IGNORE_INDEX),
+        `position_ids` (from 0 in each example), `length` (tokens in the row) and `examples`
+        (examples in the row).
     """
-    columns: dict[str, list] = {"input_ids": [], "labels": [], "position_ids": [], "length": [], "examples": []}
+    columns: dict[str, list] = {"input_ids": [], "labels": [], "position_ids": [], "length": [],
+                                "examples": []}
     if len(dataset) == 0:
         return datasets.Dataset.from_dict(columns)
     input_ids, labels = dataset["input_ids"], dataset["labels"]
@@ -91,7 +102,8 @@ def pack_dataset(dataset: datasets.Dataset, max_length: int, seed: int) -> datas
         ids, row_labels, positions = [], [], []
         for i in row:
             ids += input_ids[i]
-            # Position t predicts token t + 1: no example's first token is predicted from the one before it.
+            # Position t predicts token t + 1: no example's first token is predicted from the one
+            # before it.
             row_labels += [IGNORE_INDEX] + labels[i][1:]
             positions += range(len(input_ids[i]))
         for name, value in zip(columns, (ids, row_labels, positions, len(ids), len(row))):
@@ -104,17 +116,20 @@ def fill(rows: datasets.Dataset, max_length: int) -> float:
     return sum(rows["length"]) / max(1, len(rows) * max_length)
 
 
-def packing_line(train_rows: datasets.Dataset, valid_rows: datasets.Dataset, max_length: int) -> str:
+def packing_line(train_rows: datasets.Dataset, valid_rows: datasets.Dataset,
+                 max_length: int) -> str:
     """The banner's line: how many examples went into how many rows, and the fill."""
-    parts = [f"{sum(rows['examples']):,} {name} examples in {len(rows):,} rows (fill {fill(rows, max_length):.3f})"
+    parts = [f"{sum(rows['examples']):,} {name} examples in {len(rows):,} rows (fill "
+             f"{fill(rows, max_length):.3f})"
              for name, rows in (("train", train_rows), ("validation", valid_rows)) if len(rows)]
     return f"{', '.join(parts)}; rows of up to {max_length} tokens, fill = real tokens / row tokens"
 
 
 class PackCollator:
-    """Collate packed rows into a batch, padded on the right to the longest row (rounded up to a multiple): the
-    pads come after every real token, so no real token attends to them; they form a last sequence of their own
-    (position ids from 0), with no label. `attention_mask` (1 on real tokens) is for counting, not for the model."""
+    """Collate packed rows into a batch, padded on the right to the longest row (rounded up to a
+    multiple): the pads come after every real token, so no real token attends to them; they form a
+    last sequence of their own (position ids from 0), with no label. `attention_mask` (1 on real
+    tokens) is for counting, not for the model."""
 
     def __init__(self, pad_token_id: int, pad_to_multiple_of: int | None = None):
         if pad_token_id is None:
@@ -142,8 +157,10 @@ class PackCollator:
 
 
 def model_inputs(batch: Mapping[str, torch.Tensor]) -> dict:
-    """What the model's forward pass takes from a batch: a packed one (with `position_ids`) passes no attention
-    mask, so that the restarting position ids decide the mask (transformers' rule, and fused_bloom's)."""
+    """What the model's forward pass takes from a batch: a packed one (with `position_ids`) passes
+    no attention mask, so that the restarting position ids decide the mask (transformers' rule, and
+    fused_bloom's)."""
     if "position_ids" in batch:
-        return {"input_ids": batch["input_ids"], "position_ids": batch["position_ids"], "attention_mask": None}
+        return {"input_ids": batch["input_ids"], "position_ids": batch["position_ids"],
+                "attention_mask": None}
     return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
