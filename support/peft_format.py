@@ -1,4 +1,5 @@
-"""PEFT's on-disk names and per-architecture defaults, shared by the LoRA model, checkpoints and model loading.
+"""PEFT's on-disk names and per-architecture defaults, shared by the LoRA model, checkpoints and
+model loading.
 
 They live here, below `lora_model.py`, so that the package never imports the files on top of it.
 """
