@@ -1,9 +1,11 @@
-"""Precisions by name, for training and inference alike: one table of names and dtypes, and one rule to pick one.
+"""Precisions by name, for training and inference alike: one table of names and dtypes, and one rule
+to pick one.
 
     fp32, bf16, fp16   the dtype of the base weights and, below fp32, of autocast's matmuls
     8bit, 4bit         a base quantized by bitsandbytes (inference's precision; train.py's QUANTIZE)
-    auto (or unset)    half precision (bf16 where the hardware has it, else fp16) when mixed precision is asked
-                       for, fp32 otherwise: training asks with MIX_PREC_TRAIN=true, inference on every GPU
+    auto (or unset)    half precision (bf16 where the hardware has it, else fp16) when mixed
+                       precision is asked for, fp32 otherwise: training asks with
+                       MIX_PREC_TRAIN=true, inference on every GPU
 """
 
 from __future__ import annotations
@@ -17,30 +19,34 @@ INFERENCE_PRECISIONS = ("auto", *PRECISIONS, *QUANTIZED)  # what inference.py's 
 
 
 def has_native_bf16(device: torch.device) -> bool:
-    """The CPU, or a GPU with bf16 in hardware (compute capability 8.0 and newer: A100, H100, RTX 30xx). A T4 or V100
-    only emulates bf16, slower than fp16, though torch.cuda.is_bf16_supported() says True there by default."""
+    """The CPU, or a GPU with bf16 in hardware (compute capability 8.0 and newer: A100, H100, RTX
+    30xx). A T4 or V100 only emulates bf16, slower than fp16, though torch.cuda.is_bf16_supported()
+    says True there by default."""
     return device.type != "cuda" or torch.cuda.is_bf16_supported(including_emulation=False)
 
 
 def half_precision_dtype(device: torch.device) -> torch.dtype:
-    """bf16 where the hardware has it; else fp16, which needs loss scaling (a GradScaler) to train."""
+    """bf16 where the hardware has it; else fp16, which needs loss scaling (a GradScaler) to
+    train."""
     return torch.bfloat16 if has_native_bf16(device) else torch.float16
 
 
 def resolve_precision(requested: str | None, device: torch.device, mixed: bool) -> str:
-    """The precision to use: `requested` when it names one, else (None, "" or "auto") the hardware's half
-    precision if `mixed`, fp32 if not.
+    """The precision to use: `requested` when it names one, else (None, "" or "auto") the hardware's
+    half precision if `mixed`, fp32 if not.
 
     Args:
         requested: a name of INFERENCE_PRECISIONS, "" or None.
         device: where the model computes (decides between bf16 and fp16).
-        mixed: whether "auto" may choose half precision (training: MIX_PREC_TRAIN; inference: on a GPU).
+        mixed: whether "auto" may choose half precision (training: MIX_PREC_TRAIN; inference: on a
+            GPU).
 
     Raises:
         ValueError: an unknown name.
     """
     if requested not in (None, "", *INFERENCE_PRECISIONS):
-        raise ValueError(f"precision must be one of {', '.join(INFERENCE_PRECISIONS)}, got {requested!r}")
+        raise ValueError(f"precision must be one of {', '.join(INFERENCE_PRECISIONS)}, got "
+                         f"{requested!r}")
     if requested not in (None, "", "auto"):
         return requested
     if not mixed:
