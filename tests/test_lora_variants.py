@@ -454,7 +454,8 @@ def check_variant_run(out: Path, pissa: bool) -> dict:
     """A finished `DEBUG=true` run in `out`: its eval loss fell, and PEFT loads its adapter (on the original base)
     with our model's logits. Ours: the adapter loaded by from_pretrained, or for PiSSA the trained PiSSA model itself
     (the residual base + the last checkpoint's A and B, rebuilt as a resumed run would), which the converted adapter
-    must reproduce. Returns the figures (bench/results and the report quote them)."""
+    must reproduce, to MAX_DIFF relative to the largest logit. Returns the figures (bench/results and the report
+    quote them)."""
     from conftest import TINY_BLOOM, metric_rows
 
     evals = [row["eval_loss"] for row in metric_rows(out) if "eval_loss" in row]
@@ -466,7 +467,11 @@ def check_variant_run(out: Path, pissa: bool) -> dict:
         in_peft = peft.PeftModel.from_pretrained(load_base(TINY_BLOOM), out).eval()(input_ids=ids).logits
         ours = LoraModelForCasualLM.from_pretrained(load_base(TINY_BLOOM), checkpoint if pissa else out)
         our_logits = ours(input_ids=ids).logits
-    figures = {"evals": evals, "peft_vs_ours": max_diff(in_peft, our_logits),
+    # Relative to the logits' scale: for PiSSA the two sides round differently (residual base + B·A vs the
+    # original base + the rank-2r adapter), and the absolute float32 rounding of logits near 10 varies with the
+    # thread count and the order of the reductions (6e-6 to 1.5e-5 seen).
+    scale = our_logits.abs().max().item()
+    figures = {"evals": evals, "peft_vs_ours": max_diff(in_peft, our_logits) / scale,
                "adapter_vs_base": max_diff(our_logits, base_logits)}
     assert figures["peft_vs_ours"] <= MAX_DIFF, figures
     assert figures["adapter_vs_base"] > 1e-4, figures  # the adapter did something
