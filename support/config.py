@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import difflib
+import functools
 import os
 import re
 import typing
@@ -189,10 +190,9 @@ class TrainConfig:
                                   f"got {getattr(self, name):g}")
         # Larger counts are never meant, and would fail later with an OverflowError from deep inside
         # a library (itertools.islice, torch, NumPy's seed) instead of this line.
-        hints = typing.get_type_hints(type(self))
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
-            if hints[f.name] is int and value > MAX_INT:
+            if _field_type(f) is int and value > MAX_INT:
                 raise ConfigError(f"{f.name.upper()} must be at most {MAX_INT}, got {value}")
         if not 0 <= self.seed < 2**32:
             raise ConfigError(f"SEED must be in [0, {2**32 - 1}] (NumPy's range), got {self.seed}")
@@ -320,7 +320,14 @@ class TrainConfig:
 
 
 def _field_type(f: dataclasses.Field) -> type:
-    return typing.get_type_hints(TrainConfig)[f.name]
+    return _type_hints()[f.name]
+
+
+@functools.cache
+def _type_hints() -> dict[str, type]:
+    # Resolving the string annotations (`from __future__ import annotations`) compiles each one:
+    # once per process, not once per field per parse.
+    return typing.get_type_hints(TrainConfig)
 
 
 # What RESUME_FROM may change. A checkpoint continues its run exactly only if the resumed run
