@@ -90,7 +90,7 @@ def adapter(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def quick_start_run(tmp_path_factory):
     """(folder, result) of the README's quick start, `DEBUG=true MODEL_PATH=models/tiny-bloom python train.py`, run
-    once, as typed, for the tests that check it (test_train's, and test_qlora's float32 reference)."""
+    once, as typed, for the tests that check it (test_train's and test_evaluation's)."""
     folder = tmp_path_factory.mktemp("quick-start")
     return folder, user_command(folder, DEBUG="true", MODEL_PATH="models/tiny-bloom")
 

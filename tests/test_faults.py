@@ -494,6 +494,7 @@ def wait_until(condition, timeout: float = 30.0) -> None:
         time.sleep(0.01)
 
 
+@pytest.mark.slow  # the loader notices the dead worker at its 5-second status check
 @pytest.mark.skipif(sys.platform != "linux", reason="reads /proc/<pid>/status")
 def test_data_loader_workers_leave_stop_signals_to_the_training_process():
     """A terminal's Ctrl-C and torchrun's SIGTERM reach the loader workers too (their process group): the workers

@@ -231,6 +231,7 @@ def test_cli_streams_the_answer_and_the_interactive_loop_reads_until_eof(adapter
         assert inference.generate_inference(instruction, user_inp, None, adapter, **GREEDY) in out
 
 
+@pytest.mark.slow  # inference.py in a process of its own
 def test_cli_user_errors_exit_1_with_one_line(tmp_path, capsys):
     assert inference.main(["--lora-weights", str(tmp_path), "--instruction", "hi", "--top-p", "128",
                            "--sample"]) == 1

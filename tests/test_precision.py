@@ -178,6 +178,7 @@ def runs(tmp_path_factory, small_data) -> dict[str, Path]:
     return outputs
 
 
+@pytest.mark.slow  # whole training runs in half precision (slow on a CPU without AVX512-BF16/FP16)
 @pytest.mark.parametrize("name", ["mix", "fp16"])
 def test_mixed_precision_losses_stay_finite_and_close_to_fp32(runs, name):
     reference, rows = step_rows(runs["fp32"]), step_rows(runs[name])
@@ -191,6 +192,7 @@ def test_mixed_precision_losses_stay_finite_and_close_to_fp32(runs, name):
     assert abs(evals[-1] - evals_fp32[-1]) <= 0.02 * evals_fp32[-1]
 
 
+@pytest.mark.slow  # whole training runs in half precision (slow on a CPU without AVX512-BF16/FP16)
 @pytest.mark.parametrize("precision, weights", [("fp16", torch.float16), ("bf16", torch.bfloat16)])
 def test_half_precision_base_weights_train_as_on_a_gpu(tmp_path, small_data, monkeypatch, runs, precision, weights):
     """What MIX_PREC_TRAIN=true runs on a GPU (T4: float16 base weights, fp16 autocast and GradScaler; A100/H100:
@@ -222,6 +224,7 @@ def test_half_precision_base_weights_train_as_on_a_gpu(tmp_path, small_data, mon
     assert any(k.endswith("lora_B.weight") and t.abs().max() > 0 for k, t in saved.items())
 
 
+@pytest.mark.slow  # whole training runs in half precision (slow on a CPU without AVX512-BF16/FP16)
 @pytest.mark.parametrize("name", ["fp32", "mix", "fp16"])
 def test_saved_adapters_are_float32_whatever_the_precision(runs, name):
     saved = adapter_tensors(runs[name])
@@ -231,6 +234,7 @@ def test_saved_adapters_are_float32_whatever_the_precision(runs, name):
 
 # --- non-finite values ----------------------------------------------------------------------------------------------
 
+@pytest.mark.slow  # whole training runs in half precision (slow on a CPU without AVX512-BF16/FP16)
 def test_nan_loss_without_a_scaler_stops_with_one_line_and_keeps_the_last_checkpoint(tmp_path, small_data,
                                                                                      monkeypatch, capsys):
     """bf16 (MIX_PREC_TRAIN on the CPU) has no GradScaler: a NaN loss at step 3 must end the run, exit code 1."""
@@ -279,6 +283,7 @@ def inf_gradient_at_step(monkeypatch, step: int) -> None:
     monkeypatch.setattr(train, "build_lora_model", build)
 
 
+@pytest.mark.slow  # whole training runs in half precision (slow on a CPU without AVX512-BF16/FP16)
 def test_inf_gradient_without_a_scaler_stops_before_the_update(tmp_path, small_data, monkeypatch, capsys):
     inf_gradient_at_step(monkeypatch, 2)
     settings = run_settings(tmp_path, small_data, save_steps=1, precision="bf16")
@@ -291,6 +296,7 @@ def test_inf_gradient_without_a_scaler_stops_before_the_update(tmp_path, small_d
     assert all(torch.isfinite(t).all() for t in adapter_tensors(out / "checkpoint-1").values())
 
 
+@pytest.mark.slow  # whole training runs in half precision (slow on a CPU without AVX512-BF16/FP16)
 def test_fp16_inf_gradient_is_skipped_counted_and_shown(tmp_path, small_data, monkeypatch, capsys):
     inf_gradient_at_step(monkeypatch, 2)
     settings = run_settings(tmp_path, small_data, save_steps=1, max_steps=4, precision="fp16")
