@@ -103,6 +103,7 @@ def test_an_architecture_without_default_targets_names_its_layers(tmp_path):
         train.build_lora_model(model, cfg, str(folder))
 
 
+@pytest.mark.slow  # a whole training run per architecture
 @pytest.mark.parametrize("name", ARCHITECTURES)
 def test_trains_matches_peft_and_answers(tmp_path, small_data, capsys, name):
     """10 steps through train.run with the defaults (the loss falls); the adapter gives PEFT's logits (max abs

@@ -567,6 +567,7 @@ def counted_allreduces(cfg: TrainConfig, monkeypatch, without_no_sync: bool = Fa
     return len(calls)
 
 
+@pytest.mark.slow  # a whole training run in a process group
 def test_one_gradient_allreduce_per_optimizer_step(tmp_path, small_data, one_rank_group, monkeypatch):
     settings = run_settings(tmp_path, "out", small_data, ddp=True, grad_accum_steps=4, max_steps=3,
                              save_steps=0)
@@ -604,6 +605,7 @@ def micro_batches_reduced(cfg: TrainConfig, monkeypatch, always_sync: bool = Fal
     return reduced
 
 
+@pytest.mark.slow  # a whole training run under FSDP
 def test_fsdp_reduces_gradients_once_per_optimizer_step(tmp_path, small_data, one_rank_group, monkeypatch):
     """FSDP reduces a step's gradients in the last micro-batch's backward pass only: set_requires_gradient_sync
     (False) on the others (distributed.gradient_sync), as DDP's no_sync()."""

@@ -218,6 +218,7 @@ def test_training_imports_no_tracker_and_no_scorer_unless_asked():
 
 # --- inference.py evaluate ---------------------------------------------------------------------
 
+@pytest.mark.slow  # an evaluation, generating
 def test_evaluate_after_a_run_needs_only_the_adapter(adapter, capsys):
     """The run's own validation examples (4 of conftest's 24-record run), found again from its
     checkpoint; the scores are rouge-score's, the report's means the answers' means; the adapter
@@ -260,6 +261,7 @@ def alpaca_file(tmp_path: Path, kind: str) -> Path:
     return path
 
 
+@pytest.mark.slow  # two evaluations, generating
 def test_evaluate_on_a_json_file_and_a_csv_with_data_fields(adapter, tmp_path, capsys, monkeypatch):
     """--data on files the repo does not ship: the same records as a .json and as a .csv whose
     columns DATA_FIELDS maps give the same rows."""

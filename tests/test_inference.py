@@ -80,6 +80,7 @@ def test_model_path_defaults_to_the_adapters_base(adapter):
 
 # --- 2. merged == unmerged == PEFT ---------------------------------------------------------------------------------
 
+@pytest.mark.slow  # generates with four models
 def test_greedy_text_is_the_same_merged_unmerged_and_in_peft(adapter, tmp_path):
     from peft import PeftModel
 
@@ -192,6 +193,7 @@ def test_bad_arguments_are_one_line_errors_that_say_what_to_do(adapter, tmp_path
         in message
 
 
+@pytest.mark.slow  # generates with two models
 def test_adapter_that_cannot_merge_stays_unmerged_with_a_warning(tmp_path):
     # An adapter on BLOOM's word embeddings, which are tied to the output layer: merging would change lm_head too.
     model = AutoModelForCausalLM.from_pretrained(TINY_BLOOM)
@@ -206,6 +208,7 @@ def test_adapter_that_cannot_merge_stays_unmerged_with_a_warning(tmp_path):
                                                         merge=False, **GREEDY)
 
 
+@pytest.mark.slow  # bitsandbytes' 8-bit CPU path
 def test_8bit_base_keeps_the_adapter_unmerged(adapter):
     pytest.importorskip("bitsandbytes")
     with warnings.catch_warnings():
@@ -269,6 +272,7 @@ def test_generation_benchmark_runs_and_writes_its_table(tmp_path):
 
 # --- adapters that travel ---------------------------------------------------------------------------------------------
 
+@pytest.mark.slow  # a whole training run
 def test_an_adapter_trained_from_the_repo_root_loads_from_any_folder(tmp_path, monkeypatch):
     """Trained with MODEL_PATH=models/tiny-bloom from the repo root, the adapter records its base as an absolute
     path, so generate_inference(model_path=None) finds it from another working folder (a notebook's)."""

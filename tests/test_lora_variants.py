@@ -527,6 +527,7 @@ def test_settings_are_validated_and_passed_on_and_part_of_the_run_identity():
     assert resume_conflicts(older, plain) == []  # a checkpoint from before these settings had the defaults
 
 
+@pytest.mark.slow  # three whole training runs
 def test_resume_of_a_dora_pissa_run_continues_exactly(tmp_path):
     """A run with USE_DORA=true and INIT_LORA_WEIGHTS=pissa_niter_2 (a randomized SVD: the resumed run must draw
     the same start from SEED) stopped after step 2 and resumed from checkpoint-2 ends where the straight run ends:

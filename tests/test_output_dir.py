@@ -65,6 +65,7 @@ def test_a_folder_in_use_is_refused_at_once_naming_the_running_process(tmp_path,
     assert main_with(monkeypatch, tmp_path, data) == 0  # the lock is gone with its holder
 
 
+@pytest.mark.slow  # whole training runs
 def test_of_two_runs_started_together_the_second_stops_before_the_model_loads(tmp_path, data, monkeypatch, capsys):
     """Both passed the first look at the folder (check_output_dir) at the same moment; the first took the lock. The
     second must stop before loading the model, let alone trying the longest batch (on a GPU, beside the first)."""
@@ -83,6 +84,7 @@ def test_of_two_runs_started_together_the_second_stops_before_the_model_loads(tm
     assert sorted(p.name for p in out.iterdir()) == ["run.lock"]
 
 
+@pytest.mark.slow  # whole training runs
 def test_a_new_run_into_a_finished_runs_folder_is_refused_and_changes_nothing(tmp_path, data, monkeypatch, capsys):
     assert main_with(monkeypatch, tmp_path, data) == 0
     out = tmp_path / "out"
@@ -98,6 +100,7 @@ def test_a_new_run_into_a_finished_runs_folder_is_refused_and_changes_nothing(tm
     assert [row["step"] for row in metric_rows(out) if "loss" in row] == [1, 2, 3]
 
 
+@pytest.mark.slow  # whole training runs
 def test_overwrite_output_dir_moves_the_old_results_aside_and_starts_over(tmp_path, data, monkeypatch, capsys):
     assert main_with(monkeypatch, tmp_path, data, SEED="1") == 0
     out = tmp_path / "out"

@@ -118,6 +118,7 @@ def json_batch() -> dict:
 
 @pytest.mark.parametrize("precision, dtype", [("bf16", torch.bfloat16), ("fp16", torch.float16),
                                               ("fp32", torch.float32)])
+@pytest.mark.slow  # whole training runs in half precision
 def test_training_and_evaluation_run_under_the_same_autocast(tmp_path, small_data, precision, dtype):
     trainer = make_trainer(TrainConfig(**run_settings(tmp_path, small_data, max_steps=1)), precision)
     assert trainer.gradscaler.is_enabled() == (precision == "fp16")
@@ -130,6 +131,7 @@ def test_training_and_evaluation_run_under_the_same_autocast(tmp_path, small_dat
     assert {True, False} == {training for training, _ in seen}
 
 
+@pytest.mark.slow  # two trainers, fp16 emulated on most CPUs
 def test_fp16_step_order_is_scale_backward_unscale_clip_step_update(tmp_path, small_data, monkeypatch):
     trainer = make_trainer(TrainConfig(**run_settings(tmp_path, small_data, grad_accum_steps=2)), "fp16")
     scaler, calls, clipped = trainer.gradscaler, [], []
@@ -429,6 +431,7 @@ def test_bench_device_that_is_not_there_is_one_line(tmp_path, monkeypatch):
     assert not list(tmp_path.iterdir())
 
 
+@pytest.mark.slow  # a whole train.main run
 def test_out_of_memory_is_one_line_with_what_to_change(tmp_path, small_data, monkeypatch, capsys):
     """A (CUDA) out-of-memory error in step 2 ends the run with one line that names the settings to change and the
     last complete checkpoint, exit 1, no traceback."""

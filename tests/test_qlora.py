@@ -192,8 +192,8 @@ def eval_losses(out: Path) -> list[float]:
 @pytest.mark.parametrize("quantize, max_ratio", [("4bit", 0.3), ("8bit", 0.55)])
 def test_bar_1_quantized_runs_learn_as_the_float32_run(bar_runs, quantize, max_ratio):
     """Bar 1: `QUANTIZE=4bit|8bit DEBUG=true MODEL_PATH=models/tiny-bloom python train.py` (8 steps: see
-    SHORT_QUICK_START) trains (eval loss falls), ends within 2 % of the float32 run's final eval loss, holds at most 0.3x / 0.55x float32's bytes (the banner's
-    measurement), and prints nothing that is not ours."""
+    SHORT_QUICK_START) trains (eval loss falls), ends within 2 % of the float32 run's final eval loss, holds at
+    most 0.3x / 0.55x float32's bytes (the banner's measurement), and prints nothing that is not ours."""
     out, result = bar_runs[quantize]
     reference, reference_result = bar_runs["fp32"]
     assert result.returncode == 0 and reference_result.returncode == 0, (result.stderr, reference_result.stderr)

@@ -265,6 +265,7 @@ def captured_step_gradients(cfg: TrainConfig) -> tuple:
     return grads, trainer, model, micro_batches
 
 
+@pytest.mark.slow  # whole training runs
 def test_gradient_accumulation_equals_one_big_batch_and_a_plain_reference(tmp_path, small_data):
     accumulated, *_ = captured_step_gradients(
         tiny_config(tmp_path / "a", small_data, batch_size=2, grad_accum_steps=4, max_grad_norm=0))
@@ -367,6 +368,7 @@ def test_same_seed_gives_the_same_adapter_and_training_changes_it(tmp_path, smal
     assert any(k.endswith("lora_B.weight") and a[k].abs().max() > 0 for k in a)  # B left zero-init: it trained
 
 
+@pytest.mark.slow  # whole training runs
 def test_gradient_checkpointing_recomputes_and_trains_the_same_adapter(tmp_path, small_data, monkeypatch):
     """GRADIENT_CHECKPOINTING=true runs every adapted layer's forward twice per micro-batch (once more in the
     backward pass, which is the memory saving), and, with dropout on, trains the adapter the plain run trains:
@@ -445,6 +447,7 @@ def test_longest_batch_is_tried_before_training_and_leaves_no_trace(tmp_path, sm
     assert all(torch.equal(v, adapter_before[k]) for k, v in model.adapter_state_dict().items())
 
 
+@pytest.mark.slow  # whole training runs
 def test_resume_from_checkpoint_continues_exactly(tmp_path, small_data):
     """Stopping after step 2 and resuming from checkpoint-2 ends where the uninterrupted run ends (dropout on, so
     the RNG state must be restored too)."""
@@ -462,6 +465,7 @@ def test_resume_from_checkpoint_continues_exactly(tmp_path, small_data):
     assert steps == [3, 4]
 
 
+@pytest.mark.slow  # whole training runs
 def test_a_latest_resume_hashes_each_checkpoint_file_once(tmp_path, small_data, monkeypatch):
     """RESUME_FROM=latest finds, verifies and loads the newest checkpoint reading each of its files' SHA-256 once
     (it used to be resolved and verified in three places)."""
@@ -501,6 +505,7 @@ def test_an_optimizer_step_reads_its_numbers_from_the_device_once(tmp_path, smal
     assert reads == ["optimizer_step: tolist"] and math.isfinite(metrics["loss"]) and metrics["step"] == 1
 
 
+@pytest.mark.slow  # whole training runs
 def test_a_run_ended_by_max_steps_is_checkpointed_and_a_longer_run_extends_it(tmp_path, small_data, capsys,
                                                                               monkeypatch):
     """MAX_STEPS ending a run mid-epoch (10 steps per epoch here) still leaves a checkpoint of its last step, even
@@ -539,6 +544,7 @@ def test_a_run_ended_by_max_steps_is_checkpointed_and_a_longer_run_extends_it(tm
     assert metrics == last_logged and metrics["step"] == 4
 
 
+@pytest.mark.slow  # a whole training run
 def test_trains_on_a_file_the_repo_has_never_seen(tmp_path):
     """DATA_PATH=<any Alpaca-format file> MAX_STEPS=20 python train.py (a .jsonl written here)."""
     lines = [{"instruction": f"Add {i} and {i + 1}.", "input": "", "output": f"{2 * i + 1}"} for i in range(40)]
