@@ -67,7 +67,7 @@ def lora_model(name: str, attn_implementation: str = "eager") -> LoraModelForCas
     torch.manual_seed(0)
     base = AutoModelForCausalLM.from_config(make_config(), attn_implementation=attn_implementation)
     model = LoraModelForCasualLM(base, LoraConfig(r=4, lora_alpha=8, target_modules=targets,
-                                                  init_lora_weights=False))
+                                                  init_lora_weights=False, fan_in_fan_out=name == "gpt2"))
     if name == "bloom":
         assert use_fused_modules(model) == 3
     return model
