@@ -25,6 +25,32 @@ def has_native_bf16(device: torch.device) -> bool:
     return device.type != "cuda" or torch.cuda.is_bf16_supported(including_emulation=False)
 
 
+def cpu_emulates_bf16() -> bool:
+    """A CPU without AVX512-BF16 and without AMX (most laptops' Intel chips, older servers): torch
+    computes bf16 matmuls in software there, several times slower than fp32 (a bf16 step of the tiny
+    BLOOM 3.8x, of bench_vs_hf_trainer's model 34x on an AVX2-only AMD EPYC)."""
+    cpu = torch.cpu
+    checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    if not all(hasattr(cpu, name) for name in checks):  # another torch: assume the hardware has it
+        return False
+    return not any(getattr(cpu, name)() for name in checks)
+
+
+def emulated_bf16_warning(precision: str, quantize: str, device: torch.device) -> str | None:
+    """The warning for a run that computes in bf16 on a CPU that emulates it: PRECISION or
+    MIX_PREC_TRAIN's bf16, or QUANTIZE in fp32 or bf16 (the quantized base's other layers are
+    bf16)."""
+    if device.type != "cpu" or precision not in ("bf16", "fp32") or not cpu_emulates_bf16():
+        return None
+    if quantize:
+        return (f"QUANTIZE={quantize} on this CPU computes its 16-bit layers in bf16, which it "
+                "emulates (no AVX512-BF16 or AMX): a step is several times slower than unquantized")
+    if precision == "bf16":
+        return ("bf16 on this CPU is emulated (no AVX512-BF16 or AMX): a step is several times "
+                "slower than in fp32; PRECISION=fp32 trains faster here")
+    return None
+
+
 def half_precision_dtype(device: torch.device) -> torch.dtype:
     """bf16 where the hardware has it; else fp16, which needs loss scaling (a GradScaler) to
     train."""

@@ -13,6 +13,7 @@ from support.config import TrainConfig
 from support.distributed import DistEnv
 from support.model_loading import base_model_bytes
 from support.packing import packing_line
+from support.precision import emulated_bf16_warning
 
 
 def print_banner(cfg: TrainConfig, dist: DistEnv, stats: dict, trainer,
@@ -63,6 +64,8 @@ def print_banner(cfg: TrainConfig, dist: DistEnv, stats: dict, trainer,
         lines.append(f"warning      WARMUP_STEPS={cfg.warmup_steps} is not shorter than the run "
                      f"({trainer.total_steps} steps): the learning rate never reaches "
                      f"LEARNING_RATE={cfg.learning_rate:g}")
+    if slow := emulated_bf16_warning(trainer.precision, cfg.quantize, dist.device):
+        lines.append(f"warning      {slow}")
     print("\n".join(lines), flush=True)
 
 

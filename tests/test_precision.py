@@ -254,8 +254,11 @@ def test_nan_loss_without_a_scaler_stops_with_one_line_and_keeps_the_last_checkp
     set_env(monkeypatch, settings)
     assert train.main([]) == 1
 
-    err_lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    captured = capsys.readouterr()
+    err_lines = [line for line in captured.err.splitlines() if line.startswith("error:")]
     out = Path(settings["output_dir"])
+    # This machine's own answer: the banner warns of emulated bf16 exactly where the CPU lacks AVX512-BF16 and AMX.
+    assert ("warning      bf16 on this CPU is emulated" in captured.out) == precision.cpu_emulates_bf16()
     assert err_lines == [f"error: loss is nan at step 3 with bf16; stopping before the update; the last complete "
                          f"checkpoint is {out / 'checkpoint-2'}; try a lower LEARNING_RATE or PRECISION=fp32"]
     assert sorted(p.name for p in out.iterdir()) == ["checkpoint-2", "metrics.jsonl", "run.lock"]  # no final adapter
@@ -548,3 +551,27 @@ def test_one_resolver_for_training_and_inference_only_mixed_decides_auto(fake_gp
     with pytest.raises(ValueError, match="precision must be one of auto, fp32, bf16, fp16, 8bit, 4bit, got 'fp8'"):
         precision.resolve_precision("fp8", device, mixed=True)
     assert set(precision.PRECISIONS) == set(precision.DTYPES) and precision.autocast_dtype("fp32") is None
+
+
+@pytest.mark.parametrize("avx512_bf16, amx", [(False, False), (True, False), (False, True)])
+def test_bf16_on_a_cpu_that_emulates_it_gets_a_banner_warning(monkeypatch, avx512_bf16, amx):
+    """Without AVX512-BF16 and AMX torch runs bf16 matmuls in software: MIX_PREC_TRAIN's bf16 and QUANTIZE's
+    bf16 layers are then several times slower than fp32, and the banner says so; with either, nothing."""
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx)
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    emulated = not (avx512_bf16 or amx)
+    assert precision.cpu_emulates_bf16() == emulated
+    warning = precision.emulated_bf16_warning
+    bf16, quantized = warning("bf16", "", cpu), warning("fp32", "4bit", cpu)
+    assert (bf16 is not None, quantized is not None) == (emulated, emulated)
+    if emulated:
+        assert bf16.startswith("bf16 on this CPU is emulated") and bf16.endswith("PRECISION=fp32 trains faster here")
+        assert quantized.startswith("QUANTIZE=4bit on this CPU computes its 16-bit layers in bf16")
+    assert warning("fp32", "", cpu) is warning("fp16", "", cpu) is warning("bf16", "", cuda) is None
+
+
+def test_a_torch_without_the_cpu_feature_checks_is_assumed_to_have_bf16(monkeypatch):
+    monkeypatch.delattr(torch.cpu, "_is_amx_tile_supported")
+    assert not precision.cpu_emulates_bf16()
+    assert precision.emulated_bf16_warning("bf16", "", torch.device("cpu")) is None
