@@ -19,16 +19,16 @@ INFERENCE_PRECISIONS = ("auto", *PRECISIONS, *QUANTIZED)  # what inference.py's 
 
 
 def has_native_bf16(device: torch.device) -> bool:
-    """The CPU, or a GPU with bf16 in hardware (compute capability 8.0 and newer: A100, H100, RTX
-    30xx). A T4 or V100 only emulates bf16, slower than fp16, though torch.cuda.is_bf16_supported()
-    says True there by default."""
+    """A GPU with bf16 in hardware (compute capability 8.0 and newer: A100, H100, RTX 30xx), or the
+    CPU, whose half precision is bf16 (emulated on some: cpu_emulates_bf16). A T4 or V100 only
+    emulates bf16, slower than fp16, though torch.cuda.is_bf16_supported() says True there by
+    default."""
     return device.type != "cuda" or torch.cuda.is_bf16_supported(including_emulation=False)
 
 
 def cpu_emulates_bf16() -> bool:
     """A CPU without AVX512-BF16 and without AMX (most laptops' Intel chips, older servers): torch
-    computes bf16 matmuls in software there, several times slower than fp32 (a bf16 step of the tiny
-    BLOOM 3.8x, of bench_vs_hf_trainer's model 34x on an AVX2-only AMD EPYC)."""
+    computes bf16 matmuls in software there, several times slower than fp32 (docs/benchmarks.md)."""
     cpu = torch.cpu
     checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
     if not all(hasattr(cpu, name) for name in checks):  # another torch: assume the hardware has it

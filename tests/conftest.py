@@ -67,8 +67,7 @@ def user_command(folder: Path, **settings) -> subprocess.CompletedProcess:
         if not (folder / name).exists():
             (folder / name).symlink_to(REPO / name)
     env = {k: v for k, v in os.environ.items() if k.lower() not in FIELDS}
-    # A bound for a hung run, not a speed check: on a CPU without AVX-512 (bf16 and bitsandbytes emulated) a
-    # QUANTIZE=4bit quick start alone takes about 9 minutes.
+    # A bound for a hung run, not a speed check (bf16 and bitsandbytes are slow on a CPU without AVX-512).
     return subprocess.run([sys.executable, str(REPO / "train.py")], cwd=folder, env={**env, **settings},
                           capture_output=True, text=True, timeout=1800)
 

@@ -163,11 +163,10 @@ def test_resuming_with_another_quantize_is_refused_and_old_checkpoints_resume():
         "QUANTIZE is '4bit' here but '' in the checkpoint"]
 
 
-# --- slow: issue 19's bar 1, as typed ---------------------------------------------------------------------------
+# --- slow: issue 19's bar 1, on a shortened quick start -------------------------------------------------------
 
-# The quick start's settings, shortened from 60 steps to 8: on a CPU without AVX512-BF16 (bf16 emulated, and the
-# 16-bit layers of a quantized base are bf16) a 4-bit step takes 8 s and an 8-bit step 14 s, and the two 60-step
-# quick starts took 23 minutes of the suite. The float32 reference runs with the same settings.
+# 8 steps instead of 60: a quantized base's 16-bit layers are bf16, emulated (slowly) on a CPU without AVX512-BF16.
+# The float32 reference runs with the same settings.
 SHORT_QUICK_START = {"DEBUG": "true", "MODEL_PATH": "models/tiny-bloom", "MAX_STEPS": "8", "WARMUP_STEPS": "2",
                      "EVAL_FREQ": "4"}
 
