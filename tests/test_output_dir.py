@@ -142,7 +142,10 @@ def test_two_debug_runs_a_second_apart_leave_the_first_exactly_as_a_lone_run(tmp
     started = time.monotonic()
     second = start(shared)
     _, second_err = second.communicate(timeout=120)
-    assert second.returncode == 1 and time.monotonic() - started < 30
+    # On a failure, say which run took the folder: the first's state and both runs' last lines.
+    assert second.returncode == 1 and time.monotonic() - started < 30, (
+        second.returncode, time.monotonic() - started, first.poll(), second_err[-1000:],
+        first.stderr.read()[-1000:] if first.poll() is not None else "first still running")
     errors = [line for line in second_err.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and f"OUTPUT_DIR={shared} is in use by another run (pid {first.pid}," in errors[0], errors
     assert first.wait(timeout=300) == 0, first.stderr.read()[-2000:]
