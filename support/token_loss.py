@@ -170,7 +170,9 @@ class _LinearCrossEntropy(torch.autograd.Function):
     """The loss of _ChunkedCrossEntropy on logits = hidden @ weight.T, block by block; the gradient
     towards the hidden states, (softmax - onehot) @ weight per block, is computed in the forward
     pass while the block's logits are at hand, and kept (the backward pass multiplies it by the
-    upstream gradient)."""
+    upstream gradient). Only rows with a target get logits: a row without one (padding, a prompt
+    token with TRAIN_ON_INPUTS=false) adds 0 to the loss and gets a zero gradient, so the output
+    layer (30 % of BLOOM-1b7's matmuls) skips the padding, 0.4-0.5 of an unsorted batch."""
 
     @staticmethod
     def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
@@ -178,18 +180,25 @@ class _LinearCrossEntropy(torch.autograd.Function):
         compute_dtype = torch.promote_types(logits_dtype, torch.float32)
         # once, not per block (autocast would cast it at every block)
         weight = weight.to(logits_dtype)
-        counted = targets != IGNORE_INDEX
-        total = torch.zeros((), dtype=compute_dtype, device=hidden.device)
-        grad_hidden = torch.empty_like(hidden) if with_gradient else None
-        for rows in _row_blocks(hidden.shape[0], weight.shape[0]):
+        counted_rows = (targets != IGNORE_INDEX).nonzero().squeeze(1)
+        # Each counted row's log-probability at its target (0 elsewhere), summed per block of all
+        # rows below: the same additions in the same order as without the skipping.
+        picked = torch.zeros(hidden.shape[0], dtype=compute_dtype, device=hidden.device)
+        grad_hidden = torch.zeros_like(hidden) if with_gradient else None
+        for block in _row_blocks(counted_rows.shape[0], weight.shape[0]):
+            rows, block_targets = counted_rows[block], targets[counted_rows[block]]
             logits = F.linear(hidden[rows].to(logits_dtype), weight)
             log_probs = F.log_softmax(logits, dim=-1, dtype=compute_dtype)
-            total += _summed_nll(log_probs, targets[rows], counted[rows])
+            picked[rows] = log_probs.gather(1, block_targets.unsqueeze(1)).squeeze(1)
             if with_gradient:
                 # softmax in place of the log-probabilities; multiplied in the logits' dtype, as the
                 # output layer's own backward pass would
-                probs = _nll_gradient_(log_probs.exp_(), targets[rows], counted[rows])
-                grad_hidden[rows] = probs.to(logits_dtype) @ weight
+                probs = _nll_gradient_(log_probs.exp_(), block_targets,
+                                       torch.ones_like(block_targets, dtype=torch.bool))
+                grad_hidden[rows] = (probs.to(logits_dtype) @ weight).to(grad_hidden.dtype)
+        total = torch.zeros((), dtype=compute_dtype, device=hidden.device)
+        for rows in _row_blocks(hidden.shape[0], weight.shape[0]):
+            total -= picked[rows].sum()
         ctx.save_for_backward(grad_hidden)
         return total
 

@@ -203,7 +203,36 @@ def test_linear_loss_keeps_only_the_hidden_states_gradient_for_backward():
         calls = []
         with _count_matmuls(calls):
             token_loss.sum_linear_token_loss(hidden, weight, targets)
-    assert len(kept) == 1 and calls == ["linear"] * len(list(token_loss._row_blocks(4 * 64, 50)))
+    counted = int((targets != -100).sum())
+    assert len(kept) == 1 and calls == ["linear"] * len(list(token_loss._row_blocks(counted, 50)))
+
+
+def test_the_output_layer_computes_logits_only_for_rows_with_a_target():
+    """Padding and rows without a target (here a third of them) get no logits: the output layer's rows are exactly
+    the counted ones, and the loss and gradient are the float64 definition's over all rows."""
+    hidden, weight, targets = linear_case(torch.float32, batch=4, length=64, hidden=8)
+    targets[:, ::3] = -100
+    hidden.requires_grad_()
+    rows = []
+
+    class RecordRows(torch.overrides.TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            if func is torch.nn.functional.linear:
+                rows.append(args[0].shape[0])
+            return func(*args, **(kwargs or {}))
+
+    with RecordRows():
+        loss = token_loss.sum_linear_token_loss(hidden, weight, targets)
+    loss.backward()
+    assert sum(rows) == int((targets != -100).sum()) < 4 * 63
+
+    ref_in = hidden.detach().double().requires_grad_()
+    ref = reference_loss(ref_in @ weight.double().T, targets)
+    ref.backward()
+    assert abs(loss.item() - ref.item()) <= 1e-6 * abs(ref.item())
+    assert (hidden.grad.double() - ref_in.grad).abs().max() <= 1e-5 * ref_in.grad.abs().max()
+    skipped = hidden.grad[:, [*range(0, 63, 3), 63]]  # no target there (the last position has none)
+    assert torch.equal(skipped, torch.zeros_like(skipped))
 
 
 def _count_matmuls(calls: list):
