@@ -113,14 +113,15 @@ def _summed_nll(log_probs: torch.Tensor, targets: torch.Tensor,
     return -torch.where(counted, picked, 0).sum()
 
 
-def _nll_gradient_(probs: torch.Tensor, targets: torch.Tensor, counted: torch.Tensor,
+def _nll_gradient_(probs: torch.Tensor, targets: torch.Tensor, counted: torch.Tensor | None,
                    scale: torch.Tensor | float = 1) -> torch.Tensor:
     """In place on a block of softmax rows: minus 1 at each target, times `scale`, and zero for
-    skipped rows (masked_fill last, not a multiplication: 0 * inf is NaN): `scale` x the gradient of
-    `_summed_nll`."""
+    skipped rows (masked_fill last, not a multiplication: 0 * inf is NaN; None: every row counts):
+    `scale` x the gradient of `_summed_nll`."""
     probs.scatter_add_(1, targets.clamp_min(0).unsqueeze(1),
                        torch.full((probs.shape[0], 1), -1, dtype=probs.dtype, device=probs.device))
-    return probs.mul_(scale).masked_fill_(~counted.unsqueeze(1), 0)
+    probs.mul_(scale)
+    return probs if counted is None else probs.masked_fill_(~counted.unsqueeze(1), 0)
 
 
 # Causal LMs whose logits are exactly output_layer(base_model(...).last_hidden_state): no scaling or
@@ -193,8 +194,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
             if with_gradient:
                 # softmax in place of the log-probabilities; multiplied in the logits' dtype, as the
                 # output layer's own backward pass would
-                probs = _nll_gradient_(log_probs.exp_(), block_targets,
-                                       torch.ones_like(block_targets, dtype=torch.bool))
+                probs = _nll_gradient_(log_probs.exp_(), block_targets, counted=None)
                 grad_hidden[rows] = (probs.to(logits_dtype) @ weight).to(grad_hidden.dtype)
         total = torch.zeros((), dtype=compute_dtype, device=hidden.device)
         for rows in _row_blocks(hidden.shape[0], weight.shape[0]):
