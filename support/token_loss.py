@@ -30,6 +30,13 @@ import torch.nn.functional as F
 IGNORE_INDEX = -100
 
 CHUNK_ELEMENTS = 2**24  # logits per float32 block (64 MiB): 66 rows of BLOOM's vocabulary
+# On a CPU with 16-bit logits (bf16 autocast) the output layer's blocks (`_output_layer_blocks`) are
+# smaller: 2**21 logits (8 MiB in float32), but no fewer than 128 rows while CHUNK_ELEMENTS allows
+# them, since each block reads the whole output layer's weight. There the matmuls are fast and the
+# block's float32 passes (log-softmax, exp, the cast for the gradient's matmul) take much of the
+# time: at 8 MiB they stay in the cache (0.76x the time at vocabulary 16,384). In float32 the
+# matmuls dominate and prefer the larger blocks (1.18x the time with the small ones).
+CPU_BLOCK_ELEMENTS, CPU_MIN_BLOCK_ROWS = 2**21, 128
 
 
 def next_token_labels(batch: dict) -> torch.Tensor:
@@ -98,11 +105,20 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
         return grad, None, None
 
 
-def _row_blocks(rows: int, vocab: int):
+def _row_blocks(rows: int, vocab: int, step: int | None = None):
     """Slices of consecutive rows of `rows` x `vocab` logits holding about CHUNK_ELEMENTS logits
-    each."""
-    step = max(1, CHUNK_ELEMENTS // max(1, vocab))
+    each (or `step` rows each)."""
+    step = step or max(1, CHUNK_ELEMENTS // max(1, vocab))
     return (slice(start, start + step) for start in range(0, rows, step))
+
+
+def _output_layer_blocks(rows: int, vocab: int, device: torch.device, logits_dtype: torch.dtype):
+    """The blocks of rows whose logits `_LinearCrossEntropy` computes at once: `_row_blocks`, and on
+    a CPU with 16-bit logits at most CPU_BLOCK_ELEMENTS logits (but CPU_MIN_BLOCK_ROWS rows) each."""
+    step = max(1, CHUNK_ELEMENTS // max(1, vocab))
+    if device.type == "cpu" and logits_dtype.itemsize < 4:
+        step = min(step, max(CPU_MIN_BLOCK_ROWS, CPU_BLOCK_ELEMENTS // max(1, vocab)))
+    return _row_blocks(rows, vocab, step)
 
 
 def _summed_nll(log_probs: torch.Tensor, targets: torch.Tensor,
@@ -186,7 +202,8 @@ class _LinearCrossEntropy(torch.autograd.Function):
         # rows below: the same additions in the same order as without the skipping.
         picked = torch.zeros(hidden.shape[0], dtype=compute_dtype, device=hidden.device)
         grad_hidden = torch.zeros_like(hidden) if with_gradient else None
-        for block in _row_blocks(counted_rows.shape[0], weight.shape[0]):
+        for block in _output_layer_blocks(counted_rows.shape[0], weight.shape[0], hidden.device,
+                                          logits_dtype):
             rows, block_targets = counted_rows[block], targets[counted_rows[block]]
             logits = F.linear(hidden[rows].to(logits_dtype), weight)
             log_probs = F.log_softmax(logits, dim=-1, dtype=compute_dtype)

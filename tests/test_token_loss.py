@@ -362,3 +362,18 @@ def test_bench_head_loss_runs_and_its_variants_agree(tmp_path, capsys):
     for row in rows:
         loss_diff, grad_diff = map(float, row[5].rstrip(" |").split(", "))
         assert loss_diff < 1e-6 and grad_diff < (1e-5 if row[1] == "fp32" else 2**-7)
+
+
+def test_on_a_cpu_16_bit_logits_come_in_blocks_of_about_8_mib_of_float32(monkeypatch):
+    """The output layer's blocks: on a CPU with bf16 or fp16 logits 2**21 logits (8 MiB in float32, within the
+    cache) but at least 128 rows (each block reads the whole weight), never above CHUNK_ELEMENTS; in float32 and
+    elsewhere (a GPU) CHUNK_ELEMENTS alone."""
+    monkeypatch.setattr(token_loss, "CHUNK_ELEMENTS", 2**24)
+
+    def rows(vocab: int, device: str, dtype: torch.dtype = torch.bfloat16) -> int:
+        return next(token_loss._output_layer_blocks(10**6, vocab, torch.device(device), dtype)).stop
+
+    assert rows(16384, "cpu") == 128 and rows(4096, "cpu", torch.float16) == 512
+    assert rows(50257, "cpu") == 128
+    assert rows(250880, "cpu") == 2**24 // 250880 == 66
+    assert rows(16384, "cpu", torch.float32) == rows(16384, "meta") == 1024
