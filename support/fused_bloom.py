@@ -17,10 +17,15 @@ logits and LoRA gradients to 1e-5 in float32, padding and dropout-free training 
 Packed rows (PACKING=true, packing.py) reach the attention as position ids that restart at 0 for
 each example, with no attention mask: BloomModel itself ignores position ids, so a hook on it hands
 them to the attention, which then builds ALiBi from each token's position inside its example and a
-block-diagonal causal mask (`packed_alibi_and_mask`).
+block-diagonal causal mask (`packed_alibi_and_mask`). On a CPU it goes one step further and computes
+each example's attention on its own (`_per_example_attention`): a row's attention under the
+block-diagonal mask computes the whole row's square, of which a row of two Alpaca examples uses
+about half.
 """
 
 from __future__ import annotations
+
+import functools
 
 import torch
 import torch.nn.functional as F
@@ -30,6 +35,11 @@ from torch import nn
 # Below this many keys a CPU computes the attention as eager BLOOM does: PyTorch's CPU flash kernel
 # takes a mask, but for short sequences its backward pass is slower there.
 CPU_SDPA_MIN_LENGTH = 200
+
+# Where packed rows' attention is computed example by example (`_per_example_attention`) rather than
+# row by row under the block-diagonal mask: the CPU, where it was measured faster (docs/packing.md);
+# a GPU keeps one SDPA call per layer (a call per example would be a launch per example per layer).
+PER_EXAMPLE_ATTENTION_DEVICES = ("cpu",)
 
 
 class TanhGelu(nn.Module):
@@ -73,8 +83,13 @@ class SdpaBloomAttention(nn.Module):
         query, key, value = (t.transpose(1, 2) for t in fused_qkv.unbind(3))
         if layer_past is not None:
             key, value = layer_past.update(key, value, self.layer_idx)
-        alibi, attention_mask = self._packed_alibi_and_mask(alibi, attention_mask, batch, q_length)
+        packed = self._packed_rows(alibi, batch, q_length)
         dropout = self.attention_dropout.p if self.training else 0.0
+        if packed is not None and query.device.type in PER_EXAMPLE_ATTENTION_DEVICES:
+            context = self._per_example_attention(fused_qkv, packed, dropout)
+            return self._output(context.view(batch, q_length, -1), residual), None
+        if packed is not None:
+            alibi, attention_mask = packed.alibi, packed.mask
         if query.device.type == "cpu" and key.shape[2] < CPU_SDPA_MIN_LENGTH:
             context = self._eager_attention(query, key, value, alibi, attention_mask, dropout)
         else:
@@ -82,10 +97,41 @@ class SdpaBloomAttention(nn.Module):
                                         query.dtype)
             context = F.scaled_dot_product_attention(query, key, value, attn_mask=bias,
                                                      dropout_p=dropout, scale=self.scale)
-        output = self.dense(context.transpose(1, 2).reshape(batch, q_length,
-                                                            self.num_heads * self.head_dim))
-        output = residual + F.dropout(output, p=self.hidden_dropout, training=self.training)
-        return output, None
+        return self._output(context.transpose(1, 2).reshape(batch, q_length,
+                                                            self.num_heads * self.head_dim),
+                            residual), None
+
+    def _output(self, context: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+        """The output projection of the heads' contexts (batch x seq x hidden), its dropout and the
+        residual."""
+        return residual + F.dropout(self.dense(context), p=self.hidden_dropout,
+                                    training=self.training)
+
+    def _per_example_attention(self, fused_qkv: torch.Tensor, packed: PackedRows,
+                               dropout: float) -> torch.Tensor:
+        """Packed rows' attention one example at a time, as the example alone in a row computes it:
+        its causal square with ALiBi from its first token, the explicit path below
+        CPU_SDPA_MIN_LENGTH tokens, SDPA from there. The rows' tokens are split into their examples
+        (`packed.lengths`, the pads after a row's last example one more) and the contexts joined
+        again: (batch * seq) x heads x dim."""
+        contexts = []
+        for example in fused_qkv.flatten(0, 1).split(packed.lengths):
+            length = example.shape[0]
+            # each heads x length x dim, with a batch of one in front
+            query, key, value = (t.transpose(0, 1)[None] for t in example.unbind(2))
+            alibi = packed.example_alibi[:, :, :length]
+            if length < CPU_SDPA_MIN_LENGTH:
+                context = self._eager_attention(query, key, value, alibi, None, dropout)
+            else:
+                bias = packed.example_biases.get((length, query.dtype))
+                if bias is None:
+                    bias = attention_bias(alibi.reshape(1, self.num_heads, 1, length), None, length,
+                                          length, query.dtype)
+                    packed.example_biases[length, query.dtype] = bias
+                context = F.scaled_dot_product_attention(query, key, value, attn_mask=bias,
+                                                         dropout_p=dropout, scale=self.scale)
+            contexts.append(context[0].transpose(0, 1))
+        return torch.cat(contexts)
 
     def _eager_attention(self, query, key, value, alibi, mask, dropout: float) -> torch.Tensor:
         """Eager BLOOM's arithmetic (alibi.baddbmm, the mask added in its own dtype, a float32
@@ -114,44 +160,84 @@ class SdpaBloomAttention(nn.Module):
                          value.reshape(-1, kv_length, dim)).view(
             batch, heads, q_length, dim)
 
-    def _packed_alibi_and_mask(self, alibi, mask, batch: int, q_length: int):
-        """For a packed forward pass (position ids recorded by `record_packed_positions`), ALiBi and
-        the mask of `packed_alibi_and_mask` in place of BloomModel's, built for the first layer and
-        reused by the others (and by activation checkpointing's recomputation, which hands back the
-        same alibi)."""
+    def _packed_rows(self, alibi: torch.Tensor, batch: int, q_length: int) -> PackedRows | None:
+        """For a packed forward pass (position ids recorded by `record_packed_positions`), the
+        `PackedRows` of its position ids, built for the first layer and reused by the others (and by
+        activation checkpointing's recomputation, which hands back the same alibi); None
+        otherwise."""
         positions = self._bias_cache.get("position_ids")
         if positions is None or positions.shape != (batch, q_length):
-            return alibi, mask
+            return None
         cached = self._bias_cache.get("packed")
         if cached is not None and cached[0] is positions and cached[1] is alibi:
-            return cached[2], cached[3]
-        packed = packed_alibi_and_mask(positions, self.num_heads, alibi.dtype)
-        self._bias_cache["packed"] = (positions, alibi, *packed)
+            return cached[2]
+        packed = PackedRows(positions, self.num_heads, alibi.dtype)
+        self._bias_cache["packed"] = (positions, alibi, packed)
         return packed
 
     def _attention_bias(self, alibi: torch.Tensor, mask: torch.Tensor | None, batch: int,
                         q_length: int, kv_length: int, dtype: torch.dtype) -> torch.Tensor:
-        """alibi (batch * heads, 1, kv) plus the 4-D mask (additive or boolean; None: causal), in
-        `dtype` as eager's autocast baddbmm rounds alibi; computed for the first layer and reused by
-        the others."""
+        """`attention_bias` of the batch, computed for the first layer and reused by the
+        others."""
         cached = self._bias_cache.get("key")
         if cached is not None and cached[0] is alibi and cached[1] is mask and cached[2] == dtype:
             return self._bias_cache["bias"]
-        bias = alibi.view(batch, self.num_heads, 1,
-                          kv_length).to(dtype).to(torch.promote_types(dtype, torch.float32))
-        if mask is None:
-            mask = torch.ones(q_length, kv_length, dtype=torch.bool,
-                              device=alibi.device).tril(kv_length - q_length)
-        if mask.dtype == torch.bool:
-            bias = bias.masked_fill(~mask, torch.finfo(bias.dtype).min)
-        else:
-            bias = bias + mask
-        # Clamped before the cast: fp32's minimum is -inf in fp16, and a row with every key masked
-        # (a left pad) would turn NaN in SDPA; eager's path clamps in float32 (above) for the same
-        # reason.
-        bias = bias.clamp_min(torch.finfo(dtype).min).to(dtype)
+        bias = attention_bias(alibi.view(batch, self.num_heads, 1, kv_length), mask, q_length,
+                              kv_length, dtype)
         self._bias_cache.update(key=(alibi, mask, dtype), bias=bias)
         return bias
+
+
+def attention_bias(alibi: torch.Tensor, mask: torch.Tensor | None, q_length: int, kv_length: int,
+                   dtype: torch.dtype) -> torch.Tensor:
+    """SDPA's additive mask: alibi (batch x heads x 1 x kv) plus the 4-D mask (additive or boolean;
+    None: causal), in `dtype` as eager's autocast baddbmm rounds alibi."""
+    bias = alibi.to(dtype).to(torch.promote_types(dtype, torch.float32))
+    if mask is None:
+        mask = torch.ones(q_length, kv_length, dtype=torch.bool,
+                          device=alibi.device).tril(kv_length - q_length)
+    if mask.dtype == torch.bool:
+        bias = bias.masked_fill(~mask, torch.finfo(bias.dtype).min)
+    else:
+        bias = bias + mask
+    # Clamped before the cast: fp32's minimum is -inf in fp16, and a row with every key masked (a
+    # left pad) would turn NaN in SDPA; eager's path clamps in float32 (above) for the same reason.
+    return bias.clamp_min(torch.finfo(dtype).min).to(dtype)
+
+
+class PackedRows:
+    """What the attention needs of a packed forward pass's `position_ids` (batch x T, restarting at
+    0 for each example), each built on first use: for whole rows (one SDPA call per layer) ALiBi and
+    the block-diagonal mask of `packed_alibi_and_mask`; for `_per_example_attention` the examples'
+    lengths in the order of the rows' tokens, and ALiBi from position 0 (heads x 1 x T), of which
+    an example takes its first tokens."""
+
+    def __init__(self, positions: torch.Tensor, num_heads: int, dtype: torch.dtype):
+        self.positions, self.num_heads, self.dtype = positions, num_heads, dtype
+        self.example_biases: dict = {}  # SDPA's mask for an example of a length, in a dtype
+
+    @functools.cached_property
+    def _whole_rows(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return packed_alibi_and_mask(self.positions, self.num_heads, self.dtype)
+
+    @property
+    def alibi(self) -> torch.Tensor:
+        return self._whole_rows[0]
+
+    @property
+    def mask(self) -> torch.Tensor:
+        return self._whole_rows[1]
+
+    @functools.cached_property
+    def lengths(self) -> list[int]:
+        starts = (self.positions.flatten() == 0).nonzero().squeeze(1)
+        ends = torch.cat([starts[1:], starts.new_tensor([self.positions.numel()])])
+        return (ends - starts).tolist()
+
+    @functools.cached_property
+    def example_alibi(self) -> torch.Tensor:
+        from_zero = torch.arange(self.positions.shape[1], device=self.positions.device)
+        return alibi_of_positions(from_zero[None], self.num_heads, self.dtype)
 
 
 def packed_alibi_and_mask(position_ids: torch.Tensor, num_heads: int, dtype: torch.dtype):
@@ -166,16 +252,24 @@ def packed_alibi_and_mask(position_ids: torch.Tensor, num_heads: int, dtype: tor
     Returns:
         (alibi of shape (batch * heads, 1, T) in `dtype`, mask).
     """
-    from transformers.models.bloom.modeling_bloom import _get_alibi_slopes
-
-    batch, length = position_ids.shape
-    slopes = _get_alibi_slopes(num_heads, position_ids.device)
-    alibi = (slopes[None, :, None] * position_ids[:, None, :]).reshape(batch * num_heads, 1,
-                                                                       length).to(dtype)
+    length = position_ids.shape[1]
+    alibi = alibi_of_positions(position_ids, num_heads, dtype)
     sequence = (position_ids == 0).cumsum(-1)
     causal = torch.ones(length, length, dtype=torch.bool, device=position_ids.device).tril()
     mask = (sequence[:, :, None] == sequence[:, None, :]) & causal
     return alibi, mask[:, None]
+
+
+def alibi_of_positions(position_ids: torch.Tensor, num_heads: int,
+                       dtype: torch.dtype) -> torch.Tensor:
+    """ALiBi as transformers' BLOOM computes it (slope x position, in float32, then cast to
+    `dtype`), from `position_ids` (batch x T): (batch * heads) x 1 x T."""
+    from transformers.models.bloom.modeling_bloom import _get_alibi_slopes
+
+    batch, length = position_ids.shape
+    slopes = _get_alibi_slopes(num_heads, position_ids.device)
+    return (slopes[None, :, None] * position_ids[:, None, :]).reshape(batch * num_heads, 1,
+                                                                      length).to(dtype)
 
 
 def record_packed_positions(module: nn.Module, args, kwargs) -> None:

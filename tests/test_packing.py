@@ -119,15 +119,24 @@ def relative_difference(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a.double() - b.double()).norm() / b.double().norm()).item()
 
 
-CASES = [("bloom", "sdpa-path"), ("bloom", "explicit-path"), ("llama", "eager"), ("llama", "sdpa"),
-         ("qwen2", "eager"), ("mistral", "sdpa"), ("gpt2", "eager"), ("gpt2", "sdpa")]
+CASES = [("bloom", "sdpa-path"), ("bloom", "explicit-path"), ("bloom", "sdpa-path-whole-rows"),
+         ("bloom", "explicit-path-whole-rows"), ("llama", "eager"), ("llama", "sdpa"), ("qwen2", "eager"),
+         ("mistral", "sdpa"), ("gpt2", "eager"), ("gpt2", "sdpa")]
 
 
 def configure(name: str, variant: str, monkeypatch) -> LoraModelForCasualLM:
-    if name == "bloom":  # fused_bloom picks its path by key length on a CPU: force each
-        monkeypatch.setattr(fused_bloom, "CPU_SDPA_MIN_LENGTH", 0 if variant == "sdpa-path" else 10**9)
+    if name == "bloom":
+        force_bloom_attention(variant, monkeypatch)
         return lora_model(name)
     return lora_model(name, attn_implementation=variant)
+
+
+def force_bloom_attention(variant: str, monkeypatch) -> None:
+    """fused_bloom picks its path by key length on a CPU, and computes packed rows there example by example: force
+    each path, and whole rows (what a GPU computes) with "-whole-rows"."""
+    monkeypatch.setattr(fused_bloom, "CPU_SDPA_MIN_LENGTH", 0 if variant.startswith("sdpa-path") else 10**9)
+    if variant.endswith("-whole-rows"):
+        monkeypatch.setattr(fused_bloom, "PER_EXAMPLE_ATTENTION_DEVICES", ())
 
 
 @pytest.mark.parametrize("name,variant", CASES)
@@ -143,8 +152,8 @@ def test_a_packed_batch_gives_each_example_its_unpacked_loss_and_gradients(name,
         assert relative_difference(packed_grads[key], grad) <= 1e-5, key
 
 
-@pytest.mark.parametrize("name,variant", [("bloom", "sdpa-path"), ("bloom", "explicit-path"), ("llama", "sdpa"),
-                                          ("gpt2", "eager")])
+@pytest.mark.parametrize("name,variant", [("bloom", "sdpa-path"), ("bloom", "explicit-path"),
+                                          ("bloom", "sdpa-path-whole-rows"), ("llama", "sdpa"), ("gpt2", "eager")])
 def test_without_the_block_diagonal_mask_the_examples_see_each_other(name, variant, monkeypatch):
     """The sabotage control: the same comparison with the mask removed fails by far more than the tolerance."""
     model = configure(name, variant, monkeypatch)
@@ -271,13 +280,15 @@ def test_other_architectures_and_eager_bloom_are_refused_naming_packing():
 
 # --- fp16 on the SDPA path ---
 
-def test_fp16_sdpa_attention_with_fully_masked_rows_is_finite_and_close_to_float32(monkeypatch):
+@pytest.mark.parametrize("variant", ["sdpa-path", "sdpa-path-whole-rows"])
+def test_fp16_sdpa_attention_with_fully_masked_rows_is_finite_and_close_to_float32(variant, monkeypatch):
     """fp32's minimum cast to fp16 is -inf: a left pad's query row, every key masked, would be all -inf in SDPA.
     The bias is clamped to fp16's range; real tokens' logits match float32 to fp16's precision, and LoRA gradients
     are finite (a NaN in a pad row would reach them through the weight gradients). PyTorch's CPU kernels return
     zeros for an all -inf row, where GPU kernels may not: so the bias SDPA receives is checked to be finite too
-    (without the clamp it holds -inf)."""
-    monkeypatch.setattr(fused_bloom, "CPU_SDPA_MIN_LENGTH", 0)
+    (without the clamp it holds -inf). Packed rows on both the CPU's path (example by example) and a GPU's (whole
+    rows under the block-diagonal mask, which has fully masked pads too)."""
+    force_bloom_attention(variant, monkeypatch)
     model32 = lora_model("bloom")
     model16 = copy.deepcopy(model32).half()
     tokenizer = types.SimpleNamespace(pad_token_id=0, padding_side="left", name_or_path="test")
