@@ -181,8 +181,10 @@ def test_packed_bloom_with_activation_checkpointing(monkeypatch):
 @pytest.mark.slow  # bitsandbytes' 4-bit CPU path: 20 s on a busy 2-core machine
 def test_packed_bloom_on_a_4bit_base(monkeypatch):
     """QUANTIZE=4bit: the quantized base, as train.py loads it for an fp32 run, packed as unpacked. It keeps its
-    other weights in bf16 (model_loading.quantized_dtypes), so its gradients carry bf16's rounding (measured 3e-4 to
-    1.3e-3 packed vs unpacked, where float32 models give 5e-7); the losses agree to 1e-5."""
+    other weights in bf16 (model_loading.quantized_dtypes), so its losses and gradients carry bf16's rounding, which
+    depends on the CPU's kernels: on an AMD EPYC with AVX512-BF16 the SDPA path's losses differ by 7.8e-5 example by
+    example and 1.2e-4 in whole rows, its gradients by 2.4e-3 (where float32 models give 5e-7, and an AVX2 CPU gave
+    losses within 1e-5); with the mask removed the losses differ by 5.4e-2 and the gradients by 0.54."""
     pytest.importorskip("bitsandbytes")
     from support import model_loading
 
@@ -194,7 +196,7 @@ def test_packed_bloom_on_a_4bit_base(monkeypatch):
                                                   init_lora_weights=False))
     unpacked_losses, unpacked_grads = per_example_losses_unpacked(model, examples(), "left")
     packed_losses, packed_grads = per_example_losses_packed(model, examples())
-    assert relative_difference(packed_losses, unpacked_losses) <= 1e-5
+    assert relative_difference(packed_losses, unpacked_losses) <= 1e-3
     assert all(relative_difference(packed_grads[k], g) <= 1e-2 for k, g in unpacked_grads.items())
 
 
