@@ -5,8 +5,9 @@ Reproduce (from the repository root)::
     python bench/bench_packed_levers.py
 
 The run is bench/bench_vs_hf_trainer.py's `--packing` side of ours (the same random BLOOM, records and settings:
-bf16, 4 packed rows of up to 256 tokens x 2 accumulation, one epoch of 1,000 records). Its optimizer steps take
-four variants in turn, so that all of them see the same process, machine load and mix of batches:
+bf16, 4 packed rows of up to 256 tokens x 2 accumulation, 1,000 records), for `--epochs` epochs (default 3: each
+variant then times about 43 steps, enough that the mix of batches each gets evens out). Its optimizer steps take
+four variants in turn, so that all of them see the same process and machine load:
 
 - neither: packed rows' attention row by row under the block-diagonal mask, the output layer in blocks of
   token_loss.CHUNK_ELEMENTS logits (what a GPU does);
@@ -19,6 +20,7 @@ Separate processes differ by up to +-5 % on a shared 2-core machine, more than t
 Writes bench/results/packed_levers.md (atomically) and prints it.
 """
 
+import argparse
 import os
 import sys
 import tempfile
@@ -43,7 +45,7 @@ VARIANTS = {  # name: (PER_EXAMPLE_ATTENTION_DEVICES, CPU_BLOCK_ELEMENTS, CPU_MI
 FIRST_TIMED_STEP = 4
 
 
-def run(work: Path) -> dict[str, list[float]]:
+def run(work: Path, epochs: int) -> dict[str, list[float]]:
     """train.py's packed run of bench_vs_hf_trainer, the variants taking its steps in turn; returns each variant's
     [seconds, real tokens]."""
     import train
@@ -53,7 +55,7 @@ def run(work: Path) -> dict[str, list[float]]:
     files = versus.write_records(args, model, work)
     _, env, _ = versus.side_command("ours", args, model, files, work / "run")
     os.environ.clear()
-    os.environ.update(env)
+    os.environ.update(env, NUM_EPOCHS=str(epochs))
     totals = {name: [0.0, 0] for name in VARIANTS}
     names, steps = list(VARIANTS), [0]
     optimizer_step = train.Trainer.optimizer_step
@@ -71,12 +73,12 @@ def run(work: Path) -> dict[str, list[float]]:
         return metrics
 
     train.Trainer.optimizer_step = timed_step
-    if train.main([]) != 0:
+    if train.main([]) != 0:  # the variables above, not this script's arguments
         raise SystemExit("error: the train.py run failed (its output is above)")
     return totals
 
 
-def markdown(totals: dict[str, list[float]]) -> str:
+def markdown(totals: dict[str, list[float]], epochs: int) -> str:
     per_token = {name: seconds / max(tokens, 1) * 1e6 for name, (seconds, tokens) in totals.items()}
     rows = "\n".join(f"| {name} | {per_token[name]:.1f} | {totals[name][1]:,} | "
                      f"{per_token[name] / per_token['neither']:.3f} |" for name in VARIANTS)
@@ -84,14 +86,17 @@ def markdown(totals: dict[str, list[float]]) -> str:
             f"Reproduce: `{command_line('bench_packed_levers.py')}`\n\n"
             f"- Device: {versus.cpu_matrix_features()}; torch {torch.__version__}.\n"
             "- bench/bench_vs_hf_trainer.py's packed run of ours (bf16, 4 rows of up to 256 tokens x 2 accumulation, "
-            "1,000 records, one epoch); its optimizer steps take the variants in turn, from step "
+            f"1,000 records, {epochs} epoch(s)); its optimizer steps take the variants in turn, from step "
             f"{FIRST_TIMED_STEP} on.\n\n| variant | step time per real token, us | real tokens | / neither |\n"
             f"|---|---|---|---|\n{rows}\n")
 
 
-def main() -> None:
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--epochs", type=int, default=3)
+    args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="bench-levers-") as work:
-        text = markdown(run(Path(work)))
+        text = markdown(run(Path(work), args.epochs), args.epochs)
     write_text_atomically(RESULTS / "packed_levers.md", text)
     print(text)
 
