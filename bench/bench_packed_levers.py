@@ -17,7 +17,8 @@ four variants in turn, so that all of them see the same process and machine load
 
 Each variant's figure is its steps' time per real token (steps 4 on; a step's time is optimizer_step's wall time).
 Separate processes differ by up to +-5 % on a shared 2-core machine, more than these levers: hence one process.
-Writes bench/results/packed_levers.md (atomically) and prints it.
+Writes bench/results/packed_levers.md (with `_fp32`, `_1024` and the like for other --precision and --max-length;
+atomically) and prints it.
 """
 
 import argparse
@@ -45,12 +46,12 @@ VARIANTS = {  # name: (PER_EXAMPLE_ATTENTION_DEVICES, CPU_BLOCK_ELEMENTS, CPU_MI
 FIRST_TIMED_STEP = 4
 
 
-def run(work: Path, epochs: int) -> dict[str, list[float]]:
+def run(work: Path, epochs: int, precision: str, max_length: int) -> dict[str, list[float]]:
     """train.py's packed run of bench_vs_hf_trainer, the variants taking its steps in turn; returns each variant's
     [seconds, real tokens]."""
     import train
 
-    args = versus.parse_args(["--packing"])
+    args = versus.parse_args(["--packing", "--precision", precision, "--max-length", str(max_length)])
     model = versus.model_folder(args)
     files = versus.write_records(args, model, work)
     _, env, _ = versus.side_command("ours", args, model, files, work / "run")
@@ -78,26 +79,31 @@ def run(work: Path, epochs: int) -> dict[str, list[float]]:
     return totals
 
 
-def markdown(totals: dict[str, list[float]], epochs: int) -> str:
+def markdown(totals: dict[str, list[float]], args: argparse.Namespace) -> str:
     per_token = {name: seconds / max(tokens, 1) * 1e6 for name, (seconds, tokens) in totals.items()}
     rows = "\n".join(f"| {name} | {per_token[name]:.1f} | {totals[name][1]:,} | "
                      f"{per_token[name] / per_token['neither']:.3f} |" for name in VARIANTS)
     return ("# The CPU levers of a packed step, in one train.py run\n\n"
             f"Reproduce: `{command_line('bench_packed_levers.py')}`\n\n"
             f"- Device: {versus.cpu_matrix_features()}; torch {torch.__version__}.\n"
-            "- bench/bench_vs_hf_trainer.py's packed run of ours (bf16, 4 rows of up to 256 tokens x 2 accumulation, "
-            f"1,000 records, {epochs} epoch(s)); its optimizer steps take the variants in turn, from step "
-            f"{FIRST_TIMED_STEP} on.\n\n| variant | step time per real token, us | real tokens | / neither |\n"
+            f"- bench/bench_vs_hf_trainer.py's packed run of ours ({args.precision}, 4 rows of up to "
+            f"{args.max_length} tokens x 2 accumulation, 1,000 records, {args.epochs} epoch(s)); its optimizer steps "
+            f"take the variants in turn, from step {FIRST_TIMED_STEP} on.\n\n"
+            "| variant | step time per real token, us | real tokens | / neither |\n"
             f"|---|---|---|---|\n{rows}\n")
 
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--epochs", type=int, default=3)
+    parser.add_argument("--precision", choices=("bf16", "fp32"), default="bf16")
+    parser.add_argument("--max-length", type=int, default=256)
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="bench-levers-") as work:
-        text = markdown(run(Path(work), args.epochs), args.epochs)
-    write_text_atomically(RESULTS / "packed_levers.md", text)
+        text = markdown(run(Path(work), args.epochs, args.precision, args.max_length), args)
+    name = "packed_levers" + "".join(f"_{part}" for part, default in ((args.precision, "bf16"), (args.max_length, 256))
+                                     if part != default) + ".md"
+    write_text_atomically(RESULTS / name, text)
     print(text)
 
 
