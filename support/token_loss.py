@@ -30,12 +30,10 @@ import torch.nn.functional as F
 IGNORE_INDEX = -100
 
 CHUNK_ELEMENTS = 2**24  # logits per float32 block (64 MiB): 66 rows of BLOOM's vocabulary
-# On a CPU with 16-bit logits (bf16 autocast) the output layer's blocks (`_output_layer_blocks`) are
-# smaller: 2**21 logits (8 MiB in float32), but no fewer than 128 rows while CHUNK_ELEMENTS allows
-# them, since each block reads the whole output layer's weight. There the matmuls are fast and the
-# block's float32 passes (log-softmax, exp, the cast for the gradient's matmul) take much of the
-# time: at 8 MiB they stay in the cache (0.76x the time at vocabulary 16,384). In float32 the
-# matmuls dominate and prefer the larger blocks (1.18x the time with the small ones).
+# On a CPU with 16-bit logits the matmuls are fast and a block's float32 passes (log-softmax, exp,
+# the cast) weigh most: the output layer's blocks then hold 2**21 logits (8 MiB in float32, within
+# the cache), but at least 128 rows, since each block reads the whole weight (docs/memory.md). In
+# float32 the matmuls dominate and prefer CHUNK_ELEMENTS' larger blocks.
 CPU_BLOCK_ELEMENTS, CPU_MIN_BLOCK_ROWS = 2**21, 128
 
 
@@ -105,20 +103,21 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
         return grad, None, None
 
 
-def _row_blocks(rows: int, vocab: int, step: int | None = None):
+def _row_blocks(rows: int, vocab: int, max_rows: int | None = None):
     """Slices of consecutive rows of `rows` x `vocab` logits holding about CHUNK_ELEMENTS logits
-    each (or `step` rows each)."""
-    step = step or max(1, CHUNK_ELEMENTS // max(1, vocab))
+    each, and at most `max_rows` rows."""
+    step = max(1, CHUNK_ELEMENTS // max(1, vocab))
+    if max_rows:
+        step = min(step, max_rows)
     return (slice(start, start + step) for start in range(0, rows, step))
 
 
 def _output_layer_blocks(rows: int, vocab: int, device: torch.device, logits_dtype: torch.dtype):
     """The blocks of rows whose logits `_LinearCrossEntropy` computes at once: `_row_blocks`, and on
     a CPU with 16-bit logits at most CPU_BLOCK_ELEMENTS logits (but CPU_MIN_BLOCK_ROWS rows) each."""
-    step = max(1, CHUNK_ELEMENTS // max(1, vocab))
-    if device.type == "cpu" and logits_dtype.itemsize < 4:
-        step = min(step, max(CPU_MIN_BLOCK_ROWS, CPU_BLOCK_ELEMENTS // max(1, vocab)))
-    return _row_blocks(rows, vocab, step)
+    small = device.type == "cpu" and logits_dtype.itemsize < 4
+    return _row_blocks(rows, vocab, max(CPU_MIN_BLOCK_ROWS, CPU_BLOCK_ELEMENTS // max(1, vocab))
+                       if small else None)
 
 
 def _summed_nll(log_probs: torch.Tensor, targets: torch.Tensor,
